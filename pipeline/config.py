@@ -1,0 +1,294 @@
+"""Load params.yaml into typed settings and validate them before any work starts.
+
+Every problem is collected and reported at once, each naming its key and the fix.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import ConfigError
+from pipeline.pooling import POOLINGS
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+MODEL_SOURCES = ("package", "local", "hub")
+STORE_DTYPES = ("float16", "float32")
+COMPUTE_DTYPES = ("auto", "bfloat16", "float32")
+DATA_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    source: str
+    files: tuple[str, ...] = ()      # package sources: "distribution-or-module:relative/path", in order
+    path: str | None = None          # local sources: a folder, a .gguf or a .zip
+    hub_id: str | None = None
+    revision: str | None = None
+    sha256: str | None = None        # of the assembled file (required when it is split in parts)
+    filename: str | None = None      # name of the assembled file, when parts do not imply it
+    trust_remote_code: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    text_column: str
+    label_column: str
+    local: dict[str, str]            # split -> file, relative to paths.data_mirror
+    hub: dict[str, Any] | None       # {path, config, revision, splits: {split: hub split}, text_column?, label_column?}
+    id_column: str | None = None
+
+
+@dataclass(frozen=True)
+class ExtractSettings:
+    max_len: int
+    token_budget: int
+    block_rows: int
+    dtype: str
+    compute_dtype: str
+    device: str
+    padding_side: str
+    poolings: tuple[str, ...]
+    compressor: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    validation_fraction: float
+    seed: int
+    on_bad_row: str
+
+
+@dataclass
+class Params:
+    root: Path                       # folder of params.yaml; relative paths resolve against it
+    store: Path
+    data_mirror: Path | None
+    models: dict[str, ModelSpec]
+    datasets: dict[str, DatasetSpec]
+    selected_models: list[str]
+    selected_datasets: list[str]
+    data: DataSettings
+    extract: ExtractSettings
+    raw: dict[str, Any] = field(default_factory=dict)   # the whole file, for later stages' sections
+
+    def model(self, name: str) -> ModelSpec:
+        if name not in self.models:
+            raise ConfigError(f"unknown model {name!r}: known models are {sorted(self.models)}; "
+                              f"add an entry under `models:` in params.yaml")
+        return self.models[name]
+
+    def dataset(self, name: str) -> DatasetSpec:
+        if name not in self.datasets:
+            raise ConfigError(f"unknown dataset {name!r}: known datasets are {sorted(self.datasets)}; "
+                              f"add an entry under `datasets:` in params.yaml")
+        return self.datasets[name]
+
+    def embeddings_path(self, model: str, dataset: str) -> Path:
+        return self.store / "embeddings" / check_name(dataset, "dataset") / check_name(model, "model")
+
+    def data_dir(self, dataset: str) -> Path:
+        return self.store / "data" / check_name(dataset, "dataset")
+
+    def model_dir(self, model: str) -> Path:
+        return self.store / "models" / check_name(model, "model")
+
+
+def check_name(name: str, what: str) -> str:
+    """Names become path parts under store/: refuse anything that could escape it."""
+    if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:
+        raise ConfigError(f"{what} name {name!r} is not allowed: use letters, digits, '.', '_' or '-' "
+                          f"(no slashes, no '..'), at most 100 characters")
+    return name
+
+
+class _Problems:
+    """Collects every problem in the file so the user fixes them in one go."""
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def add(self, key: str, message: str) -> None:
+        self.items.append(f"{key}: {message}")
+
+    def raise_if_any(self, path: Path) -> None:
+        if self.items:
+            listed = "\n  - ".join(self.items)
+            raise ConfigError(f"{path} has {len(self.items)} problem(s):\n  - {listed}")
+
+
+def _int(problems: _Problems, section: dict, key: str, prefix: str, minimum: int, default: int | None = None) -> int:
+    value = section.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        problems.add(f"{prefix}.{key}", f"must be an integer >= {minimum}, got {value!r}")
+        return minimum
+    return value
+
+
+def _choice(problems: _Problems, section: dict, key: str, prefix: str, choices, default=None) -> str:
+    value = section.get(key, default)
+    if value not in choices:
+        problems.add(f"{prefix}.{key}", f"must be one of {list(choices)}, got {value!r}")
+        return choices[0]
+    return value
+
+
+def _parse_model(problems: _Problems, name: str, entry: Any) -> ModelSpec | None:
+    key = f"models.{name}"
+    if not NAME_PATTERN.match(str(name)) or ".." in str(name):
+        problems.add(key, "model names may hold only letters, digits, '.', '_' and '-'")
+        return None
+    if not isinstance(entry, dict):
+        problems.add(key, "must be a mapping with at least `source`")
+        return None
+    known = {"source", "files", "path", "hub_id", "revision", "sha256", "filename", "trust_remote_code"}
+    for extra in sorted(set(entry) - known):
+        problems.add(f"{key}.{extra}", f"unknown option; known options are {sorted(known)}")
+    source = entry.get("source")
+    if source not in MODEL_SOURCES:
+        problems.add(f"{key}.source", f"must be one of {list(MODEL_SOURCES)}, got {source!r}")
+        return None
+    files = entry.get("files") or []
+    if source == "package":
+        if not isinstance(files, list) or not files or not all(isinstance(f, str) and ":" in f for f in files):
+            problems.add(f"{key}.files", "a package source needs a list of 'package:relative/path' items")
+        elif len(files) > 1 and not entry.get("sha256"):
+            problems.add(f"{key}.sha256", "a model split in parts needs the sha256 of the assembled file")
+    if source == "local" and not entry.get("path"):
+        problems.add(f"{key}.path", "a local source needs `path` (a folder, a .gguf or a .zip)")
+    if source == "hub" and not entry.get("hub_id"):
+        problems.add(f"{key}.hub_id", "a hub source needs `hub_id` (and a `revision` to be reproducible)")
+    sha = entry.get("sha256")
+    if sha is not None and not re.fullmatch(r"[0-9a-f]{64}", str(sha)):
+        problems.add(f"{key}.sha256", f"must be 64 lower-case hex digits, got {sha!r}")
+    trust = entry.get("trust_remote_code", False)
+    if not isinstance(trust, bool):
+        problems.add(f"{key}.trust_remote_code", f"must be true or false, got {trust!r}")
+        trust = False
+    return ModelSpec(name=name, source=source, files=tuple(files) if isinstance(files, list) else (),
+                     path=entry.get("path"), hub_id=entry.get("hub_id"), revision=entry.get("revision"),
+                     sha256=sha, filename=entry.get("filename"), trust_remote_code=trust)
+
+
+def _parse_dataset(problems: _Problems, name: str, entry: Any) -> DatasetSpec | None:
+    key = f"datasets.{name}"
+    if not NAME_PATTERN.match(str(name)) or ".." in str(name):
+        problems.add(key, "dataset names may hold only letters, digits, '.', '_' and '-'")
+        return None
+    if not isinstance(entry, dict):
+        problems.add(key, "must be a mapping with text_column, label_column and local and/or hub")
+        return None
+    local = entry.get("local") or {}
+    hub = entry.get("hub")
+    if not local and not hub:
+        problems.add(key, "needs `local` files, a `hub` entry, or both")
+    if not isinstance(local, dict):
+        problems.add(f"{key}.local", "must map split names to files")
+        local = {}
+    for split, file in local.items():
+        if split not in ("train", "validation", "test"):
+            problems.add(f"{key}.local.{split}", "split names are train, validation and test")
+        elif Path(str(file)).suffix not in DATA_FORMATS:
+            problems.add(f"{key}.local.{split}", f"file type must be one of {sorted(DATA_FORMATS)}, got {file!r}")
+    if hub is not None:
+        if not isinstance(hub, dict) or not hub.get("path") or not isinstance(hub.get("splits", {}), dict):
+            problems.add(f"{key}.hub", "must be {path: <hub dataset>, splits: {train: ..., test: ...}}")
+            hub = None
+    for column in ("text_column", "label_column"):
+        if not isinstance(entry.get(column), str):
+            problems.add(f"{key}.{column}", "must name a column")
+    return DatasetSpec(name=name, text_column=str(entry.get("text_column")),
+                       label_column=str(entry.get("label_column")), local=dict(local), hub=hub,
+                       id_column=entry.get("id_column"))
+
+
+def _parse_extract(problems: _Problems, section: Any) -> ExtractSettings:
+    if not isinstance(section, dict):
+        problems.add("extract", "must be a mapping")
+        section = {}
+    poolings = section.get("poolings", list(POOLINGS))
+    if not isinstance(poolings, list) or not poolings:
+        problems.add("extract.poolings", f"must be a non-empty list drawn from {list(POOLINGS)}")
+        poolings = list(POOLINGS)
+    for pooling in poolings:
+        if pooling not in POOLINGS:
+            problems.add("extract.poolings", f"unknown pooling {pooling!r}; known poolings are {list(POOLINGS)}")
+    if len(set(poolings)) != len(poolings):
+        problems.add("extract.poolings", "lists a pooling twice")
+    compressor = section.get("compressor", {"codec": "none"})
+    if not isinstance(compressor, dict) or compressor.get("codec") not in ("none", "blosc", "zstd"):
+        problems.add("extract.compressor", "must be {codec: none|blosc|zstd, ...}")
+        compressor = {"codec": "none"}
+    device = section.get("device", "auto")
+    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device):
+        problems.add("extract.device", f"must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
+        device = "auto"
+    max_len = _int(problems, section, "max_len", "extract", 1, 256)
+    token_budget = _int(problems, section, "token_budget", "extract", 1, 16384)
+    if token_budget < max_len:
+        problems.add("extract.token_budget", f"({token_budget}) must be at least max_len ({max_len}) "
+                                             f"so that the longest text fits in one batch")
+    return ExtractSettings(
+        max_len=max_len, token_budget=token_budget,
+        block_rows=_int(problems, section, "block_rows", "extract", 1, 1024),
+        dtype=_choice(problems, section, "dtype", "extract", STORE_DTYPES, "float16"),
+        compute_dtype=_choice(problems, section, "compute_dtype", "extract", COMPUTE_DTYPES, "auto"),
+        device=device,
+        padding_side=_choice(problems, section, "padding_side", "extract", ("right", "left"), "right"),
+        poolings=tuple(poolings), compressor=dict(compressor))
+
+
+def _parse_data(problems: _Problems, section: Any) -> DataSettings:
+    section = section if isinstance(section, dict) else {}
+    fraction = section.get("validation_fraction", 0.1)
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        problems.add("data.validation_fraction", f"must be a number between 0 and 1, got {fraction!r}")
+        fraction = 0.1
+    return DataSettings(validation_fraction=float(fraction),
+                        seed=_int(problems, section, "seed", "data", 0, 0),
+                        on_bad_row=_choice(problems, section, "on_bad_row", "data", ("drop", "error"), "drop"))
+
+
+def load_params(path: str | Path = "params.yaml", models: list[str] | None = None,
+                datasets: list[str] | None = None) -> Params:
+    """Parse and validate params.yaml; `models`/`datasets` override the selection (a stage's own item)."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: run from the project root or pass --params")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from error
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping at the top level")
+    problems = _Problems()
+    root = path.parent
+    paths = raw.get("paths") or {}
+    store = root / str(paths.get("store", "store"))
+    mirror = paths.get("data_mirror")
+    model_specs = {n: s for n, e in (raw.get("models") or {}).items() if (s := _parse_model(problems, n, e))}
+    dataset_specs = {n: s for n, e in (raw.get("datasets") or {}).items() if (s := _parse_dataset(problems, n, e))}
+    select = raw.get("select") or {}
+    selected_models = list(models if models is not None else select.get("models") or [])
+    selected_datasets = list(datasets if datasets is not None else select.get("datasets") or [])
+    for name in selected_models:
+        if name not in model_specs:
+            problems.add("select.models", f"unknown model {name!r}; known models are {sorted(model_specs)}")
+    for name in selected_datasets:
+        if name not in dataset_specs:
+            problems.add("select.datasets", f"unknown dataset {name!r}; known datasets are {sorted(dataset_specs)}")
+    extract = _parse_extract(problems, raw.get("extract"))
+    data = _parse_data(problems, raw.get("data"))
+    problems.raise_if_any(path)
+    return Params(root=root, store=store, data_mirror=(root / str(mirror)) if mirror else None,
+                  models=model_specs, datasets=dataset_specs, selected_models=selected_models,
+                  selected_datasets=selected_datasets, data=data, extract=extract, raw=raw)

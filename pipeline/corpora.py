@@ -1,0 +1,251 @@
+"""Corpora: read a dataset entry (local mirror or hub) through `datasets`, check every row, carve
+a seeded stratified validation split when there is none, and write a normalised copy.
+
+The normalised copy under store/data/<dataset>/ is what extraction reads: one JSONL per split
+(`id`, `text`, `label`, `source_split`, `source_index`) and meta.json (label names, per-split
+sha256, dropped rows and why, the carve's fraction and seed). Selection later uses validation only.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.atomic import write_json_atomic, write_text_atomic
+from pipeline.config import DATA_FORMATS, DataSettings, DatasetSpec
+from pipeline.errors import ConfigError, DataError
+from pipeline.fingerprint import sha256_rows
+
+SPLIT_ORDER = ("train", "validation", "test")
+
+
+@dataclass
+class Split:
+    ids: list[str]
+    texts: list[str]
+    labels: list[str]
+    source_split: list[str]
+    source_index: list[int]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def take(self, indices) -> "Split":
+        return Split(*[[column[i] for i in indices] for column in
+                       (self.ids, self.texts, self.labels, self.source_split, self.source_index)])
+
+
+@dataclass
+class Corpus:
+    name: str
+    splits: dict[str, Split]
+    label_names: list[str]
+    meta: dict[str, Any]
+
+
+def _first_bad_utf8_line(path: Path) -> tuple[int, str] | None:
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                return number, str(error)
+    return None
+
+
+def _load_local(spec: DatasetSpec, mirror: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    import datasets
+
+    files = {split: mirror / rel for split, rel in spec.local.items()}
+    formats = {DATA_FORMATS[Path(f).suffix] for f in files.values()}
+    if len(formats) != 1:
+        raise ConfigError(f"datasets.{spec.name}.local mixes file types {sorted(formats)}: use one per dataset")
+    for split, path in files.items():
+        if formats == {"json"} and (bad := _first_bad_utf8_line(path)):
+            raise DataError(f"{path} line {bad[0]} is not valid UTF-8 ({bad[1]}): fix or re-encode the file "
+                            f"(e.g. iconv -f latin1 -t utf-8); nothing was extracted")
+    try:
+        loaded = datasets.load_dataset(formats.pop(), data_files={s: str(p) for s, p in files.items()})
+    except Exception as error:  # pyarrow and datasets raise many types for malformed files
+        raise DataError(f"cannot read dataset {spec.name!r} from {mirror}: {error}") from error
+    source = {"kind": "local", "files": {s: str(Path(spec.local[s])) for s in files}}
+    return {split: loaded[split] for split in files}, source
+
+
+def _load_hub(spec: DatasetSpec) -> tuple[dict[str, Any], dict[str, Any]]:
+    import datasets
+
+    hub = spec.hub or {}
+    splits = hub.get("splits") or {"train": "train", "test": "test"}
+    try:
+        loaded = {ours: datasets.load_dataset(hub["path"], hub.get("config"), revision=hub.get("revision"),
+                                              split=theirs) for ours, theirs in splits.items()}
+    except Exception as error:
+        raise DataError(f"cannot load dataset {spec.name!r} from the hub ({hub['path']}): {error}. "
+                        f"Offline? Put its files under paths.data_mirror as listed in datasets.{spec.name}.local"
+                        ) from error
+    source = {"kind": "hub", "path": hub["path"], "config": hub.get("config"), "revision": hub.get("revision"),
+              "splits": splits}
+    return loaded, source
+
+
+def load_source(spec: DatasetSpec, mirror: Path | None) -> tuple[dict[str, Any], dict[str, Any], str, str]:
+    """The raw splits (datasets.Dataset objects), a description of where they came from, and columns."""
+    local_files = [mirror / rel for rel in spec.local.values()] if mirror and spec.local else []
+    if local_files and all(f.is_file() for f in local_files):
+        splits, source = _load_local(spec, mirror)
+        return splits, source, spec.text_column, spec.label_column
+    if spec.hub:
+        splits, source = _load_hub(spec)
+        return (splits, source, spec.hub.get("text_column", spec.text_column),
+                spec.hub.get("label_column", spec.label_column))
+    missing = [str(f) for f in local_files if not f.is_file()] or [f"{mirror}/<{spec.local}>"]
+    raise DataError(f"dataset {spec.name!r}: local files missing ({', '.join(missing)}) and no `hub` entry; "
+                    f"set paths.data_mirror or add datasets.{spec.name}.hub")
+
+
+def _label_decoder(dataset, column: str):
+    feature = dataset.features.get(column)
+    if feature is not None and hasattr(feature, "int2str"):
+        return lambda value: None if value is None or value < 0 else feature.int2str(int(value))
+    return lambda value: None if value is None else str(value)
+
+
+def _normalise(name: str, split: str, dataset, text_column: str, label_column: str, id_column: str | None,
+               on_bad_row: str, dropped: list[dict[str, Any]]) -> Split:
+    for column in (text_column, label_column) + ((id_column,) if id_column else ()):
+        if column not in dataset.column_names:
+            raise DataError(f"dataset {name!r} split {split!r} has no column {column!r}; it has "
+                            f"{dataset.column_names}: set datasets.{name}.text_column / label_column")
+    if len(dataset) == 0:
+        raise DataError(f"dataset {name!r} split {split!r} is empty: check its file or hub split name")
+    decode = _label_decoder(dataset, label_column)
+    ids = dataset[id_column] if id_column else [f"{split}-{i}" for i in range(len(dataset))]
+    out = Split([], [], [], [], [])
+    for index, (text, raw_label, row_id) in enumerate(zip(dataset[text_column], dataset[label_column], ids)):
+        label = decode(raw_label)
+        reason = None
+        if not isinstance(text, str):
+            reason = f"text is {type(text).__name__}, not a string"
+        elif not text.strip():
+            reason = "empty or whitespace-only text"
+        elif label is None:
+            reason = "missing label"
+        if reason:
+            if on_bad_row == "error":
+                raise DataError(f"dataset {name!r} split {split!r} row {index}: {reason}; fix the row or set "
+                                f"data.on_bad_row: drop (dropped rows are recorded in the store)")
+            dropped.append({"split": split, "source_index": index, "id": str(row_id), "reason": reason})
+            continue
+        out.ids.append(str(row_id))
+        out.texts.append(text)
+        out.labels.append(label)
+        out.source_split.append(split)
+        out.source_index.append(index)
+    if not out.texts:
+        raise DataError(f"dataset {name!r} split {split!r} has no usable rows ({len(dropped)} dropped)")
+    return out
+
+
+def stratified_carve(labels: list[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded stratified split of row indices into (keep, carved). A class of one row stays in train."""
+    rng = np.random.default_rng(seed)
+    by_label: dict[str, list[int]] = {}
+    for index, label in enumerate(labels):
+        by_label.setdefault(label, []).append(index)
+    carved: list[int] = []
+    for label in sorted(by_label):
+        members = np.array(by_label[label])
+        if len(members) < 2:
+            continue
+        count = min(len(members) - 1, max(1, int(round(fraction * len(members)))))
+        carved.extend(rng.permutation(members)[:count].tolist())
+    carved_set = set(carved)
+    return [i for i in range(len(labels)) if i not in carved_set], sorted(carved)
+
+
+def build_corpus(spec: DatasetSpec, mirror: Path | None, settings: DataSettings) -> Corpus:
+    """Read, check and split a corpus; raises DataError before any model work on bad input."""
+    raw, source, text_column, label_column = load_source(spec, mirror)
+    dropped: list[dict[str, Any]] = []
+    splits = {split: _normalise(spec.name, split, raw[split], text_column, label_column, spec.id_column,
+                                settings.on_bad_row, dropped) for split in SPLIT_ORDER if split in raw}
+    carve = None
+    if "train" in splits and "validation" not in splits:
+        keep, carved = stratified_carve(splits["train"].labels, settings.validation_fraction, settings.seed)
+        splits["validation"] = splits["train"].take(carved)
+        splits["train"] = splits["train"].take(keep)
+        carve = {"from": "train", "fraction": settings.validation_fraction, "seed": settings.seed,
+                 "rows": len(carved)}
+    if "train" in splits:
+        counts = Counter(splits["train"].labels)
+        if len(counts) < 2:
+            raise DataError(f"dataset {spec.name!r}: train has a single class {list(counts)}; "
+                            f"a classifier needs at least two")
+        label_names = sorted(counts)
+    else:
+        label_names = sorted({label for split in splits.values() for label in split.labels})
+    known = set(label_names)
+    for split_name in ("validation", "test"):
+        split = splits.get(split_name)
+        if split is None:
+            continue
+        unknown = [i for i, label in enumerate(split.labels) if label not in known]
+        if unknown and settings.on_bad_row == "error":
+            example = split.labels[unknown[0]]
+            raise DataError(f"dataset {spec.name!r} split {split_name!r}: {len(unknown)} row(s) carry labels that "
+                            f"train never has (e.g. {example!r}, source row {split.source_index[unknown[0]]}); "
+                            f"set data.on_bad_row: drop to drop them")
+        for i in unknown:
+            dropped.append({"split": split_name, "source_index": split.source_index[i], "id": split.ids[i],
+                            "reason": f"label {split.labels[i]!r} not in train"})
+        if unknown:
+            unknown_set = set(unknown)
+            splits[split_name] = split.take([i for i in range(len(split)) if i not in unknown_set])
+    for split_name, split in splits.items():
+        duplicates = [i for i, c in Counter(split.ids).items() if c > 1]
+        if duplicates:
+            raise DataError(f"dataset {spec.name!r} split {split_name!r} has duplicate ids, e.g. {duplicates[:3]}; "
+                            f"ids must be unique (set datasets.{spec.name}.id_column or fix the data)")
+    meta = {
+        "name": spec.name, "source": source, "label_names": label_names, "carve": carve, "dropped": dropped,
+        "rows": {s: len(v) for s, v in splits.items()},
+        "sha256": {s: sha256_rows(v.texts, v.labels) for s, v in splits.items()},
+    }
+    return Corpus(spec.name, splits, label_names, meta)
+
+
+def write_corpus(corpus: Corpus, folder: Path) -> None:
+    """Write the normalised splits and meta.json; each file atomically."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for split_name, split in corpus.splits.items():
+        lines = (json.dumps({"id": i, "text": t, "label": l, "source_split": s, "source_index": x},
+                            ensure_ascii=False)
+                 for i, t, l, s, x in zip(split.ids, split.texts, split.labels, split.source_split,
+                                          split.source_index))
+        write_text_atomic(folder / f"{split_name}.jsonl", "\n".join(lines) + "\n")
+    write_json_atomic(folder / "meta.json", corpus.meta)
+
+
+def read_corpus(folder: Path) -> Corpus:
+    """Read a normalised copy written by write_corpus."""
+    meta_path = folder / "meta.json"
+    if not meta_path.is_file():
+        raise DataError(f"no prepared corpus at {folder}: run `dvc repro` (stage prepare_data) first")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    splits = {}
+    for split_name in SPLIT_ORDER:
+        path = folder / f"{split_name}.jsonl"
+        if split_name not in meta["rows"]:
+            continue
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+        splits[split_name] = Split([r["id"] for r in rows], [r["text"] for r in rows], [r["label"] for r in rows],
+                                   [r["source_split"] for r in rows], [r["source_index"] for r in rows])
+        if sha256_rows(splits[split_name].texts, splits[split_name].labels) != meta["sha256"][split_name]:
+            raise DataError(f"{path} does not match the sha256 in {meta_path}: rerun stage prepare_data")
+    return Corpus(meta["name"], splits, meta["label_names"], meta)

@@ -1,0 +1,293 @@
+"""The embeddings store: one Zarr v3 group per model x dataset, one subgroup per split.
+
+Layout of a split group:
+  <pooling>      [N, L+1, D] float16|float32, one shard per row block, inner chunks (rows, 1, D):
+                 reading one layer reads only that layer's bytes
+  labels         [N] int32, indices into the root attribute `label_names`
+  text_id        [N] str;  source_index [N] int64 (row in the source split)
+  token_count    [N] int32 (before truncation);  truncated [N] bool
+  _digest        [blocks, poolings] uint64, a checksum of each block of each pooling array
+  _done          [blocks] uint8, set only after the block's data and digests are written
+
+Each block lives in its own shard/chunk files, so writers never share a chunk, and Zarr's local
+store writes every file atomically (temporary file + rename): a killed run leaves only whole files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
+
+from pipeline.errors import StoreIncompleteError, StoreMismatchError
+from pipeline.fingerprint import differences
+
+FORMAT = "layerfuse.embeddings/1"
+SPLITS = ("train", "validation", "test")
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def compressors_for(config: dict[str, Any]) -> list:
+    codec = config.get("codec", "none")
+    if codec == "none":
+        return []
+    if codec == "zstd":
+        return [ZstdCodec(level=int(config.get("level", 1)))]
+    return [BloscCodec(cname=config.get("cname", "lz4"), clevel=int(config.get("clevel", 1)),
+                       shuffle=BloscShuffle[config.get("shuffle", "shuffle")])]
+
+
+def block_digest(block: np.ndarray) -> int:
+    """64-bit checksum of a block's bytes as stored."""
+    return int.from_bytes(hashlib.blake2b(np.ascontiguousarray(block).tobytes(), digest_size=8).digest(), "little")
+
+
+def is_store(path: str | Path) -> bool:
+    try:
+        return zarr.open_group(str(path), mode="r").attrs.get("format") == FORMAT
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError, ValueError):
+        return False
+
+
+class Float16Overflow(Exception):
+    """A block's values do not fit float16; the writer promotes that array to float32."""
+
+    def __init__(self, split: str, pooling: str, peak: float):
+        super().__init__(f"{split}/{pooling}: |value| up to {peak:.4g} exceeds float16's {FLOAT16_MAX:.0f}")
+        self.split, self.pooling, self.peak = split, pooling, peak
+
+
+@dataclass(frozen=True)
+class SplitRows:
+    """Per-row metadata of one split, known before the model runs."""
+    labels: np.ndarray
+    text_id: np.ndarray
+    source_index: np.ndarray
+    token_count: np.ndarray
+    truncated: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+class StoreWriter:
+    """Creates or reopens a store whose fingerprint matches, and writes whole row blocks."""
+
+    def __init__(self, path: str | Path, fingerprint: dict[str, Any], info: dict[str, Any], *,
+                 num_layers: int, dim: int, poolings: Sequence[str], block_rows: int, dtype: str,
+                 compressor: dict[str, Any], rebuild: bool = False):
+        self.path = Path(path)
+        self.poolings = list(poolings)
+        self.block_rows = block_rows
+        self.num_layers, self.dim = num_layers, dim
+        self.dtype = dtype
+        self.compressors = compressors_for(compressor)
+        if self.path.exists() and (rebuild or not is_store(self.path)):
+            if rebuild or any(self.path.iterdir()):
+                if not rebuild:
+                    raise StoreMismatchError(f"{self.path} exists but is not an embeddings store; "
+                                             f"move it away or rerun with --rebuild to replace it")
+                shutil.rmtree(self.path)
+        if is_store(self.path):
+            self.root = zarr.open_group(str(self.path), mode="r+")
+            diff = differences(self.root.attrs.get("fingerprint", {}), fingerprint)
+            if diff:
+                raise StoreMismatchError(
+                    f"{self.path} was written with other settings:\n  - " + "\n  - ".join(diff)
+                    + "\nRerun with --rebuild to delete it and extract again, or restore the old params.")
+        else:
+            self.root = zarr.open_group(str(self.path), mode="w")
+            self.root.attrs.update({
+                "format": FORMAT, "fingerprint": fingerprint, "info": info,
+                "num_layers": num_layers, "dim": dim, "poolings": self.poolings, "block_rows": block_rows,
+                "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "dtype_fallback": {}, "dropped": {}, "runs": [], "splits": {},
+            })
+
+    # -- splits -------------------------------------------------------------------------------
+    def num_blocks(self, rows: int) -> int:
+        return -(-rows // self.block_rows)
+
+    def _pooling_dtype(self, split: str, pooling: str) -> str:
+        return "float32" if f"{split}/{pooling}" in self.root.attrs.get("dtype_fallback", {}) else self.dtype
+
+    def _create_vectors(self, group: zarr.Group, split: str, pooling: str, rows: int) -> None:
+        group.create_array(
+            pooling, shape=(rows, self.num_layers, self.dim), dtype=self._pooling_dtype(split, pooling),
+            shards=(self.block_rows, self.num_layers, self.dim), chunks=(self.block_rows, 1, self.dim),
+            compressors=self.compressors, fill_value=0, overwrite=True)
+
+    def init_split(self, split: str, rows: SplitRows, dropped: list[dict[str, Any]]) -> None:
+        """Create a split's arrays and write its row metadata, unless a previous run already did."""
+        splits = dict(self.root.attrs.get("splits", {}))
+        if split in splits:
+            group = self.root[split]
+            if splits[split] != len(rows) or not np.array_equal(group["source_index"][:], rows.source_index):
+                raise StoreMismatchError(f"{self.path}/{split} holds other rows than the current corpus; "
+                                         f"rerun with --rebuild")
+            return
+        n, blocks = len(rows), self.num_blocks(len(rows))
+        group = self.root.require_group(split)
+        meta_chunks = (max(n, 1),)
+        for name in ("labels", "source_index", "token_count", "truncated"):
+            values = getattr(rows, name)
+            array = group.create_array(name, shape=(n,), dtype=values.dtype, chunks=meta_chunks, overwrite=True)
+            if n:
+                array[:] = values
+        ids = group.create_array("text_id", shape=(n,), dtype=str, chunks=meta_chunks, overwrite=True)
+        if n:
+            ids[:] = rows.text_id.astype(str)
+        for pooling in self.poolings:
+            self._create_vectors(group, split, pooling, n)
+        group.create_array("_digest", shape=(blocks, len(self.poolings)), dtype="uint64",
+                           chunks=(1, len(self.poolings)), fill_value=0, overwrite=True)
+        group.create_array("_done", shape=(blocks,), dtype="uint8", chunks=(1,), fill_value=0, overwrite=True)
+        dropped_all = dict(self.root.attrs.get("dropped", {}))
+        dropped_all[split] = dropped
+        splits[split] = n
+        self.root.attrs.update({"splits": splits, "dropped": dropped_all})   # last: marks the split created
+
+    def done_blocks(self, split: str) -> np.ndarray:
+        return self.root[split]["_done"][:].astype(bool)
+
+    def block_range(self, split: str, block: int) -> tuple[int, int]:
+        rows = self.root.attrs["splits"][split]
+        return block * self.block_rows, min((block + 1) * self.block_rows, rows)
+
+    # -- blocks -------------------------------------------------------------------------------
+    def write_block(self, split: str, block: int, vectors: dict[str, np.ndarray]) -> None:
+        """Write one row block of every pooling, then its digests, then mark it done."""
+        group = self.root[split]
+        start, stop = self.block_range(split, block)
+        stored = {}
+        for pooling in self.poolings:
+            values = vectors[pooling]
+            if values.shape != (stop - start, self.num_layers, self.dim):
+                raise ValueError(f"block {block} of {split}/{pooling} has shape {values.shape}, "
+                                 f"expected {(stop - start, self.num_layers, self.dim)}")
+            if not np.isfinite(values).all():
+                raise FloatingPointError(f"{split}/{pooling} block {block}: the model produced NaN or inf; "
+                                         f"try extract.compute_dtype: float32")
+            dtype = group[pooling].dtype
+            if dtype == np.float16:
+                peak = float(np.abs(values).max()) if values.size else 0.0
+                if peak > FLOAT16_MAX:
+                    raise Float16Overflow(split, pooling, peak)
+            stored[pooling] = values.astype(dtype)
+        for pooling in self.poolings:
+            group[pooling][start:stop] = stored[pooling]
+        group["_digest"][block] = np.array([block_digest(stored[p]) for p in self.poolings], dtype=np.uint64)
+        group["_done"][block] = 1
+
+    def promote_to_float32(self, overflow: Float16Overflow) -> None:
+        """Re-create one array as float32 and clear the split's done marks so it is extracted again.
+
+        Done marks go first: a crash half way leaves blocks to redo, never an array that lies.
+        """
+        group = self.root[overflow.split]
+        blocks = group["_done"].shape[0]
+        group.create_array("_done", shape=(blocks,), dtype="uint8", chunks=(1,), fill_value=0, overwrite=True)
+        fallback = dict(self.root.attrs.get("dtype_fallback", {}))
+        fallback[f"{overflow.split}/{overflow.pooling}"] = str(overflow)
+        self.root.attrs["dtype_fallback"] = fallback
+        self._create_vectors(group, overflow.split, overflow.pooling, self.root.attrs["splits"][overflow.split])
+
+    def record_run(self, run: dict[str, Any]) -> None:
+        self.root.attrs["runs"] = list(self.root.attrs.get("runs", [])) + [run]
+
+
+class EmbeddingStore:
+    """Read-only view of a finished store: layers as float32 arrays, labels and metadata."""
+
+    def __init__(self, path: str | Path, allow_incomplete: bool = False):
+        self.path = Path(path)
+        if not is_store(self.path):
+            raise FileNotFoundError(f"no embeddings store at {self.path}: run `dvc repro` (stage extract) first")
+        self.root = zarr.open_group(str(self.path), mode="r")
+        self.attrs = self.root.attrs.asdict()
+        self.allow_incomplete = allow_incomplete
+
+    @property
+    def num_layers(self) -> int:
+        """Layers including the embedding output (index 0)."""
+        return int(self.attrs["num_layers"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.attrs["dim"])
+
+    @property
+    def poolings(self) -> list[str]:
+        return list(self.attrs["poolings"])
+
+    @property
+    def splits(self) -> list[str]:
+        return [s for s in SPLITS if s in self.attrs.get("splits", {})]
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.attrs["fingerprint"]["dataset"]["label_names"])
+
+    def num_rows(self, split: str) -> int:
+        return int(self.attrs["splits"][split])
+
+    def completion(self, split: str) -> tuple[int, int]:
+        """(blocks done, blocks in all) for a split."""
+        done = self.root[split]["_done"][:]
+        return int(done.sum()), int(done.shape[0])
+
+    def is_complete(self, split: str) -> bool:
+        done, total = self.completion(split)
+        return done == total
+
+    def _group(self, split: str) -> zarr.Group:
+        if split not in self.attrs.get("splits", {}):
+            raise KeyError(f"{self.path} has no split {split!r}; it has {self.splits}")
+        if not self.allow_incomplete and not self.is_complete(split):
+            done, total = self.completion(split)
+            raise StoreIncompleteError(f"{self.path}/{split} is incomplete ({done}/{total} blocks): "
+                                       f"finish the extraction (rerun `dvc repro`) before reading it")
+        return self.root[split]
+
+    def _pooling(self, split: str, pooling: str) -> zarr.Array:
+        if pooling not in self.poolings:
+            raise KeyError(f"{self.path} has no pooling {pooling!r}; it has {self.poolings}")
+        return self._group(split)[pooling]
+
+    def layer(self, split: str, pooling: str, layer: int, rows: slice = slice(None)) -> np.ndarray:
+        """One layer as float32 [N, D]; negative indices count from the last layer."""
+        index = range(self.num_layers)[layer]
+        return np.asarray(self._pooling(split, pooling)[rows, index, :], dtype=np.float32)
+
+    def layers(self, split: str, pooling: str, layers: Iterable[int] | None = None,
+               rows: slice = slice(None)) -> np.ndarray:
+        """Several layers as float32 [N, len(layers), D], reading only those layers' chunks."""
+        array = self._pooling(split, pooling)
+        wanted = list(range(self.num_layers)) if layers is None else [range(self.num_layers)[i] for i in layers]
+        if wanted == list(range(self.num_layers)):
+            return np.asarray(array[rows], dtype=np.float32)
+        return np.stack([np.asarray(array[rows, i, :], dtype=np.float32) for i in wanted], axis=1)
+
+    def labels(self, split: str) -> np.ndarray:
+        return self._group(split)["labels"][:].astype(np.int64)
+
+    def meta(self, split: str, name: str) -> np.ndarray:
+        """Row metadata: text_id, source_index, token_count or truncated."""
+        return self._group(split)[name][:]
+
+    def stored_digests(self, split: str) -> np.ndarray:
+        return self.root[split]["_digest"][:]
+
+
+def open_store(store_root: str | Path, model: str, dataset: str, allow_incomplete: bool = False) -> EmbeddingStore:
+    """Open the store of one model x dataset under a store root (params `paths.store`)."""
+    from pipeline.config import check_name
+    path = Path(store_root) / "embeddings" / check_name(dataset, "dataset") / check_name(model, "model")
+    return EmbeddingStore(path, allow_incomplete=allow_incomplete)

@@ -1,0 +1,29 @@
+"""One thin entry point per DVC stage: parse arguments, read params.yaml, call `pipeline`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Callable
+
+from pipeline.errors import PipelineError
+
+
+def stage_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
+    return parser
+
+
+def run_stage(main: Callable[[], None]) -> None:
+    """Run a stage; a PipelineError is the user's to fix, so print its message alone and exit 2."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in ("transformers", "datasets", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        main()
+    except PipelineError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

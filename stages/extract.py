@@ -1,0 +1,20 @@
+"""Stage extract: one model x one dataset, all layers and poolings, into store/embeddings/<dataset>/<model>."""
+
+from pipeline.config import load_params
+from pipeline.extract import extract
+from stages import run_stage, stage_parser
+
+
+def main() -> None:
+    parser = stage_parser(__doc__)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--rebuild", action="store_true", help="delete a store written with other settings")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args()
+    params = load_params(args.params, models=[args.model], datasets=[args.dataset])
+    extract(params, args.model, args.dataset, rebuild=args.rebuild, show_progress=not args.no_progress)
+
+
+if __name__ == "__main__":
+    run_stage(main)
