@@ -1,0 +1,57 @@
+"""A store's summary for people: shapes, dtypes, size on disk, fingerprint, completion, runs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.store import EmbeddingStore
+
+
+def disk_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def summarise(path: str | Path, console: Console | None = None) -> dict:
+    """Print one store's summary and return it as a dict (used by tests and the report)."""
+    console = console or Console()
+    store = EmbeddingStore(path, allow_incomplete=True)
+    fingerprint = store.attrs["fingerprint"]
+    table = Table(title=f"{path}", title_justify="left")
+    for column in ("split", "rows", "blocks done", "poolings", "shape", "dtype"):
+        table.add_column(column)
+    splits = {}
+    for split in store.splits:
+        done, total = store.completion(split)
+        group = store.root[split]
+        dtypes = sorted({str(group[p].dtype) for p in store.poolings})
+        shape = tuple(group[store.poolings[0]].shape)
+        splits[split] = {"rows": store.num_rows(split), "done": done, "blocks": total, "shape": shape,
+                         "dtypes": dtypes}
+        table.add_row(split, f"{store.num_rows(split):,}", f"{done}/{total}" + (" ✓" if done == total else ""),
+                      ",".join(store.poolings), "x".join(map(str, shape)), ",".join(dtypes))
+    console.print(table)
+    size = disk_bytes(Path(path))
+    model, extract, dataset = fingerprint["model"], fingerprint["extract"], fingerprint["dataset"]
+    console.print(f"model {model['name']} ({store.attrs['info'].get('model_type')}, "
+                  f"{'decoder' if store.attrs['info'].get('decoder') else 'encoder'}), "
+                  f"{store.num_layers} layers x {store.dim}, weights sha256 {model['weights_sha256'][:16]}…")
+    console.print(f"dataset {dataset['name']}: {len(dataset['label_names'])} labels, carve {dataset['carve']}")
+    console.print(f"max_len {extract['max_len']}, stored {extract['dtype']}, computed {extract['compute_dtype']}, "
+                  f"block_rows {extract['block_rows']}; {size / 2**20:,.1f} MiB on disk")
+    for key, reason in store.attrs.get("dtype_fallback", {}).items():
+        console.print(f"[yellow]float32 fallback[/] {key}: {reason}")
+    dropped = sum(len(v) for v in store.attrs.get("dropped", {}).values())
+    if dropped:
+        console.print(f"{dropped} source rows dropped (reasons in the store's `dropped` attribute)")
+    for run in store.attrs.get("runs", []):
+        console.print(f"run {run.get('finished_at')}: {run['texts']:,} texts, {run['tokens']:,} tokens, "
+                      f"{run['seconds']:,.1f} s, {run.get('tokens_per_s', 0):,.0f} tokens/s on {run['device']}, "
+                      f"peak RSS {run.get('peak_rss_mb', 0):,.0f} MB")
+    complete = all(s["done"] == s["blocks"] for s in splits.values())
+    console.print("complete" if complete else "[red]incomplete[/]: rerun the extraction to finish it")
+    return {"path": os.fspath(path), "splits": splits, "bytes": size, "complete": complete,
+            "num_layers": store.num_layers, "dim": store.dim, "poolings": store.poolings}

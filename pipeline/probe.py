@@ -1,0 +1,206 @@
+"""The fast probe shared by layer scoring and fusion search, so that their numbers compare.
+
+A closed-form multi-output ridge classifier (one-hot targets, intercept) on standardised features.
+It needs only sufficient statistics of the fit rows (X^T X, X^T Y, sums), so a candidate built
+from precomputed blocks costs a small eigendecomposition, and every alpha and every fold is solved
+at once from the same decomposition. Scores come from rows the probe never fit on: the validation
+split (protocol `validation`) or the held-out fold (protocol `cv`, k folds on train). The test
+split is never an input here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from pipeline.errors import ConfigError
+
+METRICS = ("accuracy", "macro_f1")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How a probe is fitted and scored (params.yaml `score:`)."""
+    name: str = "validation"          # validation | cv
+    folds: int = 5
+    alphas: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)   # relative to the mean eigenvalue of X^T X
+    metric: str = "accuracy"
+    rank: int = 128                   # features projected on this many principal directions (0: none)
+    pca_rows: int = 2048
+    bootstrap: int = 200              # validation protocol: std over bootstrap resamples of validation
+    seed: int = 0
+
+
+def protocol_from_params(raw: dict[str, Any]) -> Protocol:
+    section = raw.get("score") or {}
+    try:
+        protocol = Protocol(name=section.get("protocol", "validation"), folds=int(section.get("folds", 5)),
+                            alphas=tuple(float(a) for a in section.get("alphas", Protocol.alphas)),
+                            metric=section.get("metric", "accuracy"), rank=int(section.get("rank", 128)),
+                            pca_rows=int(section.get("pca_rows", 2048)),
+                            bootstrap=int(section.get("bootstrap", 200)), seed=int(section.get("seed", 0)))
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"score: {error}") from error
+    if protocol.name not in ("validation", "cv"):
+        raise ConfigError(f"score.protocol must be validation or cv, got {protocol.name!r}")
+    if protocol.metric not in METRICS:
+        raise ConfigError(f"score.metric must be one of {list(METRICS)}, got {protocol.metric!r}")
+    if protocol.name == "cv" and protocol.folds < 2:
+        raise ConfigError("score.folds must be >= 2 with protocol cv")
+    if not protocol.alphas or min(protocol.alphas) <= 0:
+        raise ConfigError("score.alphas must be a non-empty list of positive numbers")
+    return protocol
+
+
+# -- rows and folds ---------------------------------------------------------------------------
+@dataclass
+class Folds:
+    """Probe rows (train, then validation under protocol `validation`) and who fits / who scores."""
+    y: torch.Tensor                       # [N] labels of the probe rows
+    fit: list[torch.Tensor]               # per fold, row indices fitted on
+    eval: list[torch.Tensor]              # per fold, row indices scored on
+    partition: bool                       # eval sets partition the rows and fit = complement (cv)
+    boot: torch.Tensor | None             # [B, n_eval] resample counts (validation protocol)
+    num_classes: int
+
+
+def make_folds(y_train: np.ndarray, y_validation: np.ndarray | None, protocol: Protocol,
+               num_classes: int) -> Folds:
+    """Validation: fit on train rows, score on validation rows. CV: stratified, seeded k folds of train."""
+    rng = np.random.default_rng(protocol.seed)
+    if protocol.name == "validation":
+        if y_validation is None or len(y_validation) == 0:
+            raise ConfigError("score.protocol is validation but the store has no validation rows; use cv")
+        n_train, n_val = len(y_train), len(y_validation)
+        y = torch.as_tensor(np.concatenate([y_train, y_validation]), dtype=torch.long)
+        counts = rng.multinomial(n_val, np.full(n_val, 1.0 / n_val), size=protocol.bootstrap) \
+            if protocol.bootstrap else None
+        return Folds(y, [torch.arange(n_train)], [torch.arange(n_train, n_train + n_val)], False,
+                     None if counts is None else torch.as_tensor(counts, dtype=torch.float32), num_classes)
+    fold_of = np.empty(len(y_train), dtype=np.int64)
+    for label in np.unique(y_train):               # stratified: deal each class's rows round-robin
+        rows = rng.permutation(np.flatnonzero(y_train == label))
+        fold_of[rows] = (np.arange(len(rows)) + rng.integers(protocol.folds)) % protocol.folds
+    evals = [torch.as_tensor(np.flatnonzero(fold_of == k)) for k in range(protocol.folds)]
+    fits = [torch.as_tensor(np.flatnonzero(fold_of != k)) for k in range(protocol.folds)]
+    return Folds(torch.as_tensor(y_train, dtype=torch.long), fits, evals, True, None, num_classes)
+
+
+# -- sufficient statistics ----------------------------------------------------------------------
+@dataclass
+class FitStats:
+    """Per fold, uncentred statistics of the fit rows: G = X^T X, s = sum x, XtY, n, ysum."""
+    G: torch.Tensor       # [K, w, w]
+    s: torch.Tensor       # [K, w]
+    XtY: torch.Tensor     # [K, w, C]
+    n: torch.Tensor       # [K]
+    ysum: torch.Tensor    # [K, C]
+
+
+def one_hot(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    return torch.nn.functional.one_hot(y, num_classes).to(torch.float32)
+
+
+def fit_stats(X: torch.Tensor, folds: Folds) -> FitStats:
+    """Statistics of every fold's fit rows; with CV, one pass over the rows serves all folds."""
+    Y = one_hot(folds.y, folds.num_classes)
+    if folds.partition:
+        parts = [(X[e], Y[e]) for e in folds.eval]
+        G_e = torch.stack([x.T @ x for x, _ in parts])
+        s_e = torch.stack([x.sum(0) for x, _ in parts])
+        XtY_e = torch.stack([x.T @ y for x, y in parts])
+        n_e = torch.tensor([float(len(e)) for e in folds.eval])
+        y_e = torch.stack([y.sum(0) for _, y in parts])
+        return FitStats(G_e.sum(0) - G_e, s_e.sum(0) - s_e, XtY_e.sum(0) - XtY_e, n_e.sum() - n_e, y_e.sum(0) - y_e)
+    parts = [(X[f], Y[f]) for f in folds.fit]
+    return FitStats(torch.stack([x.T @ x for x, _ in parts]), torch.stack([x.sum(0) for x, _ in parts]),
+                    torch.stack([x.T @ y for x, y in parts]),
+                    torch.tensor([float(len(f)) for f in folds.fit]), torch.stack([y.sum(0) for _, y in parts]))
+
+
+# -- metrics -----------------------------------------------------------------------------------
+def accuracy_f1(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accuracy and macro-F1 over the last axis of `pred` ([..., n]); classes absent from both count 0."""
+    acc = (pred == y).float().mean(-1)
+    classes = torch.arange(num_classes).view(-1, *([1] * pred.dim()))
+    p, t = pred.unsqueeze(0) == classes, (y == classes)
+    tp = (p & t).float().sum(-1)
+    denominator = p.float().sum(-1) + t.float().sum(-1)
+    f1 = torch.where(denominator > 0, 2 * tp / denominator.clamp(min=1), torch.zeros_like(tp))
+    return acc, f1.mean(0)
+
+
+def metrics(pred: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, num_classes: int) -> dict[str, float]:
+    acc, f1 = accuracy_f1(torch.as_tensor(pred), torch.as_tensor(y), num_classes)
+    return {"accuracy": float(acc), "macro_f1": float(f1)}
+
+
+def _bootstrap(pred: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, num_classes: int) -> tuple[float, float]:
+    """Std of accuracy and macro-F1 over bootstrap resamples given as per-row counts [B, n]."""
+    classes = torch.arange(num_classes)[:, None]
+    p, t = (pred[None] == classes).float(), (y[None] == classes).float()
+    cols = torch.cat([(pred == y).float()[None], p * t, p, t])                 # [1 + 3C, n]
+    sums = counts @ cols.T                                                      # [B, 1 + 3C]
+    n = counts.sum(1)
+    tp, pp, tt = sums[:, 1:1 + num_classes], sums[:, 1 + num_classes:1 + 2 * num_classes], sums[:, 1 + 2 * num_classes:]
+    f1 = torch.where(pp + tt > 0, 2 * tp / (pp + tt).clamp(min=1), torch.zeros_like(tp)).mean(1)
+    return float((sums[:, 0] / n).std()), float(f1.std())
+
+
+# -- the solve --------------------------------------------------------------------------------
+def solve_and_score(stats: FitStats, X_eval: Sequence[torch.Tensor], folds: Folds,
+                    protocol: Protocol) -> dict[str, float]:
+    """Ridge for every fold and alpha from one eigendecomposition per fold; score held-out rows.
+
+    The alpha is chosen by the mean held-out metric (the same rows that score the candidate, as in
+    any validation-based selection; the test split plays no part).
+    """
+    n = stats.n[:, None]
+    mu, ymu = stats.s / n, stats.ysum / n
+    G = stats.G - n[:, :, None] * mu[:, :, None] * mu[:, None, :]
+    B = stats.XtY - n[:, :, None] * mu[:, :, None] * ymu[:, None, :]
+    G = 0.5 * (G + G.transpose(1, 2))
+    e, V = torch.linalg.eigh(G.double())
+    e, V = e.clamp(min=0).float(), V.float()
+    alphas = torch.tensor(protocol.alphas)
+    lam = alphas[None, :] * e.mean(1, keepdim=True).clamp(min=1e-12)        # [K, A]
+    VtB = V.transpose(1, 2) @ B                                             # [K, w, C]
+    acc, f1, preds = [], [], []
+    for k, X in enumerate(X_eval):
+        XV = (X - mu[k]) @ V[k]                                             # [n_e, w]
+        W = VtB[k][None] / (e[k][None, :, None] + lam[k][:, None, None])    # [A, w, C]
+        scores = XV[None] @ W + ymu[k]                                      # [A, n_e, C]
+        pred = scores.argmax(-1)
+        a, f = accuracy_f1(pred, folds.y[folds.eval[k]], folds.num_classes)
+        acc.append(a), f1.append(f), preds.append(pred)
+    acc, f1 = torch.stack(acc), torch.stack(f1)                            # [K, A]
+    chosen = (acc if protocol.metric == "accuracy" else f1).mean(0)
+    best = int(torch.argmax(chosen))
+    if len(X_eval) > 1:
+        acc_std, f1_std = float(acc[:, best].std()), float(f1[:, best].std())
+    elif folds.boot is not None:
+        acc_std, f1_std = _bootstrap(preds[0][best], folds.y[folds.eval[0]], folds.boot, folds.num_classes)
+    else:
+        acc_std = f1_std = float("nan")
+    result = {"accuracy": float(acc[:, best].mean()), "accuracy_std": acc_std,
+              "macro_f1": float(f1[:, best].mean()), "macro_f1_std": f1_std, "alpha": float(alphas[best])}
+    result["score"] = result[protocol.metric]
+    result["std"] = result[f"{protocol.metric}_std"]
+    return result
+
+
+def evaluate_features(X: torch.Tensor, folds: Folds, protocol: Protocol) -> dict[str, float]:
+    """Probe score of one feature matrix over the probe rows (no shared blocks)."""
+    X = X.to(torch.float32)
+    return solve_and_score(fit_stats(X, folds), [X[e] for e in folds.eval], folds, protocol)
+
+
+def standardise_stats(train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and std from train rows; constant dimensions get std 1 (they become 0)."""
+    mean = train.mean(0, dtype=np.float64)
+    std = train.std(0, dtype=np.float64)
+    std[std < 1e-6 * max(float(std.max(initial=0.0)), 1e-12)] = 1.0
+    return mean.astype(np.float32), std.astype(np.float32)

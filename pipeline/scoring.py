@@ -1,0 +1,120 @@
+"""Layer scoring: the probe on every layer of every pooling of one model x dataset.
+
+Layers are read one at a time from the store (train, plus validation under protocol `validation`;
+never test), standardised with train statistics, and projected on a basis shared by all layers of
+that pooling: the top principal directions of the standardised train rows of every layer. Ridge on
+that basis is principal-component ridge; because the basis is shared, the mean of projected layers
+is the projection of the mean, which lets the fusion search build any mean or concatenation from
+per-layer blocks (pipeline/fusion.py) and score single layers exactly as done here.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.probe import Folds, Protocol, evaluate_features, make_folds, standardise_stats
+from pipeline.store import EmbeddingStore
+
+PROBE_SPLITS = {"validation": ("train", "validation"), "cv": ("train",)}
+
+
+def probe_splits(protocol: Protocol) -> tuple[str, ...]:
+    """The only splits the probe reads: the test split is not among them."""
+    return PROBE_SPLITS[protocol.name]
+
+
+@dataclass
+class LayerBank:
+    """One model x pooling: standardised layers (optional, float16) and their projections F."""
+    model: str
+    pooling: str
+    layers: list[int]
+    num_layers: int
+    mean: np.ndarray                  # [len(layers), D] train statistics
+    std: np.ndarray
+    basis: torch.Tensor               # [D, r]
+    F: torch.Tensor                   # [N, len(layers), r] projected probe rows
+    folds: Folds
+    Z: torch.Tensor | None = None     # [N, len(layers), D] standardised, float16 (for max)
+    seconds: dict[str, float] = field(default_factory=dict)
+    bytes_read: int = 0
+
+
+def load_bank(store: EmbeddingStore, pooling: str, protocol: Protocol, layers: list[int] | None = None,
+              keep_standardised: bool = False, model: str = "") -> LayerBank:
+    """Read the layers (probe splits only), standardise, fit the shared basis, project."""
+    start = time.perf_counter()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    layers = list(range(store.num_layers)) if layers is None else [range(store.num_layers)[i] for i in layers]
+    splits = probe_splits(protocol)
+    y_train = store.labels("train")
+    y_val = store.labels("validation") if "validation" in splits else None
+    folds = make_folds(y_train, y_val, protocol, len(store.label_names))
+    n, d = len(folds.y), store.dim
+    n_train = len(y_train)
+    Z = torch.empty((n, len(layers), d), dtype=torch.float16)
+    means, stds = np.empty((len(layers), d), np.float32), np.empty((len(layers), d), np.float32)
+    rng = np.random.default_rng(protocol.seed)
+    sub = np.sort(rng.choice(n_train, size=min(n_train, protocol.pca_rows), replace=False))
+    cov = torch.zeros((d, d), dtype=torch.float64)
+    bytes_read = 0
+    for j, layer in enumerate(layers):
+        parts = [store.layer(split, pooling, layer) for split in splits]
+        bytes_read += sum(p.nbytes for p in parts)
+        means[j], stds[j] = standardise_stats(parts[0])
+        z = torch.from_numpy((np.concatenate(parts) - means[j]) / stds[j])
+        Z[:, j] = z.to(torch.float16)
+        zs = z[sub]
+        cov += (zs.T @ zs).double()
+    read_s = time.perf_counter() - start
+    rank = d if protocol.rank <= 0 else min(protocol.rank, d)
+    _, vectors = torch.linalg.eigh(cov)
+    basis = vectors[:, -rank:].flip(1).float().contiguous()
+    F = torch.empty((n, len(layers), rank), dtype=torch.float32)
+    for j in range(len(layers)):
+        F[:, j] = Z[:, j].float() @ basis
+    seconds = {"read": read_s, "project": time.perf_counter() - start - read_s}
+    return LayerBank(model, pooling, layers, store.num_layers, means, stds, basis, F, folds,
+                     Z if keep_standardised else None, seconds, bytes_read)
+
+
+def relative_depth(layer: int, num_layers: int) -> float:
+    return layer / max(num_layers - 1, 1)
+
+
+def score_layers(store: EmbeddingStore, protocol: Protocol, model: str,
+                 poolings: list[str] | None = None) -> dict[str, Any]:
+    """The probe's score for every pooling x layer, the ranking, and the best pooling."""
+    start = time.perf_counter()
+    rows, bytes_read = [], 0
+    for pooling in poolings or store.poolings:
+        bank = load_bank(store, pooling, protocol, model=model)
+        bytes_read += bank.bytes_read
+        for j, layer in enumerate(bank.layers):
+            t = time.perf_counter()
+            result = evaluate_features(bank.F[:, j], bank.folds, protocol)
+            rows.append({"model": model, "pooling": pooling, "layer": layer,
+                         "relative_depth": round(relative_depth(layer, store.num_layers), 4), **result,
+                         "seconds": round(time.perf_counter() - t, 4)})
+        del bank
+    by_pooling = {}
+    for row in rows:
+        best = by_pooling.get(row["pooling"])
+        if best is None or row["score"] > best["score"]:
+            by_pooling[row["pooling"]] = row
+    best_pooling = max(by_pooling, key=lambda p: by_pooling[p]["score"])
+    ranking = sorted((r for r in rows if r["pooling"] == best_pooling), key=lambda r: -r["score"])
+    last = next(r for r in rows if r["pooling"] == best_pooling and r["layer"] == store.num_layers - 1)
+    return {
+        "model": model, "num_layers": store.num_layers, "dim": store.dim, "decoder": bool(store.attrs["info"].get("decoder")),
+        "protocol": protocol.__dict__ | {"alphas": list(protocol.alphas)}, "splits_read": list(probe_splits(protocol)),
+        "metric": protocol.metric, "best_pooling": best_pooling,
+        "best_layer_per_pooling": {p: r["layer"] for p, r in by_pooling.items()},
+        "ranking": [r["layer"] for r in ranking], "best": ranking[0], "last": last,
+        "rows": rows, "bytes_read": bytes_read, "seconds": round(time.perf_counter() - start, 3),
+    }

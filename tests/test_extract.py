@@ -1,0 +1,148 @@
+"""Extraction end to end on real models and a real corpus slice: the store, resume, fingerprint."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from conftest import REPO, link_prepared, tiny_llama_entry
+from pipeline.config import load_params
+from pipeline.corpora import build_corpus, write_corpus
+from pipeline.errors import StoreMismatchError
+from pipeline.extract import extract
+from pipeline.inspect_store import summarise
+from pipeline.store import EmbeddingStore, open_store
+
+
+def prepare(params_path: Path, dataset: str, prepared: Path, models: list[str]):
+    params = load_params(params_path)
+    write_corpus(build_corpus(params.dataset(dataset), params.data_mirror, params.data), params.data_dir(dataset))
+    link_prepared(prepared, params.store, models)
+    return params
+
+
+def test_minilm_on_mr_slice_end_to_end(mr_slice, make_params, prepared_models):
+    params = prepare(make_params(mr_slice, ["minilm-l6"], ["mrslice"], extract={"max_len": 16}),
+                     "mrslice", prepared_models, ["minilm-l6"])
+    summary = extract(params, "minilm-l6", "mrslice", show_progress=False)
+    store = open_store(params.store, "minilm-l6", "mrslice")
+    assert store.splits == ["train", "validation", "test"]
+    assert [store.num_rows(s) for s in store.splits] == [216, 24, 80]      # 10% of 240 carved, stratified
+    assert store.num_layers == 7 and store.dim == 384
+    assert store.poolings == ["mean", "last", "first", "max", "mean_nospecial"]
+    assert summary["texts"] == 320 and summary["tokens"] > 0
+    assert np.bincount(store.labels("validation")).tolist() == [12, 12]
+    layer = store.layer("train", "mean", -1)
+    assert layer.dtype == np.float32 and layer.shape == (216, 384) and np.isfinite(layer).all()
+    np.testing.assert_array_equal(store.layers("train", "mean", [2, 6])[:, 1], layer)
+    counts, truncated = store.meta("train", "token_count"), store.meta("train", "truncated")
+    assert (truncated == (counts > 16)).all() and truncated.any() and (~truncated).any()
+    # CLS pooling ("first") differs from the mean; the stored vectors really are per pooling
+    assert not np.allclose(store.layer("train", "first", -1), layer)
+    report = summarise(params.embeddings_path("minilm-l6", "mrslice"))
+    assert report["complete"] and report["bytes"] > 0
+
+
+def test_decoder_store_with_tiny_llama_and_float16_overflow(mr_slice, make_params, prepared_models, tmp_path):
+    """Hidden states past float16's range are never stored as inf: that array falls back to float32."""
+    from conftest import make_tiny_llama
+    from pipeline.config import ModelSpec
+    from pipeline.models import materialise
+    hot = make_tiny_llama(tmp_path / "hot-src", scale=1e7)
+    params_path = make_params(mr_slice, ["hot-llama"], ["mrslice"],
+                              extra_models={"hot-llama": {"source": "local", "path": str(hot)}})
+    params = prepare(params_path, "mrslice", prepared_models, [])
+    materialise(ModelSpec(name="hot-llama", source="local", path=str(hot)), params.model_dir("hot-llama"))
+    extract(params, "hot-llama", "mrslice", show_progress=False)
+    store = open_store(params.store, "hot-llama", "mrslice")
+    fallback = store.attrs["dtype_fallback"]
+    assert fallback, "scaled-up embeddings must overflow float16 somewhere"
+    for key in fallback:
+        split, pooling = key.split("/")
+        assert store.root[split][pooling].dtype == np.float32
+    for split in store.splits:
+        for pooling in store.poolings:
+            values = store.layers(split, pooling)
+            assert np.isfinite(values).all(), f"{split}/{pooling} holds inf or NaN"
+    assert store.attrs["info"]["decoder"] is True
+
+
+def _arrays(path: Path) -> dict[str, np.ndarray]:
+    root = zarr.open_group(str(path), mode="r")
+    out = {}
+    for split in ("train", "validation", "test"):
+        for name, array in root[split].arrays():
+            out[f"{split}/{name}"] = array[:]
+    return out
+
+
+def _run_extract(params_path: Path, model: str, dataset: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "stages.extract", "--params", str(params_path), "--model", model,
+                             "--dataset", dataset, "--no-progress"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_is_bit_identical(mr_slice, make_params, prepared_models, tmp_path):
+    settings = {"block_rows": 16, "token_budget": 256}
+    reference = prepare(make_params(mr_slice, ["tiny-llama"], ["mrslice"], extract=settings,
+                                    extra_models=tiny_llama_entry(prepared_models), folder=tmp_path / "a"),
+                        "mrslice", prepared_models, ["tiny-llama"])
+    extract(reference, "tiny-llama", "mrslice", show_progress=False)
+
+    params_path = make_params(mr_slice, ["tiny-llama"], ["mrslice"], extract=settings,
+                              extra_models=tiny_llama_entry(prepared_models), folder=tmp_path / "b")
+    params = prepare(params_path, "mrslice", prepared_models, ["tiny-llama"])
+    done_dir = params.embeddings_path("tiny-llama", "mrslice") / "train" / "_done" / "c"
+    process = _run_extract(params_path, "tiny-llama", "mrslice")
+    deadline = time.time() + 120
+    while time.time() < deadline and (not done_dir.exists() or len(list(done_dir.iterdir())) < 3):
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    partial = EmbeddingStore(params.embeddings_path("tiny-llama", "mrslice"), allow_incomplete=True)
+    done_at_kill = sum(partial.completion(s)[0] for s in partial.splits)
+    total = sum(partial.completion(s)[1] for s in partial.splits)
+    assert 0 < done_at_kill < total, "the kill must land mid-run"
+
+    summary = extract(load_params(params_path), "tiny-llama", "mrslice", show_progress=False)
+    assert summary["blocks"] == total - done_at_kill, "a finished block was computed again"
+    ours, theirs = _arrays(params.embeddings_path("tiny-llama", "mrslice")), _arrays(
+        reference.embeddings_path("tiny-llama", "mrslice"))
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
+
+
+def test_fingerprint_mismatch_is_refused_and_rebuild_works(mr_slice, make_params, prepared_models, tmp_path):
+    params = prepare(make_params(mr_slice, ["minilm-l6"], ["mrslice"], extract={"max_len": 16}),
+                     "mrslice", prepared_models, ["minilm-l6"])
+    extract(params, "minilm-l6", "mrslice", show_progress=False)
+    changed = load_params(make_params(mr_slice, ["minilm-l6"], ["mrslice"], extract={"max_len": 24}))
+    with pytest.raises(StoreMismatchError, match=r"extract\.max_len: store has 16, params give 24"):
+        extract(changed, "minilm-l6", "mrslice", show_progress=False)
+    again = extract(params, "minilm-l6", "mrslice", show_progress=False)
+    assert again["texts"] == 0, "an unchanged, complete store is left alone"
+    rebuilt = extract(changed, "minilm-l6", "mrslice", rebuild=True, show_progress=False)
+    assert rebuilt["texts"] == 320
+    assert open_store(changed.store, "minilm-l6", "mrslice").attrs["fingerprint"]["extract"]["max_len"] == 24
+
+
+def test_extract_stage_prints_a_clear_error_for_a_mismatch(mr_slice, make_params, prepared_models):
+    params = prepare(make_params(mr_slice, ["minilm-l6"], ["mrslice"], extract={"max_len": 16}),
+                     "mrslice", prepared_models, ["minilm-l6"])
+    extract(params, "minilm-l6", "mrslice", show_progress=False)
+    params_path = make_params(mr_slice, ["minilm-l6"], ["mrslice"], extract={"poolings": ["mean"], "max_len": 16})
+    result = subprocess.run([sys.executable, "-m", "stages.extract", "--params", str(params_path), "--model",
+                             "minilm-l6", "--dataset", "mrslice"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "extract.poolings" in result.stderr and "--rebuild" in result.stderr
+    assert "Traceback" not in result.stderr
