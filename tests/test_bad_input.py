@@ -1,0 +1,160 @@
+"""Bad input: each case gets a clear message or a documented, recorded behaviour; nothing is lost."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import write_jsonl
+from pipeline.config import load_params
+from pipeline.corpora import build_corpus, read_corpus, write_corpus
+from pipeline.errors import ConfigError, DataError
+from test_extract import prepare
+
+
+def corpus_with(tmp_path, make_params, train_rows, test_rows=None, data=None, extra=None, files=None):
+    mirror = tmp_path / "mirror"
+    write_jsonl(mirror / "odd" / "train.jsonl", train_rows)
+    write_jsonl(mirror / "odd" / "test.jsonl", test_rows or [{"text": "fine", "label": "a"},
+                                                              {"text": "also fine", "label": "b"}])
+    entry = {"text_column": "text", "label_column": "label",
+             "local": files or {"train": "odd/train.jsonl", "test": "odd/test.jsonl"}, **(extra or {})}
+    params = load_params(make_params(mirror, ["minilm-l6"], ["odd"], data=data, extra_datasets={"odd": entry}))
+    return params, mirror
+
+
+def base_rows(n=20):
+    return [{"text": f"text number {i}", "label": "ab"[i % 2]} for i in range(n)]
+
+
+def test_empty_and_whitespace_texts_are_dropped_and_recorded(tmp_path, make_params):
+    rows = base_rows() + [{"text": "", "label": "a"}, {"text": " \t\n ", "label": "b"}]
+    params, _ = corpus_with(tmp_path, make_params, rows)
+    corpus = build_corpus(params.dataset("odd"), params.data_mirror, params.data)
+    reasons = {(d["split"], d["source_index"]): d["reason"] for d in corpus.meta["dropped"]}
+    assert reasons == {("train", 20): "empty or whitespace-only text", ("train", 21): "empty or whitespace-only text"}
+    assert len(corpus.splits["train"]) + len(corpus.splits["validation"]) == 20
+
+
+def test_empty_text_is_an_error_when_asked(tmp_path, make_params):
+    params, _ = corpus_with(tmp_path, make_params, base_rows() + [{"text": "", "label": "a"}],
+                            data={"on_bad_row": "error"})
+    with pytest.raises(DataError, match=r"split 'train' row 20: empty or whitespace-only text"):
+        build_corpus(params.dataset("odd"), params.data_mirror, params.data)
+
+
+def test_missing_label_is_dropped_or_refused(tmp_path, make_params):
+    rows = base_rows() + [{"text": "no label here", "label": None}]
+    params, _ = corpus_with(tmp_path, make_params, rows)
+    corpus = build_corpus(params.dataset("odd"), params.data_mirror, params.data)
+    assert [d["reason"] for d in corpus.meta["dropped"]] == ["missing label"]
+    strict, _ = corpus_with(tmp_path, make_params, rows, data={"on_bad_row": "error"})
+    with pytest.raises(DataError, match="row 20: missing label"):
+        build_corpus(strict.dataset("odd"), strict.data_mirror, strict.data)
+
+
+def test_unknown_label_column_names_the_columns(tmp_path, make_params):
+    params, _ = corpus_with(tmp_path, make_params, base_rows(), extra={"label_column": "category"})
+    with pytest.raises(DataError, match=r"has no column 'category'; it has \['text', 'label'\]"):
+        build_corpus(params.dataset("odd"), params.data_mirror, params.data)
+
+
+def test_invalid_utf8_names_file_and_line(tmp_path, make_params):
+    params, mirror = corpus_with(tmp_path, make_params, base_rows())
+    path = mirror / "odd" / "train.jsonl"
+    path.write_bytes(path.read_bytes() + b'{"text": "caf\xe9 cr\xe8me", "label": "a"}\n')
+    with pytest.raises(DataError, match=r"train.jsonl line 21 is not valid UTF-8"):
+        build_corpus(params.dataset("odd"), params.data_mirror, params.data)
+
+
+def test_label_in_test_that_train_never_has(tmp_path, make_params):
+    test_rows = [{"text": "fine", "label": "a"}, {"text": "odd one", "label": "zebra"}]
+    params, _ = corpus_with(tmp_path, make_params, base_rows(), test_rows, data={"on_bad_row": "error"})
+    with pytest.raises(DataError, match=r"labels that train never has \(e.g. 'zebra'"):
+        build_corpus(params.dataset("odd"), params.data_mirror, params.data)
+    lenient, _ = corpus_with(tmp_path, make_params, base_rows(), test_rows)
+    corpus = build_corpus(lenient.dataset("odd"), lenient.data_mirror, lenient.data)
+    assert corpus.splits["test"].texts == ["fine"]
+    assert corpus.meta["dropped"][0]["reason"] == "label 'zebra' not in train"
+
+
+def test_single_class_and_empty_split_are_refused(tmp_path, make_params):
+    params, _ = corpus_with(tmp_path, make_params, [{"text": f"t{i}", "label": "a"} for i in range(10)])
+    with pytest.raises(DataError, match="single class"):
+        build_corpus(params.dataset("odd"), params.data_mirror, params.data)
+    params, mirror = corpus_with(tmp_path, make_params, base_rows())
+    (mirror / "odd" / "test.jsonl").write_text("")
+    with pytest.raises(DataError, match="(empty|cannot read)"):
+        build_corpus(params.dataset("odd"), params.data_mirror, params.data)
+
+
+def test_duplicate_ids_are_refused(tmp_path, make_params):
+    rows = [{**r, "id": "same" if i < 2 else f"id{i}"} for i, r in enumerate(base_rows())]
+    test_rows = [{"text": "x", "label": "a", "id": "t1"}, {"text": "y", "label": "b", "id": "t2"}]
+    params, _ = corpus_with(tmp_path, make_params, rows, test_rows, extra={"id_column": "id"})
+    with pytest.raises(DataError, match="duplicate ids"):
+        build_corpus(params.dataset("odd"), params.data_mirror, params.data)
+
+
+def test_missing_local_files_without_hub_say_how_to_fix(tmp_path, make_params):
+    params, _ = corpus_with(tmp_path, make_params, base_rows(), files={"train": "nope/train.jsonl"})
+    with pytest.raises(DataError, match=r"local files missing .*nope/train.jsonl.*no `hub` entry"):
+        build_corpus(params.dataset("odd"), params.data_mirror, params.data)
+
+
+def test_huge_nul_rtl_and_emoji_texts_are_embedded(tmp_path, make_params, prepared_models):
+    """A 1 MB text is truncated and flagged; NUL/control characters, RTL and emoji go through as they are."""
+    from pipeline.extract import extract
+    from pipeline.store import open_store
+    odd = ["word " * 200_000, "nul\x00inside\x01and\x1fcontrols", "שלום עולם مرحبا", "great film 🎬🍿👍"]
+    rows = base_rows() + [{"text": t, "label": "ab"[i % 2]} for i, t in enumerate(odd)]
+    mirror = tmp_path / "mirror"
+    write_jsonl(mirror / "odd" / "train.jsonl", rows)
+    write_jsonl(mirror / "odd" / "test.jsonl", [{"text": t, "label": "a"} for t in odd])
+    entry = {"text_column": "text", "label_column": "label",
+             "local": {"train": "odd/train.jsonl", "test": "odd/test.jsonl"}}
+    params = prepare(make_params(mirror, ["minilm-l6"], ["odd"], extra_datasets={"odd": entry}), "odd",
+                     prepared_models, ["minilm-l6"])
+    extract(params, "minilm-l6", "odd", show_progress=False)
+    store = open_store(params.store, "minilm-l6", "odd")
+    counts, truncated = store.meta("test", "token_count"), store.meta("test", "truncated")
+    assert counts[0] > 200_000 and truncated.tolist() == [True, False, False, False]
+    assert np.isfinite(store.layers("test", "mean")).all()
+    assert len(read_corpus(params.data_dir("odd")).splits["test"].texts[1]) == len(odd[1])
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda raw: raw["extract"].update(poolings=["mean", "cls_magic"]), "unknown pooling 'cls_magic'"),
+    (lambda raw: raw["extract"].update(max_len=0), "extract.max_len: must be an integer >= 1, got 0"),
+    (lambda raw: raw["extract"].update(max_len=512, token_budget=100), "extract.token_budget: (100) must be at least"),
+    (lambda raw: raw["select"].update(models=["gpt-17"]), "select.models: unknown model 'gpt-17'"),
+    (lambda raw: raw["select"].update(datasets=["imdbx"]), "select.datasets: unknown dataset 'imdbx'"),
+    (lambda raw: raw["models"].update({"../escape": {"source": "local", "path": "/tmp"}}), "model names may hold only"),
+    (lambda raw: raw["models"]["minilm-l6"].update(source="ftp"), "models.minilm-l6.source: must be one of"),
+    (lambda raw: raw["extract"].update(dtype="int8"), "extract.dtype: must be one of ['float16', 'float32']"),
+])
+def test_config_problems_are_named_with_their_key(tmp_path, edit, message):
+    import yaml
+    from conftest import registry
+    raw = registry()
+    edit(raw)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as error:
+        load_params(path)
+    assert message in str(error.value)
+
+
+def test_corpus_copy_detects_tampering(tmp_path, make_params):
+    params, _ = corpus_with(tmp_path, make_params, base_rows())
+    corpus = build_corpus(params.dataset("odd"), params.data_mirror, params.data)
+    folder = tmp_path / "copy"
+    write_corpus(corpus, folder)
+    assert read_corpus(folder).splits["train"].texts == corpus.splits["train"].texts
+    lines = (folder / "test.jsonl").read_text().splitlines()
+    lines[0] = json.dumps({**json.loads(lines[0]), "text": "edited"})
+    (folder / "test.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match="does not match the sha256"):
+        read_corpus(folder)
