@@ -11,7 +11,7 @@ from pipeline.errors import PipelineError
 
 def _store_paths(args) -> list[Path]:
     if args.paths:
-        return [Path(p) for p in args.paths]
+        return [p if "://" in p else Path(p) for p in args.paths]   # folders or URLs (s3://...)
     from pipeline.config import load_params
     params = load_params(args.params)
     return [params.embeddings_path(m, d) for d in params.selected_datasets for m in params.selected_models]
@@ -23,6 +23,83 @@ def cmd_inspect(args) -> int:
     return 0 if all(r["complete"] for r in results) else 1
 
 
+def cmd_verify(args) -> int:
+    """Exit 0: every store complete and intact; 1: problems (listed); with --repair, bad blocks are
+    marked not done and the next extraction rebuilds exactly those."""
+    from pipeline.verify import repair, verify_store
+    status = 0
+    for path in _store_paths(args):
+        problems = verify_store(path)
+        if not problems:
+            print(f"{path}: OK (complete; every block's checksum and values verified)")
+            continue
+        status = 1
+        print(f"{path}: {len(problems)} problem(s)")
+        for problem in problems:
+            print(f"  - {problem}")
+        serious = [p for p in problems if p.serious]
+        if args.repair and (serious or any(p.kind == "leftover" for p in problems)):
+            done = repair(path, serious)
+            print(f"  repaired: {len(done['blocks'])} block(s) marked not done {done['blocks']}, "
+                  f"split(s) to recreate {done['splits']}, {done['temporary_files_removed']} temporary file(s) "
+                  f"removed; rerun the extraction (dvc repro, or python -m stages.extract --model M --dataset D) "
+                  f"to rebuild exactly those")
+        elif serious:
+            print("  rerun with --repair to mark the damaged blocks for re-extraction")
+    return status
+
+
+def _predictor(args):
+    from pipeline.config import load_params
+    from pipeline.predict import Predictor
+    options = {"device": args.device}
+    if args.from_export:
+        return Predictor.from_export(Path(args.from_export), **options), None
+    params = load_params(args.params)
+    dataset = args.dataset or (params.selected_datasets or [None])[0]
+    seed = args.seed if args.seed == "best" else int(args.seed)
+    predictor = Predictor.from_project(params.store, dataset, args.row, args.head, seed,
+                                       token_budget=params.extract.token_budget, **options)
+    return predictor, dataset
+
+
+def cmd_predict(args) -> int:
+    """Write one JSON line per input: id, label, per-label probabilities, truncated (or id, error)."""
+    import json
+    from pipeline.predict import read_records
+    predictor, _ = _predictor(args)
+    print(f"head {predictor.head_dir} ({predictor.config['row']}, {predictor.config['head']}, "
+          f"seed {predictor.config['seed']}); {predictor.describe()}", file=sys.stderr)
+    stdin = None if args.texts or args.file else sys.stdin.buffer
+    records = read_records(args.texts, args.file, args.text_field, stream=stdin)
+    out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
+    try:
+        for result in predictor.predict(records, show_progress=bool(args.out)):
+            out.write(json.dumps(result, ensure_ascii=False) + "\n")
+    finally:
+        if args.out:
+            out.close()
+    return 0
+
+
+def cmd_export(args) -> int:
+    from pipeline.export import export
+    predictor, dataset = _predictor(args)
+    folder = export(predictor, Path(args.out), dataset)
+    print(f"exported {predictor.config['row']} / {predictor.config['head']} / seed {predictor.config['seed']} "
+          f"to {folder}; run: layerfuse predict --from-export {folder} \"some text\"")
+    return 0
+
+
+def _result_options(parser) -> None:
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--dataset", help="dataset whose heads to use (default: the first selected)")
+    parser.add_argument("--row", help='which inputs, e.g. "multi-model: best fusion" (default: best on validation)')
+    parser.add_argument("--head", help="linear | mlp | cooccurrence | scalar_mix (default: best on validation)")
+    parser.add_argument("--seed", default="best", help="a seed, or best (by validation accuracy)")
+    parser.add_argument("--device", default="auto")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="layerfuse", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -30,6 +107,24 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument("paths", nargs="*", help="store folders (store/embeddings/<dataset>/<model>)")
     inspect.add_argument("--params", default="params.yaml")
     inspect.set_defaults(run=cmd_inspect)
+    verify = commands.add_parser("verify", help="check stores: shapes, completion, per-block checksums, finite values")
+    verify.add_argument("paths", nargs="*", help="store folders (default: every selected model x dataset)")
+    verify.add_argument("--params", default="params.yaml")
+    verify.add_argument("--repair", action="store_true",
+                        help="mark damaged blocks not done so the next extraction rebuilds exactly those")
+    verify.set_defaults(run=cmd_verify)
+    predict = commands.add_parser("predict", help="classify new texts with a trained head (JSON lines out)")
+    predict.add_argument("texts", nargs="*", help="texts to classify (else --file, or standard input)")
+    predict.add_argument("--file", help="a file of lines, or JSONL with --text-field; - for standard input")
+    predict.add_argument("--text-field", help="read --file as JSONL and take the text from this field")
+    predict.add_argument("--from-export", help="an exported classifier folder (instead of the project's heads)")
+    predict.add_argument("--out", help="write JSON lines here (default: standard output)")
+    _result_options(predict)
+    predict.set_defaults(run=cmd_predict)
+    export = commands.add_parser("export", help="write a self-contained classifier folder")
+    export.add_argument("out", help="a new folder")
+    _result_options(export)
+    export.set_defaults(run=cmd_export, from_export=None)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

@@ -183,6 +183,8 @@ def is_decoder(config) -> bool:
 def load_model(folder: Path, spec: ModelSpec, device: str, dtype):
     """The base model (no LM head) in eval mode and its tokenizer, from a prepared folder."""
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
     folder = Path(folder)
     read_source(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=spec.trust_remote_code)

@@ -1,0 +1,126 @@
+"""predict and export: exact agreement with the train stage, minimal work, self-contained export."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+from pipeline.config import load_params
+from pipeline.corpora import read_corpus
+from pipeline.errors import ModelSourceError
+from pipeline.export import export
+from pipeline.extract import extract
+from pipeline.predict import Predictor, uses_from_store
+from test_extract import prepare
+
+INPUTS = [{"model": "minilm-l6", "pooling": "mean", "layers": [2, 4], "operator": "mean"},
+          {"model": "minilm-l6", "pooling": "first", "layers": [3], "operator": "concat"}]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, mr_slice, prepared_models):
+    """A MiniLM store (float32 compute, so batch composition cannot move a bit) and an MLP head on it."""
+    from conftest import registry
+    import yaml
+    from pipeline.datamodule import LayerCache
+    from pipeline.training import fit_head, train_settings
+    folder = tmp_path_factory.mktemp("predict")
+    raw = registry()
+    raw["paths"] = {"store": str(folder / "store"), "data_mirror": str(mr_slice)}
+    raw["select"] = {"models": ["minilm-l6"], "datasets": ["mrslice"]}
+    raw["extract"].update(block_rows=64, max_len=48, compute_dtype="float32")
+    raw["datasets"]["mrslice"] = {"text_column": "text", "label_column": "label",
+                                  "local": {"train": "mrslice/train.jsonl", "test": "mrslice/test.jsonl"}}
+    (folder / "params.yaml").write_text(yaml.safe_dump(raw))
+    params = prepare(folder / "params.yaml", "mrslice", prepared_models, ["minilm-l6"])
+    extract(params, "minilm-l6", "mrslice", show_progress=False)
+    settings = train_settings({"train": {"max_epochs": 5, "patience": 2, "mlp": {"widths": [64], "dropout": 0.1}}})
+    cache = LayerCache(params.store, "mrslice")
+    labels = cache.store("minilm-l6").label_names
+    head_dir = folder / "store" / "heads" / "mrslice" / "mlp" / "seed0"
+    fit_head(cache, {"row": "test fusion", "groups": INPUTS}, "mlp", 0, settings, head_dir, labels,
+             {"minilm-l6": False}, folder / "lightning")
+    return params, head_dir, cache
+
+
+def _reference(head_dir, cache):
+    """What the train stage computed on test: the head on the stored, standardised test vectors."""
+    from pipeline.heads import load_head, load_standardisation
+    net, config = load_head(head_dir)
+    mean, std = load_standardisation(head_dir)
+    x = torch.cat([torch.from_numpy(cache.store(m).layer("test", p, l)) for m, p, l in config["inputs"]], dim=1)
+    with torch.no_grad():
+        return torch.softmax(net((x - mean) / std), -1).numpy(), config
+
+
+def test_predict_reproduces_the_train_stage_on_test(trained):
+    params, head_dir, cache = trained
+    reference, config = _reference(head_dir, cache)
+    predictor = Predictor(head_dir, uses_from_store(config, params.store, "mrslice", params.store / "models"))
+    texts = read_corpus(params.data_dir("mrslice")).splits["test"].texts
+    probabilities, truncated = predictor.predict_proba(texts)
+    np.testing.assert_array_equal(probabilities.argmax(1), reference.argmax(1))
+    np.testing.assert_allclose(probabilities, reference, atol=1e-4)
+    accuracy = float((probabilities.argmax(1) == cache.store("minilm-l6").labels("test")).mean())
+    assert accuracy == pytest.approx(config["test"]["accuracy"], abs=1e-6)
+    # only what the fusion needs: MiniLM's blocks 1..4 of 6, poolings mean and first
+    use = predictor.uses["minilm-l6"]
+    assert use.deepest == 4 and sorted(use.layers) == ["first", "mean"]
+    assert use.blocks_skipped == pytest.approx(1 / 3)
+
+
+def test_export_runs_elsewhere_and_refuses_other_weights(trained, tmp_path, monkeypatch):
+    params, head_dir, cache = trained
+    _, config = _reference(head_dir, cache)
+    predictor = Predictor(head_dir, uses_from_store(config, params.store, "mrslice", params.store / "models"))
+    folder = export(predictor, tmp_path / "classifier", "mrslice")
+    manifest = json.loads((folder / "export.json").read_text())
+    assert manifest["inputs"] == config["inputs"] and manifest["label_names"] == ["negative", "positive"]
+    assert manifest["models"]["minilm-l6"]["weights_sha256"] == predictor.uses["minilm-l6"].weights_sha256
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    texts = ["a quietly devastating film", "tedious and badly acted"]
+    expected, _ = predictor.predict_proba(texts)
+    result = subprocess.run([sys.executable, "-m", "pipeline", "predict", "--from-export", str(folder), *texts],
+                            capture_output=True, text=True, cwd=elsewhere, env={"PYTHONPATH": str(REPO),
+                                                                                 "PATH": "/usr/bin:/bin",
+                                                                                 "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    got = np.array([[line["probabilities"][n] for n in ("negative", "positive")] for line in lines])
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    weights = folder / "models" / "minilm-l6" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelSourceError, match="has weights sha256 .* refusing to predict"):
+        Predictor.from_export(folder)
+
+
+def test_bad_lines_get_their_own_result_and_the_file_goes_on(trained, tmp_path):
+    params, head_dir, cache = trained
+    _, config = _reference(head_dir, cache)
+    predictor = Predictor(head_dir, uses_from_store(config, params.store, "mrslice", params.store / "models"))
+    folder = export(predictor, tmp_path / "classifier", "mrslice")
+    lines = [b'{"id": "a", "text": "lovely"}', b"", b'{"id": "b", "text": "caf\xe9"}',
+             b'{"id": "c", "text": "' + b"long " * 200_000 + b'"}', b"not json", b'{"id": "d", "text": "awful"}']
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "out.jsonl"
+    result = subprocess.run([sys.executable, "-m", "pipeline", "predict", "--from-export", str(folder), "--file",
+                             str(source), "--text-field", "text", "--out", str(out)],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["a", "2", "3", "c", "5", "d"]
+    assert "label" in rows[0] and rows[3]["truncated"] is True and rows[5]["truncated"] is False
+    assert rows[1]["error"].startswith("not a JSON object")
+    assert rows[2]["error"] == "invalid UTF-8 at byte 24"
+    assert rows[4]["error"].startswith("not a JSON object")
