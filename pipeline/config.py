@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from pipeline import location
 from pipeline.errors import ConfigError
 from pipeline.pooling import POOLINGS
 
@@ -59,6 +60,10 @@ class ExtractSettings:
     padding_side: str
     poolings: tuple[str, ...]
     compressor: dict[str, Any]
+    # scale-out (pipeline/distributed.py); not in the store fingerprint, so any process count resumes a store
+    devices: int = 1                 # processes (one device each) per node
+    num_nodes: int = 1
+    strategy: str = "auto"           # auto | ddp (one process per device, gloo on CPU, nccl on CUDA)
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,7 @@ class Params:
     data: DataSettings
     extract: ExtractSettings
     raw: dict[str, Any] = field(default_factory=dict)   # the whole file, for later stages' sections
+    embeddings: str | Path | None = None   # paths.embeddings: a folder or an fsspec URL (s3://...); default store/embeddings
 
     def model(self, name: str) -> ModelSpec:
         if name not in self.models:
@@ -93,8 +99,10 @@ class Params:
                               f"add an entry under `datasets:` in params.yaml")
         return self.datasets[name]
 
-    def embeddings_path(self, model: str, dataset: str) -> Path:
-        return self.store / "embeddings" / check_name(dataset, "dataset") / check_name(model, "model")
+    def embeddings_path(self, model: str, dataset: str) -> Path | str:
+        """A folder, or a URL string when paths.embeddings is one (models and corpora stay local)."""
+        root = self.embeddings if self.embeddings is not None else self.store / "embeddings"
+        return location.join(root, check_name(dataset, "dataset"), check_name(model, "model"))
 
     def data_dir(self, dataset: str) -> Path:
         return self.store / "data" / check_name(dataset, "dataset")
@@ -237,7 +245,14 @@ def _parse_extract(problems: _Problems, section: Any) -> ExtractSettings:
     if token_budget < max_len:
         problems.add("extract.token_budget", f"({token_budget}) must be at least max_len ({max_len}) "
                                              f"so that the longest text fits in one batch")
+    devices = _int(problems, section, "devices", "extract", 1, 1)
+    num_nodes = _int(problems, section, "num_nodes", "extract", 1, 1)
+    strategy = _choice(problems, section, "strategy", "extract", ("auto", "ddp"), "auto")
+    if devices * num_nodes > 1 and re.fullmatch(r"cuda:\d+", device):
+        problems.add("extract.device", f"{device!r} names one GPU but extract.devices x num_nodes is "
+                                       f"{devices * num_nodes}: use cuda or auto (each rank takes its own GPU)")
     return ExtractSettings(
+        devices=devices, num_nodes=num_nodes, strategy=strategy,
         max_len=max_len, token_budget=token_budget,
         block_rows=_int(problems, section, "block_rows", "extract", 1, 1024),
         dtype=_choice(problems, section, "dtype", "extract", STORE_DTYPES, "float16"),
@@ -274,6 +289,13 @@ def load_params(path: str | Path = "params.yaml", models: list[str] | None = Non
     root = path.parent
     paths = raw.get("paths") or {}
     store = root / str(paths.get("store", "store"))
+    embeddings = paths.get("embeddings")
+    if embeddings is not None and not (isinstance(embeddings, str) and embeddings.strip()):
+        problems.add("paths.embeddings", f"must be a folder or a URL such as s3://bucket/prefix, got {embeddings!r}")
+        embeddings = None
+    if isinstance(embeddings, str) and "://" in embeddings and re.search(r"://[^/@]*:[^/@]*@", embeddings):
+        problems.add("paths.embeddings", "must not hold credentials: set AWS_ACCESS_KEY_ID etc. in the environment")
+        embeddings = None
     mirror = paths.get("data_mirror")
     model_specs = {n: s for n, e in (raw.get("models") or {}).items() if (s := _parse_model(problems, n, e))}
     dataset_specs = {n: s for n, e in (raw.get("datasets") or {}).items() if (s := _parse_dataset(problems, n, e))}
@@ -291,4 +313,5 @@ def load_params(path: str | Path = "params.yaml", models: list[str] | None = Non
     problems.raise_if_any(path)
     return Params(root=root, store=store, data_mirror=(root / str(mirror)) if mirror else None,
                   models=model_specs, datasets=dataset_specs, selected_models=selected_models,
-                  selected_datasets=selected_datasets, data=data, extract=extract, raw=raw)
+                  selected_datasets=selected_datasets, data=data, extract=extract, raw=raw,
+                  embeddings=None if embeddings is None else location.as_location(embeddings, root))

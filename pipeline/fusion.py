@@ -8,8 +8,13 @@ concatenated (widths differ across models, so mean and max do not apply).
 
 Speed comes from sharing: the projected layers F_l of a LayerBank give, once per fold, the Gram
 blocks F_l^T F_m of all layer pairs; the statistics of any mean or concatenation are sums or
-selections of those blocks, so such a candidate costs one small eigendecomposition per fold.
-Only `max` needs its features built (from the float16 standardised layers kept by the bank).
+selections of those blocks, so such a candidate costs one small eigendecomposition (all folds: see
+probe.ridge_weights). Only `max` (and means of many layers, where s^2 blocks cost more than a pass
+over the rows) build their features: from the float16 standardised layers kept by the bank.
+
+Public entry points (also used by pipeline/bench): `build_candidates` (the candidate list) and
+`score_candidates(bank, candidates, protocol)` / `BlockScorer(bank, protocol).score(candidate)`
+on a bank from `pipeline.scoring.load_bank(store, pooling, protocol, keep_standardised=True)`.
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from pipeline.probe import FitStats, Protocol, evaluate_features, fit_stats, solve_and_score
-from pipeline.scoring import LayerBank
+from pipeline.probe import FitStats, Protocol, evaluate_features, fit_stats, single_thread, solve_and_score
+from pipeline.scoring import LayerBank, load_bank
 
 OPERATORS = ("mean", "max", "concat")
+MEAN_BLOCKS_MAX = 4         # a mean of more layers gets its statistics from its features
 
 
 @dataclass(frozen=True)
@@ -57,11 +63,12 @@ def build_candidates(num_layers: int, ranking: list[int], top_k: int = 6, last_n
     Mean applies to every set; max and concat (whose cost grows with the set: concat's width, max's
     feature pass) to sets of at most `wide_max_layers` layers and to the top-k and last-N sets.
     """
-    sets: dict[tuple[int, ...], str] = {}
+    sets: dict[tuple[int, ...], list[str]] = {}
 
     def add(layers: Iterable[int], family: str) -> None:
-        key = tuple(sorted(set(layers)))
-        sets.setdefault(key, family)
+        families = sets.setdefault(tuple(sorted(set(layers))), [])
+        if family not in families:
+            families.append(family)
 
     for layer in range(num_layers):
         add([layer], "single")
@@ -74,16 +81,17 @@ def build_candidates(num_layers: int, ranking: list[int], top_k: int = 6, last_n
     for size in range(2, len(top) + 1):
         for subset in itertools.combinations(top, size):
             add(subset, "top-k")
-    last = tuple(range(max(num_layers - last_n, 0), num_layers))
-    sets[last] = "last-n"
+    add(range(max(num_layers - last_n, 0), num_layers), "last-n")
     operators = [op for op in OPERATORS if op in set(operators)]
     out = []
-    for layers, family in sets.items():
+    for layers, families in sets.items():
+        family = "+".join(families)
         if len(layers) == 1:
             out.append(Candidate(layers, "mean", family))
             continue
+        wide = len(layers) <= wide_max_layers or "top-k" in families or "last-n" in families
         for op in operators:
-            if op == "mean" or len(layers) <= wide_max_layers or family in ("top-k", "last-n"):
+            if op == "mean" or wide:
                 out.append(Candidate(layers, op, family))
     return out
 
@@ -105,19 +113,29 @@ class BlockScorer:
     def features(self, candidate: Candidate, rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
         """The candidate's probe features (projected) for the given probe rows."""
         idx = [self.position[layer] for layer in candidate.layers]
-        if candidate.operator == "max":
+        if candidate.operator == "max" and len(idx) > 1:
             Z = self.bank.Z
             if Z is None:
                 raise ValueError("the max operator needs a bank loaded with keep_standardised=True")
-            return _take(Z, rows, idx).float().amax(1) @ self.bank.basis
+            Zr = Z[rows]
+            top = torch.maximum(Zr[:, idx[0]], Zr[:, idx[1]])                 # float16, exact
+            for i in idx[2:]:
+                top = torch.maximum(top, Zr[:, i])
+            return top.float() @ self.bank.basis
         F = _take(self.bank.F, rows, idx)
+        if F.shape[1] == 1:
+            return F[:, 0]
         return F.mean(1) if candidate.operator == "mean" else F.reshape(F.shape[0], -1)
 
     def stats(self, candidate: Candidate) -> FitStats:
         idx = torch.tensor([self.position[layer] for layer in candidate.layers])
         K, _, r, _, _ = self.G.shape
         s = len(idx)
-        G = self.G.index_select(1, idx).index_select(3, idx)               # [K, s, r, s, r]
+        if s == 1:
+            i = int(idx[0])
+            return FitStats(self.G[:, i, :, i, :], self.s[:, i], self.XtY[:, i], self.n, self.ysum)
+        G = torch.stack([torch.stack([self.G[:, a, :, b, :] for b in idx.tolist()], 2)
+                         for a in idx.tolist()], 1)                         # [K, s, r, s, r]
         S, XtY = self.s.index_select(1, idx), self.XtY.index_select(1, idx)
         if candidate.operator == "mean":
             w = 1.0 / s
@@ -125,19 +143,33 @@ class BlockScorer:
         return FitStats(G.reshape(K, s * r, s * r), S.reshape(K, s * r), XtY.reshape(K, s * r, -1), self.n, self.ysum)
 
     def score(self, candidate: Candidate) -> dict[str, float]:
+        """The probe's score of one candidate (accuracy, macro-F1, their std, alpha)."""
+        with single_thread():
+            return self._score(candidate)
+
+    def _score(self, candidate: Candidate) -> dict[str, float]:
         folds = self.bank.folds
-        if candidate.operator == "max" and len(candidate.layers) > 1:
-            return evaluate_features(self.features(candidate), folds, self.protocol)
-        evals = [self.features(candidate, e) for e in folds.eval]
+        X = self.features(candidate)                                       # all probe rows, once
+        evals = [X[e] for e in folds.eval_slices()]                         # views
+        if self.explicit(candidate):
+            return solve_and_score(fit_stats(X, folds), evals, folds, self.protocol)
         return solve_and_score(self.stats(candidate), evals, folds, self.protocol)
+
+    @staticmethod
+    def explicit(candidate: Candidate) -> bool:
+        """Statistics from the features rather than from Gram blocks: max (not linear in the layers), and
+        means of many layers (s^2 blocks cost more than one pass over the rows)."""
+        s = len(candidate.layers)
+        return s > 1 and (candidate.operator == "max" or (candidate.operator == "mean" and s > MEAN_BLOCKS_MAX))
 
 
 def _take(A: torch.Tensor, rows: torch.Tensor | slice, idx: list[int]) -> torch.Tensor:
     """A[rows][:, idx] without copying the layers that are not wanted."""
-    idx_t = torch.tensor(idx)
     if isinstance(rows, slice):
-        return A[rows].index_select(1, idx_t)
-    return A[rows[:, None], idx_t[None, :]]
+        if idx == list(range(idx[0], idx[-1] + 1)):
+            return A[rows, idx[0]:idx[-1] + 1]
+        return A[rows].index_select(1, torch.tensor(idx))
+    return A[rows[:, None], torch.tensor(idx)[None, :]]
 
 
 def score_candidates(bank: LayerBank, candidates: list[Candidate], protocol: Protocol,
@@ -194,3 +226,77 @@ def sort_leaderboard(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def aligned(ids_a: np.ndarray, ids_b: np.ndarray) -> bool:
     return len(ids_a) == len(ids_b) and bool(np.all(ids_a == ids_b))
+
+
+def _best(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    return sort_leaderboard(rows)[0]
+
+
+def search_dataset(store_root, dataset: str, models: list[str], scores: dict[str, dict[str, Any]],
+                   protocol: Protocol, settings: dict[str, Any]) -> dict[str, Any]:
+    """The whole search for one dataset: each model's space on its pooling, then across models.
+
+    `scores[model]` is the score stage's output for that model (best pooling and layer ranking).
+    Returns the leaderboard (best first), the chosen fusions, and timings.
+    """
+    from pipeline.store import open_store
+    from pipeline.errors import StoreMismatchError
+
+    leaderboard, chosen, timing = [], {}, {}
+    contributions: dict[str, list[tuple[dict[str, Any], torch.Tensor]]] = {}
+    folds, reference_ids, bytes_read = None, None, 0
+    for model in models:
+        score = scores[model]
+        pooling = score["best_pooling"] if settings["pooling"] == "best" else settings["pooling"]
+        ranking = [r["layer"] for r in sorted((r for r in score["rows"] if r["pooling"] == pooling),
+                                              key=lambda r: -r["score"])]
+        store = open_store(store_root, model, dataset)
+        ids = np.concatenate([store.meta(split, "text_id") for split in ("train", "validation") if split in store.splits])
+        if reference_ids is not None and not aligned(ids, reference_ids):
+            raise StoreMismatchError(f"{model}'s store on {dataset} holds other rows than {models[0]}'s: "
+                                     f"re-extract both from the same prepared corpus")
+        reference_ids = ids
+        start = time.perf_counter()
+        bank = load_bank_for(store, pooling, protocol, "max" in settings["operators"], model)
+        bytes_read += bank.bytes_read
+        load_seconds = time.perf_counter() - start
+        candidates = build_candidates(store.num_layers, ranking, settings["top_k"], settings["last_n"],
+                                      settings["operators"], settings["wide_max_layers"])
+        start = time.perf_counter()
+        scorer = BlockScorer(bank, protocol)
+        blocks_seconds = time.perf_counter() - start
+        rows = score_candidates(bank, candidates, protocol, scorer)
+        search_seconds = time.perf_counter() - start
+        for row in rows:
+            row["groups"] = [group_of(row)]
+        last_layers = list(range(max(store.num_layers - settings["last_n"], 0), store.num_layers))
+        singles = [r for r in rows if len(r["layers"]) == 1]
+        fusions = [r for r in rows if len(r["layers"]) > 1] or singles
+        info = {"pooling": pooling, "num_layers": store.num_layers, "dim": store.dim,
+                "decoder": bool(store.attrs["info"].get("decoder")),
+                "last": next(r for r in singles if r["layers"] == [store.num_layers - 1]),
+                "best_layer": _best(singles), "best_fusion": _best(fusions),
+                "llmembed": next(r for r in rows if r["layers"] == last_layers and r["operator"] == "mean")}
+        chosen[model] = info
+        by_name = {c.name: c for c in candidates}
+        contributions[model] = []
+        for key in ("best_layer", "best_fusion"):
+            candidate = by_name[info[key]["candidate"].split(":", 1)[1]]
+            if not any(r is info[key] for r, _ in contributions[model]):
+                contributions[model].append((info[key], scorer.features(candidate)))
+        folds = bank.folds
+        timing[model] = {"candidates": len(rows), "load_seconds": round(load_seconds, 3),
+                         "blocks_seconds": round(blocks_seconds, 3), "search_seconds": round(search_seconds, 3),
+                         "candidates_per_s": round(len(rows) / max(search_seconds, 1e-9), 1)}
+        leaderboard += rows
+        del bank, scorer
+    multi = score_multi_model(contributions, folds, protocol) if settings["multi_model"] and len(models) > 1 else []
+    leaderboard = sort_leaderboard(leaderboard + multi)
+    best_multi = _best(multi) if multi else None
+    return {"dataset": dataset, "metric": protocol.metric, "protocol": protocol.name, "models": chosen,
+            "best_multi": best_multi, "chosen": leaderboard[0], "leaderboard": leaderboard,
+            "timing": timing, "bytes_read": bytes_read}
+
+
+def load_bank_for(store, pooling: str, protocol: Protocol, keep_standardised: bool, model: str) -> LayerBank:
+    return load_bank(store, pooling, protocol, keep_standardised=keep_standardised, model=model)

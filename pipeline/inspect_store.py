@@ -34,7 +34,12 @@ def summarise(path: str | Path, console: Console | None = None) -> dict:
         table.add_row(split, f"{store.num_rows(split):,}", f"{done}/{total}" + (" ✓" if done == total else ""),
                       ",".join(store.poolings), "x".join(map(str, shape)), ",".join(dtypes))
     console.print(table)
-    size = disk_bytes(Path(path))
+    if "://" in str(path):   # a remote store (pipeline/location.py): bytes of its objects
+        from pipeline.location import filesystem
+        fs, inner = filesystem(str(path))
+        size = int(fs.du(inner))
+    else:
+        size = disk_bytes(Path(path))
     model, extract, dataset = fingerprint["model"], fingerprint["extract"], fingerprint["dataset"]
     console.print(f"model {model['name']} ({store.attrs['info'].get('model_type')}, "
                   f"{'decoder' if store.attrs['info'].get('decoder') else 'encoder'}), "

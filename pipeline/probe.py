@@ -10,6 +10,7 @@ split is never an input here.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -58,13 +59,34 @@ def protocol_from_params(raw: dict[str, Any]) -> Protocol:
 # -- rows and folds ---------------------------------------------------------------------------
 @dataclass
 class Folds:
-    """Probe rows (train, then validation under protocol `validation`) and who fits / who scores."""
+    """Probe rows (train, then validation under protocol `validation`) and who fits / who scores.
+
+    Under CV the probe rows are the train rows reordered by fold (`order[i]` is the train row at
+    probe row i), so that every fold's held-out rows are one contiguous range (`bounds`): features
+    of a fold are views, never gathered copies. `fit` and `eval` are index tensors into probe rows
+    (or slices under protocol validation), usable with numpy and torch alike.
+    """
     y: torch.Tensor                       # [N] labels of the probe rows
-    fit: list[torch.Tensor]               # per fold, row indices fitted on
-    eval: list[torch.Tensor]              # per fold, row indices scored on
+    fit: list[torch.Tensor | slice]       # per fold, rows fitted on (a slice: a view, no copy)
+    eval: list[torch.Tensor | slice]      # per fold, rows scored on
     partition: bool                       # eval sets partition the rows and fit = complement (cv)
     boot: torch.Tensor | None             # [B, n_eval] resample counts (validation protocol)
     num_classes: int
+    order: np.ndarray | None = None       # cv: probe row i is train row order[i]
+    bounds: list[tuple[int, int]] | None = None   # cv: fold k holds out probe rows bounds[k][0]:bounds[k][1]
+
+    def eval_slices(self) -> list[slice]:
+        """Held-out rows of each fold as slices (contiguous by construction)."""
+        if self.bounds is not None:
+            return [slice(a, b) for a, b in self.bounds]
+        return [e if isinstance(e, slice) else _as_slice(e) for e in self.eval]
+
+
+def _as_slice(rows: torch.Tensor) -> slice:
+    a, b = int(rows[0]), int(rows[-1]) + 1
+    if b - a != len(rows):
+        raise ValueError("held-out rows are not contiguous")
+    return slice(a, b)
 
 
 def make_folds(y_train: np.ndarray, y_validation: np.ndarray | None, protocol: Protocol,
@@ -78,15 +100,21 @@ def make_folds(y_train: np.ndarray, y_validation: np.ndarray | None, protocol: P
         y = torch.as_tensor(np.concatenate([y_train, y_validation]), dtype=torch.long)
         counts = rng.multinomial(n_val, np.full(n_val, 1.0 / n_val), size=protocol.bootstrap) \
             if protocol.bootstrap else None
-        return Folds(y, [torch.arange(n_train)], [torch.arange(n_train, n_train + n_val)], False,
+        return Folds(y, [slice(0, n_train)], [slice(n_train, n_train + n_val)], False,
                      None if counts is None else torch.as_tensor(counts, dtype=torch.float32), num_classes)
     fold_of = np.empty(len(y_train), dtype=np.int64)
     for label in np.unique(y_train):               # stratified: deal each class's rows round-robin
         rows = rng.permutation(np.flatnonzero(y_train == label))
         fold_of[rows] = (np.arange(len(rows)) + rng.integers(protocol.folds)) % protocol.folds
-    evals = [torch.as_tensor(np.flatnonzero(fold_of == k)) for k in range(protocol.folds)]
-    fits = [torch.as_tensor(np.flatnonzero(fold_of != k)) for k in range(protocol.folds)]
-    return Folds(torch.as_tensor(y_train, dtype=torch.long), fits, evals, True, None, num_classes)
+    order = np.argsort(fold_of, kind="stable")     # probe rows grouped by fold, train order within
+    sizes = np.bincount(fold_of, minlength=protocol.folds)
+    ends = np.cumsum(sizes)
+    bounds = [(int(e - n), int(e)) for n, e in zip(sizes, ends)]
+    n = len(y_train)
+    evals = [torch.arange(a, b) for a, b in bounds]
+    fits = [torch.cat([torch.arange(0, a), torch.arange(b, n)]) for a, b in bounds]
+    return Folds(torch.as_tensor(y_train[order], dtype=torch.long), fits, evals, True, None, num_classes,
+                 order, bounds)
 
 
 # -- sufficient statistics ----------------------------------------------------------------------
@@ -108,17 +136,17 @@ def fit_stats(X: torch.Tensor, folds: Folds) -> FitStats:
     """Statistics of every fold's fit rows; with CV, one pass over the rows serves all folds."""
     Y = one_hot(folds.y, folds.num_classes)
     if folds.partition:
-        parts = [(X[e], Y[e]) for e in folds.eval]
+        parts = [(X[e], Y[e]) for e in folds.eval_slices()]          # views: folds are contiguous
         G_e = torch.stack([x.T @ x for x, _ in parts])
         s_e = torch.stack([x.sum(0) for x, _ in parts])
         XtY_e = torch.stack([x.T @ y for x, y in parts])
-        n_e = torch.tensor([float(len(e)) for e in folds.eval])
+        n_e = torch.tensor([float(x.shape[0]) for x, _ in parts])
         y_e = torch.stack([y.sum(0) for _, y in parts])
         return FitStats(G_e.sum(0) - G_e, s_e.sum(0) - s_e, XtY_e.sum(0) - XtY_e, n_e.sum() - n_e, y_e.sum(0) - y_e)
     parts = [(X[f], Y[f]) for f in folds.fit]
     return FitStats(torch.stack([x.T @ x for x, _ in parts]), torch.stack([x.sum(0) for x, _ in parts]),
                     torch.stack([x.T @ y for x, y in parts]),
-                    torch.tensor([float(len(f)) for f in folds.fit]), torch.stack([y.sum(0) for _, y in parts]))
+                    torch.tensor([float(x.shape[0]) for x, _ in parts]), torch.stack([y.sum(0) for _, y in parts]))
 
 
 # -- metrics -----------------------------------------------------------------------------------
@@ -150,31 +178,97 @@ def _bootstrap(pred: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, num_cl
     return float((sums[:, 0] / n).std()), float(f1.std())
 
 
+@contextmanager
+def single_thread():
+    """Small tensor work on one thread: on a busy 2-core machine, intra-op threads wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 # -- the solve --------------------------------------------------------------------------------
 def solve_and_score(stats: FitStats, X_eval: Sequence[torch.Tensor], folds: Folds,
                     protocol: Protocol) -> dict[str, float]:
-    """Ridge for every fold and alpha from one eigendecomposition per fold; score held-out rows.
+    """Ridge for every fold and alpha (see `ridge_weights`: one eigendecomposition in all); score held-out rows.
 
     The alpha is chosen by the mean held-out metric (the same rows that score the candidate, as in
-    any validation-based selection; the test split plays no part).
+    any validation-based selection; the test split plays no part). Runs on one thread: these
+    matrices are small, and LAPACK's threaded eigensolver is 100x slower on a busy 2-core machine.
     """
+    with single_thread():
+        return _solve_and_score(stats, X_eval, folds, protocol)
+
+
+def ridge_weights(G: torch.Tensor, B: torch.Tensor, lam: torch.Tensor, tol: float = 1e-5,
+                  max_iter: int = 100) -> torch.Tensor:
+    """Ridge solutions W[k, :, a, :] = (G_k + lam[k, a] I)^-1 B_k for every fold k and penalty a: [K, w, A, C].
+
+    One fold: one eigendecomposition serves every alpha. Several folds: their fit Grams differ only
+    by which held-out block is left out, so the eigendecomposition of their mean is an excellent
+    preconditioner; preconditioned conjugate gradients (all folds, alphas and classes at once, a
+    handful of iterations to a relative residual of `tol`) replace K eigendecompositions by one.
+    """
+    K, w, C = B.shape
+    A = lam.shape[1]
+    lam4 = lam[:, None, :, None]                                            # [K, 1, A, 1]
+    if K == 1:
+        e, V = torch.linalg.eigh(G[0])
+        VtB = (V.T @ B[0])[None, :, None, :]                                # [1, w, 1, C]
+        return (V @ (VtB / (e.clamp(min=0)[None, :, None, None] + lam4)).reshape(w, A * C)).reshape(1, w, A, C)
+    e, V = torch.linalg.eigh(G.mean(0))
+    scale = 1.0 / (e.clamp(min=0)[:, None, None, None] + lam[None, :, :, None])   # [w, K, A, 1]
+    Vt = V.T.contiguous()
+
+    def precondition(R: torch.Tensor) -> torch.Tensor:                      # ~ (G_k + lam)^-1 R
+        T = (Vt @ R.transpose(0, 1).reshape(w, K * A * C)).reshape(w, K, A, C) * scale
+        return (V @ T.reshape(w, K * A * C)).reshape(w, K, A, C).transpose(0, 1)
+
+    def apply(X: torch.Tensor) -> torch.Tensor:                             # (G_k + lam) X
+        return (G @ X.reshape(K, w, A * C)).reshape(K, w, A, C) + lam4 * X
+
+    Bx = B[:, :, None, :].expand(K, w, A, C)
+    X = precondition(Bx)
+    R = Bx - apply(X)
+    Z = precondition(R)
+    P = Z
+    rz = (R * Z).sum(1, keepdim=True)
+    b_norm = Bx.norm(dim=1, keepdim=True).clamp(min=1e-30)
+    for _ in range(max_iter):
+        if float((R.norm(dim=1, keepdim=True) / b_norm).max()) < tol:
+            break
+        Q = apply(P)
+        step = rz / (P * Q).sum(1, keepdim=True).clamp(min=1e-30)
+        X = X + step * P
+        R = R - step * Q
+        Z = precondition(R)
+        rz_new = (R * Z).sum(1, keepdim=True)
+        P = Z + rz_new / rz.clamp(min=1e-30) * P
+        rz = rz_new
+    return X
+
+
+def _solve_and_score(stats: FitStats, X_eval: Sequence[torch.Tensor], folds: Folds,
+                     protocol: Protocol) -> dict[str, float]:
     n = stats.n[:, None]
     mu, ymu = stats.s / n, stats.ysum / n
     G = stats.G - n[:, :, None] * mu[:, :, None] * mu[:, None, :]
     B = stats.XtY - n[:, :, None] * mu[:, :, None] * ymu[:, None, :]
     G = 0.5 * (G + G.transpose(1, 2))
-    e, V = torch.linalg.eigh(G.double())
-    e, V = e.clamp(min=0).float(), V.float()
+    w = G.shape[1]
     alphas = torch.tensor(protocol.alphas)
-    lam = alphas[None, :] * e.mean(1, keepdim=True).clamp(min=1e-12)        # [K, A]
-    VtB = V.transpose(1, 2) @ B                                             # [K, w, C]
+    mean_eig = G.diagonal(dim1=1, dim2=2).sum(1).clamp(min=0) / w           # trace / w
+    lam = alphas[None, :] * mean_eig[:, None].clamp(min=1e-12)             # [K, A]
+    W = ridge_weights(G, B, lam)                                            # [K, w, A, C]
+    K, _, A, C = W.shape
     acc, f1, preds = [], [], []
+    held = folds.eval_slices() if len(X_eval) == K else folds.eval
     for k, X in enumerate(X_eval):
-        XV = (X - mu[k]) @ V[k]                                             # [n_e, w]
-        W = VtB[k][None] / (e[k][None, :, None] + lam[k][:, None, None])    # [A, w, C]
-        scores = XV[None] @ W + ymu[k]                                      # [A, n_e, C]
-        pred = scores.argmax(-1)
-        a, f = accuracy_f1(pred, folds.y[folds.eval[k]], folds.num_classes)
+        scores = ((X - mu[k]) @ W[k].reshape(w, A * C)).reshape(-1, A, C) + ymu[k]   # [n_e, A, C]
+        pred = scores.argmax(-1).T                                          # [A, n_e]
+        a, f = accuracy_f1(pred, folds.y[held[k]], folds.num_classes)
         acc.append(a), f1.append(f), preds.append(pred)
     acc, f1 = torch.stack(acc), torch.stack(f1)                            # [K, A]
     chosen = (acc if protocol.metric == "accuracy" else f1).mean(0)
@@ -182,7 +276,7 @@ def solve_and_score(stats: FitStats, X_eval: Sequence[torch.Tensor], folds: Fold
     if len(X_eval) > 1:
         acc_std, f1_std = float(acc[:, best].std()), float(f1[:, best].std())
     elif folds.boot is not None:
-        acc_std, f1_std = _bootstrap(preds[0][best], folds.y[folds.eval[0]], folds.boot, folds.num_classes)
+        acc_std, f1_std = _bootstrap(preds[0][best], folds.y[held[0]], folds.boot, folds.num_classes)
     else:
         acc_std = f1_std = float("nan")
     result = {"accuracy": float(acc[:, best].mean()), "accuracy_std": acc_std,
@@ -194,8 +288,9 @@ def solve_and_score(stats: FitStats, X_eval: Sequence[torch.Tensor], folds: Fold
 
 def evaluate_features(X: torch.Tensor, folds: Folds, protocol: Protocol) -> dict[str, float]:
     """Probe score of one feature matrix over the probe rows (no shared blocks)."""
-    X = X.to(torch.float32)
-    return solve_and_score(fit_stats(X, folds), [X[e] for e in folds.eval], folds, protocol)
+    with single_thread():
+        X = X.to(torch.float32)
+        return solve_and_score(fit_stats(X, folds), [X[e] for e in folds.eval_slices()], folds, protocol)
 
 
 def standardise_stats(train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

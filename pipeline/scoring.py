@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.probe import Folds, Protocol, evaluate_features, make_folds, standardise_stats
+from pipeline.probe import Folds, Protocol, evaluate_features, make_folds, single_thread, standardise_stats
 from pipeline.store import EmbeddingStore
 
 PROBE_SPLITS = {"validation": ("train", "validation"), "cv": ("train",)}
@@ -47,9 +47,12 @@ class LayerBank:
 
 def load_bank(store: EmbeddingStore, pooling: str, protocol: Protocol, layers: list[int] | None = None,
               keep_standardised: bool = False, model: str = "") -> LayerBank:
-    """Read the layers (probe splits only), standardise, fit the shared basis, project."""
+    """Read the layers (probe splits only), standardise, fit the shared basis, project.
+
+    Probe rows follow `folds` (under CV: train rows grouped by fold). Each layer is read once; the
+    standardised layers are held as float16 (half the bytes read) until the basis is known.
+    """
     start = time.perf_counter()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     layers = list(range(store.num_layers)) if layers is None else [range(store.num_layers)[i] for i in layers]
     splits = probe_splits(protocol)
     y_train = store.labels("train")
@@ -61,19 +64,29 @@ def load_bank(store: EmbeddingStore, pooling: str, protocol: Protocol, layers: l
     means, stds = np.empty((len(layers), d), np.float32), np.empty((len(layers), d), np.float32)
     rng = np.random.default_rng(protocol.seed)
     sub = np.sort(rng.choice(n_train, size=min(n_train, protocol.pca_rows), replace=False))
+    if folds.order is not None:                       # PCA rows: the same train rows, at their probe positions
+        sub = np.sort(np.argsort(folds.order)[sub])
+    sub_t = torch.as_tensor(sub)
+    order = None if folds.order is None else torch.as_tensor(folds.order)
     cov = torch.zeros((d, d), dtype=torch.float64)
     bytes_read = 0
     for j, layer in enumerate(layers):
         parts = [store.layer(split, pooling, layer) for split in splits]
         bytes_read += sum(p.nbytes for p in parts)
         means[j], stds[j] = standardise_stats(parts[0])
-        z = torch.from_numpy((np.concatenate(parts) - means[j]) / stds[j])
-        Z[:, j] = z.to(torch.float16)
-        zs = z[sub]
+        z = torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts))
+        del parts
+        z.sub_(torch.from_numpy(means[j])).div_(torch.from_numpy(stds[j]))
+        if order is not None:
+            z = z[order]
+        Z[:, j] = z
+        zs = z[sub_t]
         cov += (zs.T @ zs).double()
+        del z, zs
     read_s = time.perf_counter() - start
     rank = d if protocol.rank <= 0 else min(protocol.rank, d)
-    _, vectors = torch.linalg.eigh(cov)
+    with single_thread():                  # LAPACK's threaded eigensolver crawls on a busy 2-core machine
+        _, vectors = torch.linalg.eigh(cov)
     basis = vectors[:, -rank:].flip(1).float().contiguous()
     F = torch.empty((n, len(layers), rank), dtype=torch.float32)
     for j in range(len(layers)):

@@ -16,6 +16,7 @@ store writes every file atomically (temporary file + rename): a killed run leave
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -26,6 +27,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
 
+from pipeline import location
 from pipeline.errors import StoreIncompleteError, StoreMismatchError
 from pipeline.fingerprint import differences
 
@@ -49,11 +51,32 @@ def block_digest(block: np.ndarray) -> int:
     return int.from_bytes(hashlib.blake2b(np.ascontiguousarray(block).tobytes(), digest_size=8).digest(), "little")
 
 
+META_ARRAYS = ("labels", "text_id", "source_index", "token_count", "truncated")
+
+
+def meta_digest(values: np.ndarray) -> str:
+    """Hex checksum of a row-metadata array as written and as read back (strings hashed as JSON)."""
+    values = np.asarray(values)
+    if values.dtype.kind in "OUST":
+        data = json.dumps([str(v) for v in values.tolist()], ensure_ascii=False).encode("utf-8", "surrogatepass")
+        return hashlib.blake2b(data, digest_size=8).hexdigest()
+    return hashlib.blake2b(np.ascontiguousarray(values).tobytes(), digest_size=8).hexdigest()
+
+
 def is_store(path: str | Path) -> bool:
+    """`path` is a folder or an fsspec URL (pipeline/location.py)."""
     try:
-        return zarr.open_group(str(path), mode="r").attrs.get("format") == FORMAT
+        return zarr.open_group(location.zarr_store(path, read_only=True), mode="r").attrs.get("format") == FORMAT
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError, ValueError):
         return False
+
+
+def creation_interrupted(path) -> bool:
+    """A run killed while creating a store leaves only a root zarr.json without our attributes and/or
+    Zarr's `*.partial` temporary files: nobody's data, so the next run creates the store again."""
+    if location.is_url(path):
+        return False
+    return all(p.name == "zarr.json" or p.name.endswith(".partial") for p in Path(path).iterdir())
 
 
 class Float16Overflow(Exception):
@@ -83,28 +106,30 @@ class StoreWriter:
     def __init__(self, path: str | Path, fingerprint: dict[str, Any], info: dict[str, Any], *,
                  num_layers: int, dim: int, poolings: Sequence[str], block_rows: int, dtype: str,
                  compressor: dict[str, Any], rebuild: bool = False):
-        self.path = Path(path)
+        self.path = location.as_location(path)   # a folder, or an fsspec URL such as s3://bucket/prefix
         self.poolings = list(poolings)
         self.block_rows = block_rows
         self.num_layers, self.dim = num_layers, dim
         self.dtype = dtype
         self.compressors = compressors_for(compressor)
-        if self.path.exists() and (rebuild or not is_store(self.path)):
-            if rebuild or any(self.path.iterdir()):
+        if location.exists(self.path) and (rebuild or not is_store(self.path)):
+            if rebuild or not (location.is_empty(self.path) or creation_interrupted(self.path)):
                 if not rebuild:
                     raise StoreMismatchError(f"{self.path} exists but is not an embeddings store; "
                                              f"move it away or rerun with --rebuild to replace it")
-                shutil.rmtree(self.path)
+                location.remove(self.path)
         if is_store(self.path):
-            self.root = zarr.open_group(str(self.path), mode="r+")
+            self.root = zarr.open_group(location.zarr_store(self.path), mode="r+")
             diff = differences(self.root.attrs.get("fingerprint", {}), fingerprint)
             if diff:
                 raise StoreMismatchError(
                     f"{self.path} was written with other settings:\n  - " + "\n  - ".join(diff)
                     + "\nRerun with --rebuild to delete it and extract again, or restore the old params.")
         else:
-            self.root = zarr.open_group(str(self.path), mode="w")
-            self.root.attrs.update({
+            self.root = zarr.open_group(location.zarr_store(self.path), mode="w")
+            # one write of zarr.json: attrs.update() would write it once per key (format first), and a
+            # kill in between would leave a store that claims our format but lacks its fingerprint
+            self.root.update_attributes({
                 "format": FORMAT, "fingerprint": fingerprint, "info": info,
                 "num_layers": num_layers, "dim": dim, "poolings": self.poolings, "block_rows": block_rows,
                 "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -152,7 +177,10 @@ class StoreWriter:
         dropped_all = dict(self.root.attrs.get("dropped", {}))
         dropped_all[split] = dropped
         splits[split] = n
-        self.root.attrs.update({"splits": splits, "dropped": dropped_all})   # last: marks the split created
+        digests = dict(self.root.attrs.get("meta_digest", {}))   # checked by `python -m pipeline verify`
+        digests[split] = {name: meta_digest(getattr(rows, name)) for name in META_ARRAYS}
+        self.root.update_attributes({"splits": splits, "dropped": dropped_all,   # one write; last: marks
+                                     "meta_digest": digests})                    # the split created
 
     def done_blocks(self, split: str) -> np.ndarray:
         return self.root[split]["_done"][:].astype(bool)
@@ -207,10 +235,10 @@ class EmbeddingStore:
     """Read-only view of a finished store: layers as float32 arrays, labels and metadata."""
 
     def __init__(self, path: str | Path, allow_incomplete: bool = False):
-        self.path = Path(path)
+        self.path = location.as_location(path)   # a folder, or an fsspec URL such as s3://bucket/prefix
         if not is_store(self.path):
             raise FileNotFoundError(f"no embeddings store at {self.path}: run `dvc repro` (stage extract) first")
-        self.root = zarr.open_group(str(self.path), mode="r")
+        self.root = zarr.open_group(location.zarr_store(self.path, read_only=True), mode="r")
         self.attrs = self.root.attrs.asdict()
         self.allow_incomplete = allow_incomplete
 
@@ -289,5 +317,6 @@ class EmbeddingStore:
 def open_store(store_root: str | Path, model: str, dataset: str, allow_incomplete: bool = False) -> EmbeddingStore:
     """Open the store of one model x dataset under a store root (params `paths.store`)."""
     from pipeline.config import check_name
-    path = Path(store_root) / "embeddings" / check_name(dataset, "dataset") / check_name(model, "model")
+    path = location.join(location.as_location(store_root), "embeddings", check_name(dataset, "dataset"),
+                         check_name(model, "model"))
     return EmbeddingStore(path, allow_incomplete=allow_incomplete)

@@ -1,5 +1,6 @@
 """Stage extract: one model x one dataset, all layers and poolings, into store/embeddings/<dataset>/<model>."""
 
+from pipeline import distributed
 from pipeline.config import load_params
 from pipeline.extract import extract
 from stages import run_stage, stage_parser
@@ -11,9 +12,15 @@ def main() -> None:
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--rebuild", action="store_true", help="delete a store written with other settings")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--wait", action="store_true", help="if another process writes this store, wait for it")
     args = parser.parse_args()
     params = load_params(args.params, models=[args.model], datasets=[args.dataset])
-    extract(params, args.model, args.dataset, rebuild=args.rebuild, show_progress=not args.no_progress)
+    if distributed.requested(params.extract):   # extract.devices/num_nodes > 1, or started by torchrun
+        distributed.extract_distributed(params, args.model, args.dataset, rebuild=args.rebuild,
+                                        show_progress=not args.no_progress, wait_for_lock=args.wait)
+        return
+    extract(params, args.model, args.dataset, rebuild=args.rebuild, show_progress=not args.no_progress,
+            wait_for_lock=args.wait)
 
 
 if __name__ == "__main__":

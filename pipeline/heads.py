@@ -1,0 +1,204 @@
+"""Classification heads over fused layer vectors, as plain nn.Modules wrapped by one LightningModule.
+
+Every head reads one tensor x [B, sum(input_dims)]: the per-layer standardised input vectors
+(config `inputs`, a list of (model, pooling, layer)) concatenated in order. The head does the
+fusion itself, so a saved head (model.safetensors + config.json + standardisation.safetensors) is
+everything `predict`/`export` need. Heads return logits; CrossEntropyLoss applies the only softmax.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+HEADS = ("linear", "mlp", "cooccurrence", "scalar_mix")
+
+
+def split_inputs(x: torch.Tensor, dims: list[int]) -> list[torch.Tensor]:
+    return list(torch.split(x, dims, dim=-1))
+
+
+class Fuse(nn.Module):
+    """Applies the fusion groups: each group fuses some inputs (mean | max | concat); groups are concatenated."""
+
+    def __init__(self, input_dims: list[int], groups: list[dict[str, Any]]):
+        super().__init__()
+        self.input_dims, self.groups = list(input_dims), [dict(g) for g in groups]
+        widths = []
+        for group in self.groups:
+            dims = [self.input_dims[i] for i in group["inputs"]]
+            if group["operator"] in ("mean", "max") and len(set(dims)) > 1:
+                raise ValueError(f"{group['operator']} needs inputs of one width, got {dims}")
+            widths.append(sum(dims) if group["operator"] == "concat" else dims[0])
+        self.width = sum(widths)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = split_inputs(x, self.input_dims)
+        out = []
+        for group in self.groups:
+            chosen = [parts[i] for i in group["inputs"]]
+            if group["operator"] == "concat" or len(chosen) == 1:
+                out.append(torch.cat(chosen, dim=-1))
+            elif group["operator"] == "mean":
+                out.append(torch.stack(chosen, 0).mean(0))
+            else:
+                out.append(torch.stack(chosen, 0).amax(0))
+        return torch.cat(out, dim=-1)
+
+
+def mlp(width: int, widths: list[int], num_classes: int, dropout: float) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for hidden in widths:
+        layers += [nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(dropout)]
+        width = hidden
+    return nn.Sequential(*layers, nn.Linear(width, num_classes))
+
+
+class FusedHead(nn.Module):
+    """Linear (widths = []) or MLP head on the fused vector."""
+
+    def __init__(self, input_dims: list[int], groups: list[dict[str, Any]], num_classes: int,
+                 widths: list[int] = (), dropout: float = 0.0):
+        super().__init__()
+        self.fuse = Fuse(input_dims, groups)
+        self.net = mlp(self.fuse.width, list(widths), num_classes, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.fuse(x))
+
+
+class CooccurrenceHead(nn.Module):
+    """LLMEmbed's co-occurrence head, with the double softmax of the released code removed.
+
+    Each input vector is projected to `width`; P is the Gram matrix of the projected vectors
+    (scaled by 1/sqrt(width) so that sigma means the same at any width), squashed to
+    2*sigmoid(sigma*P) - 1; its upper triangle is concatenated with the mean of the projected
+    decoder inputs (all inputs when none is a decoder) and fed to an MLP that returns logits.
+    """
+
+    def __init__(self, input_dims: list[int], decoder: list[bool], num_classes: int, width: int = 256,
+                 sigma: float = 1.0, widths: list[int] = (256,), dropout: float = 0.5):
+        super().__init__()
+        self.input_dims, self.width, self.sigma = list(input_dims), width, float(sigma)
+        self.project = nn.ModuleList(nn.Linear(d, width) for d in input_dims)
+        mask = torch.tensor(decoder if any(decoder) else [True] * len(input_dims), dtype=torch.float32)
+        self.register_buffer("decoder_weights", mask / mask.sum(), persistent=False)
+        n = len(input_dims)
+        rows, cols = torch.triu_indices(n, n)
+        self.register_buffer("rows", rows, persistent=False)
+        self.register_buffer("cols", cols, persistent=False)
+        self.head = mlp(len(rows) + width, list(widths), num_classes, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        V = torch.stack([p(part) for p, part in zip(self.project, split_inputs(x, self.input_dims))], 1)
+        P = V @ V.transpose(1, 2) / self.width ** 0.5                       # [B, n, n]
+        co = 2 * torch.sigmoid(self.sigma * P[:, self.rows, self.cols]) - 1
+        decoder_mean = (V * self.decoder_weights[None, :, None]).sum(1)
+        return self.head(torch.cat([co, decoder_mean], dim=-1))
+
+
+class ScalarMixHead(nn.Module):
+    """ELMo-style learned layer mix: gamma * sum_l softmax(s)_l x_l over all layers of one model, then
+    a linear (or MLP) classifier. The learned weights say which layers the task uses."""
+
+    def __init__(self, input_dims: list[int], num_classes: int, widths: list[int] = (), dropout: float = 0.1):
+        super().__init__()
+        if len(set(input_dims)) != 1:
+            raise ValueError("scalar_mix mixes layers of one model: all inputs must have one width")
+        self.num_inputs, self.dim = len(input_dims), input_dims[0]
+        self.logits = nn.Parameter(torch.zeros(self.num_inputs))
+        self.gamma = nn.Parameter(torch.ones(()))
+        self.dropout = nn.Dropout(dropout)
+        self.net = mlp(self.dim, list(widths), num_classes, 0.0)
+
+    def weights(self) -> torch.Tensor:
+        return torch.softmax(self.logits, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mixed = self.gamma * (self.weights() @ x.view(x.shape[0], self.num_inputs, self.dim))     # [B, D]
+        return self.net(self.dropout(mixed))
+
+
+def build_net(config: dict[str, Any]) -> nn.Module:
+    """The nn.Module a config.json describes (used both to train and to load)."""
+    head, dims, classes = config["head"], config["input_dims"], len(config["label_names"])
+    options = config.get("options", {})
+    if head == "linear":
+        return FusedHead(dims, config["groups"], classes)
+    if head == "mlp":
+        return FusedHead(dims, config["groups"], classes, options.get("widths", [1024, 256]), options.get("dropout", 0.5))
+    if head == "cooccurrence":
+        return CooccurrenceHead(dims, config["decoder"], classes, options.get("width", 256), options.get("sigma", 1.0),
+                                options.get("widths", [256]), options.get("dropout", 0.5))
+    if head == "scalar_mix":
+        return ScalarMixHead(dims, classes, options.get("widths", []), options.get("dropout", 0.1))
+    raise ValueError(f"unknown head {head!r}; known heads are {list(HEADS)}")
+
+
+class HeadModule(L.LightningModule):
+    """Trains any head with cross-entropy on logits and AdamW; logs train_loss, val_loss and val_accuracy
+    once per epoch (sums kept as tensors across steps: no per-step logging or host syncs)."""
+
+    def __init__(self, net: nn.Module, lr: float = 1e-3, weight_decay: float = 1e-4):
+        super().__init__()
+        self.net, self.lr, self.weight_decay = net, lr, weight_decay
+        self.loss = nn.CrossEntropyLoss()
+        self._sums: dict[str, list] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def _add(self, key: str, loss: torch.Tensor, correct: torch.Tensor | None, n: int) -> None:
+        sums = self._sums.setdefault(key, [0.0, 0.0, 0])
+        sums[0] = sums[0] + loss.detach() * n
+        if correct is not None:
+            sums[1] = sums[1] + correct
+        sums[2] += n
+
+    def training_step(self, batch, _):
+        x, y = batch
+        loss = self.loss(self.net(x), y)
+        self._add("train", loss, None, len(y))
+        return loss
+
+    def validation_step(self, batch, _):
+        x, y = batch
+        logits = self.net(x)
+        self._add("val", self.loss(logits, y), (logits.argmax(-1) == y).sum(), len(y))
+
+    def on_train_epoch_end(self) -> None:
+        sums = self._sums.pop("train", None)
+        if sums:
+            self.log("train_loss", sums[0] / sums[2])
+
+    def on_validation_epoch_end(self) -> None:
+        sums = self._sums.pop("val", None)
+        if sums:
+            self.log("val_loss", sums[0] / sums[2])
+            self.log("val_accuracy", sums[1] / sums[2])
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+
+def load_head(folder: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """A trained head in eval mode and its config; inputs must be standardised with the saved stats
+    (see `load_standardisation`) and concatenated in `config['inputs']` order."""
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    net = build_net(config)
+    net.load_state_dict(load_file(str(folder / "model.safetensors")))
+    return net.eval(), config
+
+
+def load_standardisation(folder: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train-split mean and std per input dimension ([sum(input_dims)] each), as saved with the head."""
+    config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    stats = load_file(str(Path(folder) / config["standardisation"]))
+    return stats["mean"], stats["std"]

@@ -1,0 +1,192 @@
+"""Figures, tables and the Markdown report, readable offline (PNG + Markdown, no CDN).
+
+Layer curves are drawn against relative depth (layer / last layer) so that models of different
+depth share one axis. The report reads only the stages' result files: it computes nothing new.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from pipeline.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic  # noqa: E402
+
+
+def _save(fig, path: Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def write_layer_csv(path: Path, result: dict[str, Any]) -> None:
+    """Wide table for `dvc plots`: one row per layer; `score` is the best pooling's, then one column per pooling."""
+    poolings = list(dict.fromkeys(r["pooling"] for r in result["rows"]))
+    table: dict[int, dict[str, Any]] = {}
+    for row in result["rows"]:
+        entry = table.setdefault(row["layer"], {"layer": row["layer"], "relative_depth": row["relative_depth"]})
+        entry[row["pooling"]] = round(row["score"], 5)
+    buffer = io.StringIO()
+    for entry in table.values():
+        entry["score"] = entry[result["best_pooling"]]
+    writer = csv.DictWriter(buffer, ["layer", "relative_depth", "score", *poolings], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(table[k] for k in sorted(table))
+    write_text_atomic(path, buffer.getvalue())
+
+
+def plot_layer_scores(path: Path, results: dict[str, dict[str, Any]], title: str, best_pooling_only: bool = False) -> None:
+    """Score against relative depth: one line per pooling (one model) or per model (overlay)."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for model, result in results.items():
+        poolings = [result["best_pooling"]] if best_pooling_only else list(dict.fromkeys(r["pooling"] for r in result["rows"]))
+        for pooling in poolings:
+            rows = sorted((r for r in result["rows"] if r["pooling"] == pooling), key=lambda r: r["layer"])
+            label = f"{model} ({pooling})" if best_pooling_only else pooling
+            ax.plot([r["relative_depth"] for r in rows], [r["score"] for r in rows], marker="o", ms=3, label=label)
+        best = result["best"]
+        ax.scatter([best["relative_depth"]], [best["score"]], s=80, facecolors="none", edgecolors="black", zorder=5)
+    metric = next(iter(results.values()))["metric"]
+    ax.set_xlabel("relative depth (0 = embeddings, 1 = last layer)")
+    ax.set_ylabel(f"probe {metric} ({next(iter(results.values()))['protocol']['name']})")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_layer_weights(path: Path, weights: dict[str, tuple[list[float], list[float]]], title: str) -> None:
+    """The scalar-mix head's learned layer weights (mean ± std over seeds), per model."""
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for model, (mean, std) in weights.items():
+        depth = [i / max(len(mean) - 1, 1) for i in range(len(mean))]
+        ax.errorbar(depth, mean, yerr=std, marker="o", ms=3, capsize=2, label=model)
+    ax.set_xlabel("relative depth")
+    ax.set_ylabel("softmax weight")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def resources_of(store_root: Path, dataset: str, models: list[str]) -> dict[str, Any]:
+    """Extraction cost and store size per model, from the store's own attributes."""
+    from pipeline.store import open_store
+    out = {}
+    for model in models:
+        store = open_store(store_root, model, dataset)
+        runs = store.attrs.get("runs", [])
+        last = runs[-1] if runs else {}
+        out[model] = {"extraction_seconds": round(sum(r.get("seconds", 0) for r in runs), 1),
+                      "tokens_per_s": last.get("tokens_per_s"), "peak_rss_mb": last.get("peak_rss_mb"),
+                      "device": last.get("device"), "store_bytes": folder_bytes(store.path),
+                      "layers": store.num_layers, "dim": store.dim}
+    return out
+
+
+def _pm(mean: float | None, std: float | None, digits: int = 4) -> str:
+    if mean is None:
+        return "–"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if std is not None and std == std else f"{mean:.{digits}f}"
+
+
+def write_report(params, out: Path) -> Path:
+    """reports/report.md, reports/figures/*.png and reports/metrics.json for every selected dataset."""
+    store = Path(params.store)
+    figures = out / "figures"
+    lines = ["# Layer scores, fusions and heads", "",
+             "Generated by `dvc repro` (stage `report`) from the stage outputs under `store/`. Probe scores are "
+             "on the validation split (or CV on train); test numbers come only from the trained heads, "
+             "evaluated once after training (mean ± std over seeds).", ""]
+    metrics: dict[str, Any] = {}
+    timings: list[tuple[str, float]] = []
+    for dataset in params.selected_datasets:
+        scores = {m: json.loads((store / "scores" / dataset / m / "scores.json").read_text())
+                  for m in params.selected_models}
+        chosen = json.loads((store / "fusion" / dataset / "chosen.json").read_text())
+        leaderboard = json.loads((store / "fusion" / dataset / "leaderboard.json").read_text())
+        heads = json.loads((store / "heads" / dataset / "results.json").read_text())
+        resources = json.loads((store / "heads" / dataset / "resources.json").read_text())
+        metric = chosen["metric"]
+        plot_layer_scores(figures / f"{dataset}_layers_all_models.png", scores,
+                          f"{dataset}: probe score per layer (best pooling of each model)", best_pooling_only=True)
+        for model, result in scores.items():
+            plot_layer_scores(figures / f"{dataset}_{model}_layers.png", {model: result}, f"{model} on {dataset}")
+        lines += [f"## {dataset}", "", "### Heads: test scores (mean ± std over seeds)", "",
+                  f"| inputs | head | probe {metric} (validation, used to choose) | head validation accuracy | "
+                  f"test accuracy | test macro-F1 |", "|---|---|---|---|---|---|"]
+        for row in heads["results"]:
+            lines.append(f"| {row['row']} | {row['head']} | {_pm(row['probe_score'], row['probe_std'])} | "
+                         f"{_pm(row['validation_accuracy'], row['validation_accuracy_std'])} | "
+                         f"{_pm(row['test_accuracy'], row['test_accuracy_std'])} | "
+                         f"{_pm(row['test_macro_f1'], row['test_macro_f1_std'])} |")
+        lines += ["", "### Layers (probe)", "", f"| model | best pooling | best layer | {metric} | last layer | {metric} |",
+                  "|---|---|---|---|---|---|"]
+        dataset_metrics: dict[str, Any] = {"models": {}}
+        for model, result in scores.items():
+            best, last = result["best"], result["last"]
+            lines.append(f"| {model} | {result['best_pooling']} | {best['layer']} of {result['num_layers'] - 1} | "
+                         f"{_pm(best['score'], best['std'])} | {last['layer']} | {_pm(last['score'], last['std'])} |")
+            info = chosen["models"][model]
+            dataset_metrics["models"][model] = {
+                "best_layer": best["layer"], "best_layer_score": round(best["score"], 4),
+                "last_layer_score": round(last["score"], 4), "best_fusion_score": round(info["best_fusion"]["score"], 4),
+                "llmembed_recipe_score": round(info["llmembed"]["score"], 4)}
+        lines += ["", f"![layer scores, all models]({figures.name}/{dataset}_layers_all_models.png)", ""]
+        lines += [f"![{m}]({figures.name}/{dataset}_{m}_layers.png)" for m in scores] + [""]
+        lines += ["### Fusion search (probe, top 10)", "", chosen.get("note", ""), "",
+                  f"| rank | candidate | operator | width | {metric} | std |", "|---|---|---|---|---|---|"]
+        for rank, row in enumerate(leaderboard[:10], 1):
+            lines.append(f"| {rank} | {row['candidate']} | {row['operator']} | {row['width']} | {row['score']:.4f} | "
+                         f"{row['std']:.4f} |")
+        for model, info in chosen["models"].items():
+            lines.append("")
+            lines.append(f"- {model}: best single layer {info['best_layer']['candidate']} ({info['best_layer']['score']:.4f}), "
+                         f"best within-model fusion {info['best_fusion']['candidate']} ({info['best_fusion']['score']:.4f}), "
+                         f"LLMEmbed recipe {info['llmembed']['candidate']} ({info['llmembed']['score']:.4f}); "
+                         f"{chosen['timing'][model]['candidates']} candidates at "
+                         f"{chosen['timing'][model]['candidates_per_s']} candidates/s")
+        if chosen.get("best_multi"):
+            lines.append(f"- multi-model: {chosen['best_multi']['candidate']} ({chosen['best_multi']['score']:.4f})")
+        lines.append("")
+        weights = {r["groups"][0]["model"]: (r["layer_weights"], r["layer_weights_std"])
+                   for r in heads["results"] if r["head"] == "scalar_mix"}
+        if weights:
+            plot_layer_weights(figures / f"{dataset}_scalar_mix_weights.png", weights,
+                               f"{dataset}: learned layer weights of the scalar-mix head")
+            lines += [f"![scalar mix weights]({figures.name}/{dataset}_scalar_mix_weights.png)", ""]
+        lines += ["### Resources", "", "| model | extraction s | tokens/s | peak RSS MB | store MB |", "|---|---|---|---|---|"]
+        for model, r in resources.items():
+            lines.append(f"| {model} | {r['extraction_seconds']} | {r['tokens_per_s']} | {r['peak_rss_mb']} | "
+                         f"{r['store_bytes'] / 1e6:.1f} |")
+        lines.append("")
+        for model, result in scores.items():
+            timings.append((f"score {model} x {dataset}", result.get("stage_seconds", result["seconds"])))
+        timings.append((f"fuse {dataset}", chosen.get("stage_seconds", 0.0)))
+        timings.append((f"train {dataset}", heads.get("stage_seconds", heads["seconds"])))
+        best_head = max(heads["results"], key=lambda r: r["validation_accuracy"])
+        dataset_metrics.update({
+            "best_multi_score": round(chosen["best_multi"]["score"], 4) if chosen.get("best_multi") else None,
+            "chosen_fusion": chosen["chosen"]["candidate"], "chosen_fusion_score": round(chosen["chosen"]["score"], 4),
+            "head_chosen_on_validation": f"{best_head['row']} / {best_head['head']}",
+            "test_accuracy": round(best_head["test_accuracy"], 4), "test_macro_f1": round(best_head["test_macro_f1"], 4),
+            "candidates_per_s": {m: t["candidates_per_s"] for m, t in chosen["timing"].items()}})
+        metrics[dataset] = dataset_metrics
+    lines += ["## Stage wall time", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {name} | {seconds:.1f} |" for name, seconds in timings] + [""]
+    write_json_atomic(out / "metrics.json", metrics)
+    write_text_atomic(out / "report.md", "\n".join(lines))
+    return out / "report.md"

@@ -1,0 +1,61 @@
+"""Stage fuse: the exhaustive fusion search of one dataset over the selected models, into store/fusion/<dataset>.
+
+Reads the score stage's tables and the train/validation layer slices it needs; never test.
+"""
+
+import csv
+import io
+import json
+import time
+from pathlib import Path
+
+from pipeline.atomic import write_json_atomic, write_text_atomic
+from pipeline.config import load_params
+from pipeline.fusion import fuse_settings, search_dataset
+from pipeline.probe import protocol_from_params
+from stages import run_stage, stage_parser
+
+COLUMNS = ["rank", "candidate", "family", "operator", "layers", "models", "pooling", "width", "score", "std",
+           "accuracy", "accuracy_std", "macro_f1", "macro_f1_std", "alpha", "seconds"]
+
+
+def leaderboard_csv(rows) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for rank, row in enumerate(rows, 1):
+        writer.writerow({**row, "rank": rank, "layers": json.dumps(row["layers"]), "models": "+".join(row["models"]),
+                         "pooling": json.dumps(row["pooling"]) if isinstance(row["pooling"], list) else row["pooling"],
+                         **{k: round(row[k], 5) for k in ("score", "std", "accuracy", "accuracy_std", "macro_f1",
+                                                          "macro_f1_std")}})
+    return buffer.getvalue()
+
+
+def main() -> None:
+    parser = stage_parser(__doc__)
+    parser.add_argument("--dataset", required=True)
+    args = parser.parse_args()
+    start = time.perf_counter()
+    params = load_params(args.params, datasets=[args.dataset])
+    protocol, settings = protocol_from_params(params.raw), fuse_settings(params.raw)
+    scores = {m: json.loads((Path(params.store) / "scores" / args.dataset / m / "scores.json").read_text())
+              for m in params.selected_models}
+    result = search_dataset(params.store, args.dataset, params.selected_models, scores, protocol, settings)
+    out = Path(params.store) / "fusion" / args.dataset
+    result["stage_seconds"] = round(time.perf_counter() - start, 3)
+    result["note"] = ("within-model candidates use each model's best pooling on validation "
+                      "(score stage); scores are the probe's, on " +
+                      ("validation" if protocol.name == "validation" else f"{protocol.folds}-fold CV of train"))
+    write_text_atomic(out / "leaderboard.csv", leaderboard_csv(result["leaderboard"]))
+    write_json_atomic(out / "leaderboard.json", result["leaderboard"])
+    write_json_atomic(out / "chosen.json", {k: v for k, v in result.items() if k != "leaderboard"})
+    for model, t in result["timing"].items():
+        print(f"fuse {args.dataset} x {model}: {t['candidates']} candidates in {t['search_seconds']:.1f}s "
+              f"= {t['candidates_per_s']:.1f} candidates/s")
+    chosen = result["chosen"]
+    print(f"fuse {args.dataset}: chosen {chosen['candidate']} ({protocol.metric} {chosen['score']:.4f}); "
+          f"stage {result['stage_seconds']:.1f}s")
+
+
+if __name__ == "__main__":
+    run_stage(main)

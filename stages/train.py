@@ -1,0 +1,38 @@
+"""Stage train: Lightning heads on the chosen fusions and baselines of one dataset, into store/heads/<dataset>.
+
+The only stage that reads the test split, once per trained head, after training.
+"""
+
+import json
+import time
+from pathlib import Path
+
+from pipeline.atomic import write_json_atomic
+from pipeline.config import load_params
+from pipeline.report import resources_of
+from pipeline.training import quiet_lightning, train_dataset, train_settings
+from stages import run_stage, stage_parser
+
+
+def main() -> None:
+    parser = stage_parser(__doc__)
+    parser.add_argument("--dataset", required=True)
+    args = parser.parse_args()
+    quiet_lightning()
+    start = time.perf_counter()
+    params = load_params(args.params, datasets=[args.dataset])
+    settings = train_settings(params.raw)
+    chosen = json.loads((Path(params.store) / "fusion" / args.dataset / "chosen.json").read_text())
+    out = Path(params.store) / "heads" / args.dataset
+    result = train_dataset(params.store, args.dataset, chosen, settings, out)
+    result["stage_seconds"] = round(time.perf_counter() - start, 3)
+    write_json_atomic(out / "resources.json", resources_of(params.store, args.dataset, list(chosen["models"])))
+    write_json_atomic(out / "results.json", result)
+    for row in result["results"]:
+        print(f"train {args.dataset}: {row['row']:<40} {row['head']:<12} test accuracy "
+              f"{row['test_accuracy']:.4f} ± {row['test_accuracy_std']:.4f} (validation {row['validation_accuracy']:.4f})")
+    print(f"train {args.dataset}: {result['stage_seconds']:.1f}s")
+
+
+if __name__ == "__main__":
+    run_stage(main)
