@@ -126,12 +126,16 @@ class Predictor:
                                                str(self.device), dtype)
         return self.loaded[use.name]
 
+    def settings_for(self, use: ModelUse, poolings) -> ExtractSettings:
+        """Extraction settings that reproduce how the stored vectors were computed."""
+        return ExtractSettings(max_len=use.max_len, token_budget=self.token_budget, block_rows=1, dtype="float32",
+                               compute_dtype=use.compute_dtype, device=str(self.device), padding_side="right",
+                               poolings=tuple(poolings), compressor={})
+
     def _model_features(self, use: ModelUse, texts: list[str]) -> tuple[dict[tuple[str, int], np.ndarray], np.ndarray]:
         model, tokenizer = self._model(use)
         counts, truncated = count_tokens(tokenizer, texts, use.max_len)
-        settings = ExtractSettings(max_len=use.max_len, token_budget=self.token_budget, block_rows=1,
-                                   dtype="float32", compute_dtype=use.compute_dtype, device=str(self.device),
-                                   padding_side="right", poolings=tuple(use.layers), compressor={})
+        settings = self.settings_for(use, use.layers)
         dim = text_config(model.config).hidden_size
         out = {(p, l): np.empty((len(texts), dim), np.float32) for p, layers in use.layers.items() for l in layers}
         for rows in token_budget_batches(np.minimum(counts, use.max_len), self.token_budget):

@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 from pipeline.bench.common import REPO, machine
+from pipeline.errors import PipelineError
 
-SECTIONS = ("extraction", "store", "fusion", "heads", "memory")
+SECTIONS = ("extraction", "store", "fusion", "heads", "memory", "predict")
 METHODS = ("project", "llmembed", "naive", "careful", "last_layer")
 
 
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
                 "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         try:
             data = run_section(section, args, params, dataset, models, device)
-        except (FileNotFoundError, ImportError) as error:     # no store yet, or Stage 2 not installed
+        except (FileNotFoundError, ImportError, PipelineError) as error:   # no store or heads yet
             data = {"skipped": f"{type(error).__name__}: {error}"}
         info["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
         results[section] = {**info, "seconds": round(time.perf_counter() - started, 1), "result": data}
@@ -111,6 +112,9 @@ def run_section(section, args, params, dataset, models, device):
         from pipeline.bench import stage2
         return stage2.run_heads(512 if args.quick else 6398, 128 if args.quick else 710, 3 * 576,
                                 1 if args.quick else 3, args.repeats)
+    if section == "predict":
+        from pipeline.bench import predict_bench
+        return predict_bench.run(params, dataset, 64 if args.quick else 1024, args.repeats)
     from pipeline.bench import stage2
     return stage2.run_memory(args.params, args.fusion_model, dataset, 16 if args.quick else 256, models[0])
 
@@ -185,6 +189,14 @@ def _md_extraction(data) -> list[str]:
     lines += ["FLOPs per text of n real tokens: 2 x non-embedding parameters x n + 2 x 2 x layers x n^2 x d "
               "(QK^T and AV); padding is not counted."]
     return lines
+
+
+def _md_predict(data) -> list[str]:
+    return [f"{data['rows']} {data['dataset']} test texts, head `{data['head']}`: {data['fusion']}", "",
+            "| | texts/s (median) |", "|---|---|",
+            f"| predict (only the fusion's models, layers, poolings) | {_fmt(data['predict_texts_per_s'])} |",
+            f"| extraction of all layers and poolings of the same models | {_fmt(data['extract_all_texts_per_s'])} |",
+            "", f"predict is {data['speedup']}x faster."]
 
 
 def _md_store(data) -> list[str]:
