@@ -30,6 +30,21 @@ def start_stage(params_path: Path, *extra: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
+def kill_group(process: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGKILL every rank, then wait until all are gone: `wait()` covers only rank 0, and a rank still
+    dying could finish its last rename after we count the blocks done."""
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    raise AssertionError("a rank survived SIGKILL")
+
+
 def finish(process: subprocess.Popen, timeout: float = 240) -> str:
     output, _ = process.communicate(timeout=timeout)
     assert process.returncode == 0, output
@@ -104,8 +119,7 @@ def test_killed_two_process_run_resumes_on_three_processes_bit_identical(mr_slic
     deadline = time.time() + 180
     while time.time() < deadline and sum(len(list(d.iterdir())) for d in done_dirs if d.exists()) < 4:
         time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)                                  # every rank, at once
-    process.wait()
+    kill_group(process)                                                     # every rank, at once
     partial = EmbeddingStore(path, allow_incomplete=True)
     done_at_kill = sum(partial.completion(s)[0] for s in partial.splits)
     total = sum(partial.completion(s)[1] for s in partial.splits)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from _stage2_store import make_store, remove_test_split
-from pipeline.fusion import (BlockScorer, Candidate, build_candidates, fuse_settings, score_candidates,
+from pipeline.fusion import (BlockScorer, Candidate, build_candidates, fuse_settings,
                              search_dataset)
 from pipeline.probe import Protocol, evaluate_features
 from pipeline.scoring import load_bank, score_layers

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from _stage2_store import make_store
-from pipeline.datamodule import LayerCache, LayerDataModule
+from pipeline.datamodule import LayerCache
 from pipeline.heads import CooccurrenceHead, Fuse, ScalarMixHead, load_head, load_standardisation
 from pipeline.training import fit_head, plan_runs, spec_from_groups, train_settings
 

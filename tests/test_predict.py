@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from conftest import REPO
-from pipeline.config import load_params
 from pipeline.corpora import read_corpus
 from pipeline.errors import ModelSourceError
 from pipeline.export import export

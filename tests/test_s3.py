@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,39 +21,17 @@ from pipeline import location
 from pipeline.config import load_params
 from pipeline.errors import ConfigError
 from pipeline.extract import extract
+from pipeline.remote_bench import start_moto_server
 from pipeline.store import EmbeddingStore
 from test_extract import prepare
 
 SETTINGS = {"block_rows": 16, "token_budget": 256, "device": "cpu"}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_moto(port: int) -> subprocess.Popen:
-    """moto's S3 server (`moto_server`) on 127.0.0.1:port, up when it answers."""
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return server
-        except OSError:
-            assert server.poll() is None, "moto_server exited"
-            time.sleep(0.1)
-    server.kill()
-    raise RuntimeError("moto_server did not start")
-
-
 @pytest.fixture(scope="module")
 def s3_server():
-    port = free_port()
-    server = start_moto(port)
-    yield f"http://127.0.0.1:{port}"
+    server, endpoint = start_moto_server()
+    yield endpoint
     server.terminate()
     server.wait(timeout=10)
 
