@@ -241,7 +241,7 @@ def _parse_extract(problems: _Problems, section: Any) -> ExtractSettings:
         problems.add("extract.device", f"must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
         device = "auto"
     max_len = _int(problems, section, "max_len", "extract", 1, 256)
-    token_budget = _int(problems, section, "token_budget", "extract", 1, 16384)
+    token_budget = _int(problems, section, "token_budget", "extract", 1, 2048)
     if token_budget < max_len:
         problems.add("extract.token_budget", f"({token_budget}) must be at least max_len ({max_len}) "
                                              f"so that the longest text fits in one batch")

@@ -76,7 +76,7 @@ def uses_from_store(head_config: dict[str, Any], store_root: Path, dataset: str,
 class Predictor:
     """A trained head plus the models it reads; `predict_proba(texts)` -> [N, classes]."""
 
-    def __init__(self, head_dir: Path, uses: dict[str, ModelUse], device: str = "auto", token_budget: int = 16384,
+    def __init__(self, head_dir: Path, uses: dict[str, ModelUse], device: str = "auto", token_budget: int = 2048,
                  check_weights: bool = True):
         self.head_dir = Path(head_dir)
         self.net, self.config = load_head(self.head_dir)
