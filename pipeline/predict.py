@@ -119,7 +119,8 @@ class Predictor:
         return cls(folder / "head", uses, **kwargs)
 
     # -- compute ----------------------------------------------------------------------------------
-    def _model(self, use: ModelUse):
+    def model_for(self, use: ModelUse):
+        """The loaded (model, tokenizer) of one input model, loaded once."""
         if use.name not in self.loaded:
             dtype = getattr(torch, use.compute_dtype)
             self.loaded[use.name] = load_model(use.folder, ModelSpec(name=use.name, source="local", path=str(use.folder)),
@@ -133,7 +134,7 @@ class Predictor:
                                poolings=tuple(poolings), compressor={})
 
     def _model_features(self, use: ModelUse, texts: list[str]) -> tuple[dict[tuple[str, int], np.ndarray], np.ndarray]:
-        model, tokenizer = self._model(use)
+        model, tokenizer = self.model_for(use)
         counts, truncated = count_tokens(tokenizer, texts, use.max_len)
         settings = self.settings_for(use, use.layers)
         dim = text_config(model.config).hidden_size

@@ -25,6 +25,10 @@ def corpus_with(tmp_path, make_params, train_rows, test_rows=None, data=None, ex
     return params, mirror
 
 
+def build(params):
+    return build_corpus(params.dataset("odd"), params.data_mirror, params.data)
+
+
 def base_rows(n=20):
     return [{"text": f"text number {i}", "label": "ab"[i % 2]} for i in range(n)]
 
@@ -32,7 +36,7 @@ def base_rows(n=20):
 def test_empty_and_whitespace_texts_are_dropped_and_recorded(tmp_path, make_params):
     rows = base_rows() + [{"text": "", "label": "a"}, {"text": " \t\n ", "label": "b"}]
     params, _ = corpus_with(tmp_path, make_params, rows)
-    corpus = build_corpus(params.dataset("odd"), params.data_mirror, params.data)
+    corpus = build(params)
     reasons = {(d["split"], d["source_index"]): d["reason"] for d in corpus.meta["dropped"]}
     assert reasons == {("train", 20): "empty or whitespace-only text", ("train", 21): "empty or whitespace-only text"}
     assert len(corpus.splits["train"]) + len(corpus.splits["validation"]) == 20
@@ -42,23 +46,23 @@ def test_empty_text_is_an_error_when_asked(tmp_path, make_params):
     params, _ = corpus_with(tmp_path, make_params, base_rows() + [{"text": "", "label": "a"}],
                             data={"on_bad_row": "error"})
     with pytest.raises(DataError, match=r"split 'train' row 20: empty or whitespace-only text"):
-        build_corpus(params.dataset("odd"), params.data_mirror, params.data)
+        build(params)
 
 
 def test_missing_label_is_dropped_or_refused(tmp_path, make_params):
     rows = base_rows() + [{"text": "no label here", "label": None}]
     params, _ = corpus_with(tmp_path, make_params, rows)
-    corpus = build_corpus(params.dataset("odd"), params.data_mirror, params.data)
+    corpus = build(params)
     assert [d["reason"] for d in corpus.meta["dropped"]] == ["missing label"]
     strict, _ = corpus_with(tmp_path, make_params, rows, data={"on_bad_row": "error"})
     with pytest.raises(DataError, match="row 20: missing label"):
-        build_corpus(strict.dataset("odd"), strict.data_mirror, strict.data)
+        build(strict)
 
 
 def test_unknown_label_column_names_the_columns(tmp_path, make_params):
     params, _ = corpus_with(tmp_path, make_params, base_rows(), extra={"label_column": "category"})
     with pytest.raises(DataError, match=r"has no column 'category'; it has \['text', 'label'\]"):
-        build_corpus(params.dataset("odd"), params.data_mirror, params.data)
+        build(params)
 
 
 def test_invalid_utf8_names_file_and_line(tmp_path, make_params):
@@ -66,16 +70,16 @@ def test_invalid_utf8_names_file_and_line(tmp_path, make_params):
     path = mirror / "odd" / "train.jsonl"
     path.write_bytes(path.read_bytes() + b'{"text": "caf\xe9 cr\xe8me", "label": "a"}\n')
     with pytest.raises(DataError, match=r"train.jsonl line 21 is not valid UTF-8"):
-        build_corpus(params.dataset("odd"), params.data_mirror, params.data)
+        build(params)
 
 
 def test_label_in_test_that_train_never_has(tmp_path, make_params):
     test_rows = [{"text": "fine", "label": "a"}, {"text": "odd one", "label": "zebra"}]
     params, _ = corpus_with(tmp_path, make_params, base_rows(), test_rows, data={"on_bad_row": "error"})
     with pytest.raises(DataError, match=r"labels that train never has \(e.g. 'zebra'"):
-        build_corpus(params.dataset("odd"), params.data_mirror, params.data)
+        build(params)
     lenient, _ = corpus_with(tmp_path, make_params, base_rows(), test_rows)
-    corpus = build_corpus(lenient.dataset("odd"), lenient.data_mirror, lenient.data)
+    corpus = build(lenient)
     assert corpus.splits["test"].texts == ["fine"]
     assert corpus.meta["dropped"][0]["reason"] == "label 'zebra' not in train"
 
@@ -83,11 +87,11 @@ def test_label_in_test_that_train_never_has(tmp_path, make_params):
 def test_single_class_and_empty_split_are_refused(tmp_path, make_params):
     params, _ = corpus_with(tmp_path, make_params, [{"text": f"t{i}", "label": "a"} for i in range(10)])
     with pytest.raises(DataError, match="single class"):
-        build_corpus(params.dataset("odd"), params.data_mirror, params.data)
+        build(params)
     params, mirror = corpus_with(tmp_path, make_params, base_rows())
     (mirror / "odd" / "test.jsonl").write_text("")
     with pytest.raises(DataError, match="(empty|cannot read)"):
-        build_corpus(params.dataset("odd"), params.data_mirror, params.data)
+        build(params)
 
 
 def test_duplicate_ids_are_refused(tmp_path, make_params):
@@ -95,13 +99,13 @@ def test_duplicate_ids_are_refused(tmp_path, make_params):
     test_rows = [{"text": "x", "label": "a", "id": "t1"}, {"text": "y", "label": "b", "id": "t2"}]
     params, _ = corpus_with(tmp_path, make_params, rows, test_rows, extra={"id_column": "id"})
     with pytest.raises(DataError, match="duplicate ids"):
-        build_corpus(params.dataset("odd"), params.data_mirror, params.data)
+        build(params)
 
 
 def test_missing_local_files_without_hub_say_how_to_fix(tmp_path, make_params):
     params, _ = corpus_with(tmp_path, make_params, base_rows(), files={"train": "nope/train.jsonl"})
     with pytest.raises(DataError, match=r"local files missing .*nope/train.jsonl.*no `hub` entry"):
-        build_corpus(params.dataset("odd"), params.data_mirror, params.data)
+        build(params)
 
 
 def test_huge_nul_rtl_and_emoji_texts_are_embedded(tmp_path, make_params, prepared_models):
@@ -149,7 +153,7 @@ def test_config_problems_are_named_with_their_key(tmp_path, edit, message):
 
 def test_corpus_copy_detects_tampering(tmp_path, make_params):
     params, _ = corpus_with(tmp_path, make_params, base_rows())
-    corpus = build_corpus(params.dataset("odd"), params.data_mirror, params.data)
+    corpus = build(params)
     folder = tmp_path / "copy"
     write_corpus(corpus, folder)
     assert read_corpus(folder).splits["train"].texts == corpus.splits["train"].texts

@@ -16,7 +16,7 @@ from pipeline.predict import Predictor
 def _extract_all(predictor: Predictor, texts: list[str], poolings: tuple[str, ...]) -> None:
     """Every layer of every model the head reads, all poolings: what Stage 1 computes (minus writes)."""
     for use in predictor.uses.values():
-        model, tokenizer = predictor._model(use)
+        model, tokenizer = predictor.model_for(use)
         settings = predictor.settings_for(use, poolings)
         counts, _ = count_tokens(tokenizer, texts, use.max_len)
         for rows in token_budget_batches(np.minimum(counts, use.max_len), predictor.token_budget):
