@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from pipeline import location
+from pipeline.attention import ATTENTIONS
 from pipeline.errors import ConfigError
 from pipeline.pooling import POOLINGS
 
@@ -60,6 +61,7 @@ class ExtractSettings:
     padding_side: str
     poolings: tuple[str, ...]
     compressor: dict[str, Any]
+    attention: str = "auto"          # auto | sdpa | eager (pipeline/attention.py); in the store fingerprint
     # scale-out (pipeline/distributed.py); not in the store fingerprint, so any process count resumes a store
     devices: int = 1                 # processes (one device each) per node
     num_nodes: int = 1
@@ -241,7 +243,7 @@ def _parse_extract(problems: _Problems, section: Any) -> ExtractSettings:
         problems.add("extract.device", f"must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
         device = "auto"
     max_len = _int(problems, section, "max_len", "extract", 1, 256)
-    token_budget = _int(problems, section, "token_budget", "extract", 1, 2048)
+    token_budget = _int(problems, section, "token_budget", "extract", 1, 1024)
     if token_budget < max_len:
         problems.add("extract.token_budget", f"({token_budget}) must be at least max_len ({max_len}) "
                                              f"so that the longest text fits in one batch")
@@ -259,7 +261,8 @@ def _parse_extract(problems: _Problems, section: Any) -> ExtractSettings:
         compute_dtype=_choice(problems, section, "compute_dtype", "extract", COMPUTE_DTYPES, "auto"),
         device=device,
         padding_side=_choice(problems, section, "padding_side", "extract", ("right", "left"), "right"),
-        poolings=tuple(poolings), compressor=dict(compressor))
+        poolings=tuple(poolings), compressor=dict(compressor),
+        attention=_choice(problems, section, "attention", "extract", ATTENTIONS, "auto"))
 
 
 def _parse_data(problems: _Problems, section: Any) -> DataSettings:

@@ -187,7 +187,8 @@ def _run(fabric, params: Params, model_name: str, dataset_name: str, rebuild: bo
         try:
             if mine and model is None:
                 started = time.perf_counter()
-                model, _ = load_model(job.model_dir, job.spec, str(device), job.compute_dtype)
+                model, _ = load_model(job.model_dir, job.spec, str(device), job.compute_dtype,
+                                      params.extract.attention)
                 load_seconds = time.perf_counter() - started
             if bar is None:
                 bar = tqdm(total=0, unit="text", disable=not show_progress, dynamic_ncols=True, position=rank,

@@ -146,7 +146,8 @@ def fingerprint_for(params: Params, model_name: str, corpus: Corpus, source: dic
         "model": {"name": model_name, "source": params.model(model_name).source,
                   "weights_sha256": source["weights_sha256"], "tokenizer_sha256": source["tokenizer_sha256"]},
         "extract": {"max_len": settings.max_len, "dtype": settings.dtype, "poolings": list(settings.poolings),
-                    "block_rows": settings.block_rows, "compute_dtype": str(compute_dtype).removeprefix("torch.")},
+                    "block_rows": settings.block_rows, "compute_dtype": str(compute_dtype).removeprefix("torch."),
+                    "attention": settings.attention},
         "dataset": {"name": corpus.name, "sha256": corpus.meta["sha256"], "label_names": corpus.label_names,
                     "carve": corpus.meta["carve"]},
     }
@@ -333,13 +334,14 @@ def _extract(params: Params, model_name: str, dataset_name: str, rebuild: bool =
     total_rows = sum(writer.block_range(s, b)[1] - writer.block_range(s, b)[0] for s in pending for b in pending[s])
     summary = {"model": model_name, "dataset": dataset_name, "texts": 0, "tokens": 0, "seconds": 0.0,
                "blocks": sum(map(len, pending.values())), "device": str(device),
-               "compute_dtype": str(compute_dtype).removeprefix("torch."), "token_budget": settings.token_budget}
+               "compute_dtype": str(compute_dtype).removeprefix("torch."), "token_budget": settings.token_budget,
+               "attention": settings.attention}
     if total_rows == 0:
         print(f"{model_name} x {dataset_name}: store complete, nothing to extract", file=sys.stderr)
         return summary
 
     started = time.perf_counter()
-    model, _ = load_model(model_dir, spec, str(device), compute_dtype)
+    model, _ = load_model(model_dir, spec, str(device), compute_dtype, settings.attention)
     load_seconds = time.perf_counter() - started
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

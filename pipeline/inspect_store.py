@@ -45,7 +45,8 @@ def summarise(path: str | Path, console: Console | None = None) -> dict:
                   f"{'decoder' if store.attrs['info'].get('decoder') else 'encoder'}), "
                   f"{store.num_layers} layers x {store.dim}, weights sha256 {model['weights_sha256'][:16]}…")
     console.print(f"dataset {dataset['name']}: {len(dataset['label_names'])} labels, carve {dataset['carve']}")
-    console.print(f"max_len {extract['max_len']}, stored {extract['dtype']}, computed {extract['compute_dtype']}, "
+    console.print(f"max_len {extract['max_len']}, stored {extract['dtype']}, computed {extract['compute_dtype']} "
+                  f"(attention {extract.get('attention', 'sdpa')}), "
                   f"block_rows {extract['block_rows']}; {size / 2**20:,.1f} MiB on disk")
     for key, reason in store.attrs.get("dtype_fallback", {}).items():
         console.print(f"[yellow]float32 fallback[/] {key}: {reason}")

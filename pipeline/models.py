@@ -180,8 +180,13 @@ def is_decoder(config) -> bool:
     return not getattr(config, "is_encoder_decoder", False) and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
-def load_model(folder: Path, spec: ModelSpec, device: str, dtype):
-    """The base model (no LM head) in eval mode and its tokenizer, from a prepared folder."""
+def load_model(folder: Path, spec: ModelSpec, device: str, dtype, attention: str = "sdpa"):
+    """The base model (no LM head) in eval mode and its tokenizer, from a prepared folder.
+
+    attention: an `extract.attention` setting (pipeline/attention.py); stores written before it
+    existed ran sdpa, transformers' default, hence this default.
+    """
+    from pipeline.attention import use_attention
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
@@ -190,4 +195,5 @@ def load_model(folder: Path, spec: ModelSpec, device: str, dtype):
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=spec.trust_remote_code)
     model = AutoModel.from_pretrained(folder, dtype=dtype, trust_remote_code=spec.trust_remote_code,
                                       use_safetensors=True)
+    use_attention(model, attention, device)
     return model.to(device).eval(), tokenizer

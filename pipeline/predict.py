@@ -42,6 +42,7 @@ class ModelUse:
     compute_dtype: str
     stored_dtype: dict[str, str]         # pooling -> float16 | float32 (a float16 overflow fell back)
     layers: dict[str, list[int]] = field(default_factory=dict)   # pooling -> layers used
+    attention: str = "sdpa"              # extract.attention (stores from before it existed ran sdpa)
 
     @property
     def deepest(self) -> int:
@@ -54,7 +55,7 @@ class ModelUse:
 
     def as_dict(self) -> dict[str, Any]:
         return {"weights_sha256": self.weights_sha256, "num_layers": self.num_layers, "max_len": self.max_len,
-                "compute_dtype": self.compute_dtype, "stored_dtype": self.stored_dtype}
+                "compute_dtype": self.compute_dtype, "stored_dtype": self.stored_dtype, "attention": self.attention}
 
 
 def uses_from_store(head_config: dict[str, Any], store_root: Path, dataset: str, models_root: Path) -> dict[str, ModelUse]:
@@ -69,14 +70,15 @@ def uses_from_store(head_config: dict[str, Any], store_root: Path, dataset: str,
         fallback = {key.split("/")[1] for key in store.attrs.get("dtype_fallback", {})}
         uses[model] = ModelUse(model, models_root / model, store.attrs["fingerprint"]["model"]["weights_sha256"],
                                store.num_layers, extract["max_len"], extract["compute_dtype"],
-                               {p: "float32" if p in fallback else extract["dtype"] for p in store.poolings})
+                               {p: "float32" if p in fallback else extract["dtype"] for p in store.poolings},
+                               attention=extract.get("attention", "sdpa"))
     return uses
 
 
 class Predictor:
     """A trained head plus the models it reads; `predict_proba(texts)` -> [N, classes]."""
 
-    def __init__(self, head_dir: Path, uses: dict[str, ModelUse], device: str = "auto", token_budget: int = 2048,
+    def __init__(self, head_dir: Path, uses: dict[str, ModelUse], device: str = "auto", token_budget: int = 1024,
                  check_weights: bool = True):
         self.head_dir = Path(head_dir)
         self.net, self.config = load_head(self.head_dir)
@@ -114,7 +116,8 @@ class Predictor:
             raise PipelineError(f"{folder} is not an exported classifier (no export.json)")
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         uses = {name: ModelUse(name, folder / "models" / name, info["weights_sha256"], info["num_layers"],
-                               info["max_len"], info["compute_dtype"], info["stored_dtype"])
+                               info["max_len"], info["compute_dtype"], info["stored_dtype"],
+                               attention=info.get("attention", "sdpa"))
                 for name, info in manifest["models"].items()}
         return cls(folder / "head", uses, **kwargs)
 
@@ -124,14 +127,14 @@ class Predictor:
         if use.name not in self.loaded:
             dtype = getattr(torch, use.compute_dtype)
             self.loaded[use.name] = load_model(use.folder, ModelSpec(name=use.name, source="local", path=str(use.folder)),
-                                               str(self.device), dtype)
+                                               str(self.device), dtype, use.attention)
         return self.loaded[use.name]
 
     def settings_for(self, use: ModelUse, poolings) -> ExtractSettings:
         """Extraction settings that reproduce how the stored vectors were computed."""
         return ExtractSettings(max_len=use.max_len, token_budget=self.token_budget, block_rows=1, dtype="float32",
                                compute_dtype=use.compute_dtype, device=str(self.device), padding_side="right",
-                               poolings=tuple(poolings), compressor={})
+                               poolings=tuple(poolings), compressor={}, attention=use.attention)
 
     def _model_features(self, use: ModelUse, texts: list[str]) -> tuple[dict[tuple[str, int], np.ndarray], np.ndarray]:
         model, tokenizer = self.model_for(use)

@@ -6,7 +6,8 @@ Layout of a split group:
   labels         [N] int32, indices into the root attribute `label_names`
   text_id        [N] str;  source_index [N] int64 (row in the source split)
   token_count    [N] int32 (before truncation);  truncated [N] bool
-  _digest        [blocks, poolings] uint64, a checksum of each block of each pooling array
+  _digest        [blocks, poolings] uint64, a checksum of each block of each pooling array (root
+                 attribute `digest`: xxh3_64; stores without it used blake2b-64)
   _done          [blocks] uint8, set only after the block's data and digests are written
 
 Each block lives in its own shard/chunk files, so writers never share a chunk, and Zarr's local
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+import torch
+import xxhash
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
 
@@ -33,6 +36,7 @@ from pipeline.fingerprint import differences
 FORMAT = "layerfuse.embeddings/1"
 SPLITS = ("train", "validation", "test")
 FLOAT16_MAX = float(np.finfo(np.float16).max)
+FLOAT16_ROUNDS_TO_INF = 65520.0   # the smallest float32 that float16 rounds to inf (65504 + half an ulp)
 
 
 def compressors_for(config: dict[str, Any]) -> list:
@@ -45,9 +49,41 @@ def compressors_for(config: dict[str, Any]) -> list:
                        shuffle=BloscShuffle[config.get("shuffle", "shuffle")])]
 
 
-def block_digest(block: np.ndarray) -> int:
-    """64-bit checksum of a block's bytes as stored."""
-    return int.from_bytes(hashlib.blake2b(np.ascontiguousarray(block).tobytes(), digest_size=8).digest(), "little")
+DIGEST = "xxh3_64"          # new stores; a store records its own in attrs["digest"]
+LEGACY_DIGEST = "blake2b-64"  # stores written before attrs["digest"] existed
+
+
+def block_digest(block: np.ndarray, algorithm: str = DIGEST) -> int:
+    """64-bit checksum of a block's bytes as stored (xxh3: ~40x faster than blake2b, which cost the
+    writer thread 0.3 s of CPU per SmolLM2 block; this guards against bit rot and torn writes, not tampering)."""
+    data = memoryview(np.ascontiguousarray(block)).cast("B")
+    if algorithm == DIGEST:
+        return xxhash.xxh3_64_intdigest(data)
+    if algorithm == LEGACY_DIGEST:
+        return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+    raise ValueError(f"unknown block digest {algorithm!r}")
+
+
+def store_digest(attrs: dict[str, Any]) -> str:
+    return attrs.get("digest", LEGACY_DIGEST)
+
+
+def to_stored(values: np.ndarray, dtype: np.dtype, split: str, pooling: str, block: int) -> np.ndarray:
+    """float32 vectors as stored, refusing NaN/inf and raising Float16Overflow beyond float16's range.
+
+    One torch.aminmax pass finds both (NaN and inf propagate into it), and torch converts ~4x faster
+    than numpy's astype: together ~15 ms per SmolLM2 block and pooling, against ~110 ms with numpy.
+    """
+    tensor = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+    if tensor.numel():
+        low, high = (float(v) for v in torch.aminmax(tensor))
+        if not (np.isfinite(low) and np.isfinite(high)):
+            raise FloatingPointError(f"{split}/{pooling} block {block}: the model produced NaN or inf; "
+                                     f"try extract.compute_dtype: float32")
+        peak = max(-low, high)
+        if dtype == np.float16 and peak >= FLOAT16_ROUNDS_TO_INF:
+            raise Float16Overflow(split, pooling, peak)
+    return tensor.to(torch.float16 if dtype == np.float16 else torch.float32).numpy()
 
 
 META_ARRAYS = ("labels", "text_id", "source_index", "token_count", "truncated")
@@ -132,8 +168,9 @@ class StoreWriter:
                 "format": FORMAT, "fingerprint": fingerprint, "info": info,
                 "num_layers": num_layers, "dim": dim, "poolings": self.poolings, "block_rows": block_rows,
                 "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "dtype_fallback": {}, "dropped": {}, "runs": [], "splits": {},
+                "dtype_fallback": {}, "dropped": {}, "runs": [], "splits": {}, "digest": DIGEST,
             })
+        self.digest = store_digest(self.root.attrs.asdict())
 
     # -- splits -------------------------------------------------------------------------------
     def num_blocks(self, rows: int) -> int:
@@ -199,18 +236,11 @@ class StoreWriter:
             if values.shape != (stop - start, self.num_layers, self.dim):
                 raise ValueError(f"block {block} of {split}/{pooling} has shape {values.shape}, "
                                  f"expected {(stop - start, self.num_layers, self.dim)}")
-            if not np.isfinite(values).all():
-                raise FloatingPointError(f"{split}/{pooling} block {block}: the model produced NaN or inf; "
-                                         f"try extract.compute_dtype: float32")
-            dtype = group[pooling].dtype
-            if dtype == np.float16:
-                peak = float(np.abs(values).max()) if values.size else 0.0
-                if peak > FLOAT16_MAX:
-                    raise Float16Overflow(split, pooling, peak)
-            stored[pooling] = values.astype(dtype)
+            stored[pooling] = to_stored(values, group[pooling].dtype, split, pooling, block)
         for pooling in self.poolings:
             group[pooling][start:stop] = stored[pooling]
-        group["_digest"][block] = np.array([block_digest(stored[p]) for p in self.poolings], dtype=np.uint64)
+        group["_digest"][block] = np.array([block_digest(stored[p], self.digest) for p in self.poolings],
+                                           dtype=np.uint64)
         group["_done"][block] = 1
 
     def promote_to_float32(self, overflow: Float16Overflow) -> None:

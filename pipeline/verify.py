@@ -4,7 +4,7 @@
 naming the split, the array and the row block:
   - layout: root attributes, each split's arrays, their shapes and dtypes;
   - completion: splits not created yet, blocks not marked done;
-  - integrity: each done block of each pooling array is read back and its blake2b digest compared
+  - integrity: each done block of each pooling array is read back and its digest (xxh3-64, or the store's recorded algorithm) compared
     with the one recorded at write time (`_digest`); row metadata against `meta_digest`; chunks that
     no longer decode (a flipped byte in a compressed chunk or a shard index) are named too;
   - values: no NaN or inf in a done block; labels inside `label_names`.
@@ -29,7 +29,7 @@ import zarr
 
 from pipeline import location
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.store import FORMAT, META_ARRAYS, block_digest, creation_interrupted, meta_digest
+from pipeline.store import FORMAT, META_ARRAYS, block_digest, creation_interrupted, meta_digest, store_digest
 
 SERIOUS = ("unreadable", "checksum", "nonfinite", "shape", "missing", "metadata", "dtype")
 
@@ -153,7 +153,7 @@ def _verify_split(root: zarr.Group, attrs: dict[str, Any], split: str, rows: int
             if error:
                 out.append(Problem("unreadable", f"rows {start}-{stop - 1} {error}", split, pooling, block))
                 continue
-            actual = block_digest(values)
+            actual = block_digest(values, store_digest(attrs))
             if actual != int(digests[block, index]):
                 out.append(Problem("checksum", f"rows {start}-{stop - 1}: digest {actual:016x} differs from "
                                                f"{int(digests[block, index]):016x} recorded at write time",

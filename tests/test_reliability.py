@@ -409,6 +409,31 @@ def _drift_tokenizer(params, tmp_path):
     materialise(ModelSpec(name=MODEL, source="local", path=str(source)), params.model_dir(MODEL))
 
 
+def test_stores_from_before_xxh3_digests_still_verify(project, reference):
+    """Stores written with blake2b block digests (no `digest` attribute) verify against blake2b; the
+    same digests read as xxh3 would all be wrong, so the test can tell the two apart."""
+    params_path, params = project()
+    path = store_path(params)
+    shutil.copytree(store_path(reference), path)
+    root = zarr.open_group(str(path), mode="r+")
+    assert root.attrs["digest"] == "xxh3_64"
+    attrs = root.attrs.asdict()
+    del attrs["digest"]
+    root.attrs.clear()
+    root.update_attributes(attrs)
+    for split in attrs["splits"]:
+        group = root[split]
+        digests = group["_digest"][:]
+        for block in range(digests.shape[0]):
+            start, stop = block * attrs["block_rows"], min((block + 1) * attrs["block_rows"], attrs["splits"][split])
+            digests[block] = [block_digest(group[p][start:stop], "blake2b-64") for p in attrs["poolings"]]
+        group["_digest"][:] = digests
+    assert verify_store(path) == []
+    root = zarr.open_group(str(path), mode="r+")
+    root.attrs["digest"] = "xxh3_64"
+    assert {p.kind for p in verify_store(path)} == {"checksum"}
+
+
 @pytest.mark.parametrize("case, key", [
     ("weights", r"model\.weights_sha256: store has '\w+', params give '\w+'"),
     ("tokenizer", r"model\.tokenizer_sha256: store has"),
@@ -417,13 +442,14 @@ def _drift_tokenizer(params, tmp_path):
     ("poolings", r"extract\.poolings: store has \['mean', 'last', 'first', 'max', 'mean_nospecial'\], "
                  r"params give \['mean', 'max'\]"),
     ("block_rows", r"extract\.block_rows: store has 5, params give 7"),
+    ("attention", r"extract\.attention: store has 'auto', params give 'sdpa'"),
     ("dataset", r"dataset\.sha256\.train: store has"),
 ])
 def test_settings_drift_is_refused_naming_the_key(case, key, project, reference, tmp_path, mr_slice):
     """A store written with other weights (another revision), tokenizer, max_len, dtype, poolings,
-    block size or dataset content is refused before any work, and the message names the key."""
+    block size, attention kernel or dataset content is refused before any work, and the message names the key."""
     changes = {"max_len": {"max_len": 32}, "dtype": {"dtype": "float32"}, "poolings": {"poolings": ["mean", "max"]},
-               "block_rows": {"block_rows": 7}}
+               "block_rows": {"block_rows": 7}, "attention": {"attention": "sdpa"}}
     mirror = None
     if case == "dataset":
         mirror = tmp_path / "edited-mirror"

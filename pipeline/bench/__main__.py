@@ -1,7 +1,7 @@
 """Rerunnable benchmarks; results to store/bench/results.{json,md} (sections merge across runs).
 
     python -m pipeline.bench all                       # every benchmark, the full-size defaults
-    python -m pipeline.bench extraction --rows 1024    # one or more of: extraction store fusion heads memory
+    python -m pipeline.bench extraction --rows 1024    # one or more of: extraction attention store fusion heads memory predict
     python -m pipeline.bench all --quick               # small and fast (the test suite's smoke test)
     python -m pipeline.bench extraction --device cuda --models smollm2-135m   # the same comparison on a GPU
 
@@ -24,7 +24,7 @@ import torch
 from pipeline.bench.common import REPO, machine
 from pipeline.errors import PipelineError
 
-SECTIONS = ("extraction", "store", "fusion", "heads", "memory", "predict")
+SECTIONS = ("extraction", "attention", "store", "fusion", "heads", "memory", "predict")
 METHODS = ("project", "llmembed", "naive", "careful", "last_layer")
 
 
@@ -45,6 +45,8 @@ def parse(argv):
     parser.add_argument("--fusion-model", default="smollm2-135m")
     parser.add_argument("--candidates", type=int, default=None, help="sampled fusion candidates (default 300)")
     parser.add_argument("--baseline-candidates", type=int, default=None, help="sklearn candidates (default 8)")
+    parser.add_argument("--attention-datasets", nargs="+", default=["mr", "r8"],
+                        help="corpora for the attention benchmark: short texts and long ones")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
     q = args.quick
@@ -101,6 +103,10 @@ def run_section(section, args, params, dataset, models, device):
     if section == "extraction":
         from pipeline.bench import extraction
         return extraction.run(params, models, dataset, args.rows, args.slow_rows, args.repeats, device, args.methods)
+    if section == "attention":
+        from pipeline.bench import attention_bench
+        return attention_bench.run(params, models, args.attention_datasets, 48 if args.quick else args.rows // 2,
+                                   args.repeats, device)
     if section == "store":
         from pipeline.bench import store_bench
         return store_bench.run(params, 256 if args.quick else 2048, args.repeats)
@@ -185,9 +191,27 @@ def _md_extraction(data) -> list[str]:
                       f"extraction time; {p['bytes_on_disk'] / 2**20:,.1f} MiB on disk for {res['rows']} texts."]
             if "gpu_peak_mb" in p:
                 lines.append(f"GPU peak memory {p['gpu_peak_mb']:,.0f} MiB.")
+        for target, need in res.get("targets", {}).items():
+            lines.append(f"Target {target.replace('_', ' ')}: needs {_fmt(need['tokens_per_s'])} tokens/s, "
+                         f"{need['of_bf16_ceiling']:.0%} of this run's bf16 matmul ceiling in useful FLOPs "
+                         f"(project now: {res['methods']['project']['mfu_bf16']:.0%}).")
         lines.append("")
     lines += ["FLOPs per text of n real tokens: 2 x non-embedding parameters x n + 2 x 2 x layers x n^2 x d "
               "(QK^T and AV); padding is not counted."]
+    return lines
+
+
+def _md_attention(data) -> list[str]:
+    lines = [f"Forward passes only (compute {data['compute_dtype']}, token_budget {data['token_budget']}, the "
+             f"project's batches), {data['repeats']} repeats. `auto` = eager attention for CPU batches padded to at "
+             f"most {data['short_width']} tokens, sdpa otherwise (pipeline/attention.py).", "",
+             "| model | corpus | texts | mean tokens | median batch width | sdpa tok/s | eager | auto | auto / sdpa |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for model, corpora in data["models"].items():
+        for corpus, v in corpora.items():
+            t = v["tokens_per_s"]
+            lines.append(f"| {model} | {corpus} | {v['texts']} | {v['mean_tokens']} | {v['median_width']} | "
+                         f"{_fmt(t['sdpa'])} | {_fmt(t['eager'])} | {_fmt(t['auto'])} | **{v['vs_sdpa']['auto']}x** |")
     return lines
 
 

@@ -224,7 +224,7 @@ def rss_child(kind: str, params, model: str | None, dataset: str, rows: int) -> 
         from pipeline.layer_tap import text_config
         device = torch.device("cpu")
         model_obj, tokenizer = load(prepared_model(params, model), params, model, device,
-                                    resolve_compute_dtype(params.extract.compute_dtype, device))
+                                    resolve_compute_dtype(params.extract.compute_dtype, device), params.extract.attention)
         config = text_config(model_obj.config)
         with tempfile.TemporaryDirectory() as tmp:
             run_project(model_obj, tokenizer, corpus_texts(params, dataset)[:rows], params.extract, device, Path(tmp),

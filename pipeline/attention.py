@@ -1,0 +1,71 @@
+"""Which attention kernel extraction runs: the fastest for the batch at hand, chosen per batch.
+
+`python -m pipeline.bench attention` measured on this project's 2-core CPU (bf16): transformers'
+eager attention (two batched matmuls and a softmax) beats torch's fused SDPA kernel by ~7-9% of the
+whole forward pass on short texts (MR, SST-2: ~27 tokens) and loses by ~7% on long ones (R8: ~115
+tokens). `auto` therefore runs eager attention on CPU batches padded to at most SHORT_WIDTH tokens
+and SDPA otherwise (always SDPA on GPUs). The choice depends only on a batch's padded width, which
+depends only on its block's rows, so a resumed store stays bit-identical; the setting is part of the
+store's fingerprint because the two kernels round differently in bf16.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+ATTENTIONS = ("auto", "sdpa", "eager")
+SHORT_WIDTH = 64
+AUTO = "layerfuse_auto"
+
+
+def _auto_attention(module, query, key, value, attention_mask, **kwargs):
+    """Short CPU batches: the model's own eager attention (its modeling file's, so grouped KV heads,
+    soft-capping and the like stay the model's); everything else: SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    if query.device.type == "cpu" and query.shape[-2] <= SHORT_WIDTH:
+        eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if eager is not None:
+            return eager(module, query, key, value, attention_mask, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _register() -> None:
+    """Make `layerfuse_auto` a transformers attention implementation (idempotent).
+
+    Its mask is the additive float mask of eager attention, which SDPA accepts as well.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    AttentionInterface.register(AUTO, _auto_attention)
+    AttentionMaskInterface.register(AUTO, eager_mask)
+
+
+def implementation(name: str, device: torch.device | str) -> str:
+    """The transformers attn_implementation for an `extract.attention` setting on this device."""
+    if name not in ATTENTIONS:
+        raise ValueError(f"unknown attention {name!r}: one of {', '.join(ATTENTIONS)}")
+    if name != "auto":
+        return name
+    if torch.device(device).type != "cpu":
+        return "sdpa"
+    _register()
+    return AUTO
+
+
+def use_attention(model, name: str, device: torch.device | str) -> str:
+    """Switch a loaded model to the attention `name` asks for; returns the implementation it runs.
+
+    Models whose code does not go through transformers' attention interface (some remote code)
+    refuse the switch; they keep their own attention, and the returned name says so.
+    """
+    wanted = implementation(name, device)
+    current = getattr(model.config, "_attn_implementation", None)
+    if wanted == current:
+        return wanted
+    try:
+        model.set_attn_implementation(wanted)
+    except (ValueError, ImportError, AttributeError):
+        return str(current)
+    return wanted
