@@ -47,6 +47,7 @@ def parse(argv):
     parser.add_argument("--baseline-candidates", type=int, default=None, help="sklearn candidates (default 8)")
     parser.add_argument("--attention-datasets", nargs="+", default=["mr", "r8"],
                         help="corpora for the attention benchmark: short texts and long ones")
+    parser.add_argument("--attention-rows", type=int, default=None, help="texts per corpus there (default 128)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
     q = args.quick
@@ -105,7 +106,7 @@ def run_section(section, args, params, dataset, models, device):
         return extraction.run(params, models, dataset, args.rows, args.slow_rows, args.repeats, device, args.methods)
     if section == "attention":
         from pipeline.bench import attention_bench
-        return attention_bench.run(params, models, args.attention_datasets, 48 if args.quick else args.rows // 2,
+        return attention_bench.run(params, models, args.attention_datasets, args.attention_rows or (48 if args.quick else 128),
                                    args.repeats, device)
     if section == "store":
         from pipeline.bench import store_bench
