@@ -28,6 +28,8 @@ def test_quick_benchmark_runs_and_writes_results(mr_slice, make_params, prepared
     assert extraction["ceiling_flops"]["bfloat16"] > 0
     attention = results["attention"]["result"]["models"]["minilm-l6"]["mrslice"]
     assert set(attention["tokens_per_s"]) == {"sdpa", "eager", "auto"} and min(attention["tokens_per_s"].values()) > 0
+    budgets = results["attention"]["result"]["budgets"]["minilm-l6"]["tokens_per_s"]
+    assert set(budgets) >= {"1024", "2048"} and min(budgets.values()) > 0
     assert results["store"]["result"]["layouts"] and results["heads"]["result"]["ratio"] > 0
     assert "skipped" in results["fusion"]["result"]          # no store of smollm2 in this throwaway project
     text = (out / "results.md").read_text()

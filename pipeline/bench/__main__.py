@@ -107,7 +107,7 @@ def run_section(section, args, params, dataset, models, device):
     if section == "attention":
         from pipeline.bench import attention_bench
         return attention_bench.run(params, models, args.attention_datasets, args.attention_rows or (48 if args.quick else 128),
-                                   args.repeats, device)
+                                   args.repeats, device, budget_rows=48 if args.quick else 512)
     if section == "store":
         from pipeline.bench import store_bench
         return store_bench.run(params, 256 if args.quick else 2048, args.repeats)
@@ -213,6 +213,16 @@ def _md_attention(data) -> list[str]:
             t = v["tokens_per_s"]
             lines.append(f"| {model} | {corpus} | {v['texts']} | {v['mean_tokens']} | {v['median_width']} | "
                          f"{_fmt(t['sdpa'])} | {_fmt(t['eager'])} | {_fmt(t['auto'])} | **{v['vs_sdpa']['auto']}x** |")
+    budgets = data.get("budgets", {})
+    if budgets:
+        sizes = list(next(iter(budgets.values()))["tokens_per_s"])
+        lines += ["", f"Token budgets (padded tokens per batch; attention {data['attention']}, {data['budget_corpus']}, "
+                  f"the first {next(iter(budgets.values()))['texts']} texts), tokens/s and ratio to the configured "
+                  f"{data['token_budget']}:", "",
+                  "| model | " + " | ".join(sizes) + " |", "|---|" + "---|" * len(sizes)]
+        for model, v in budgets.items():
+            lines.append(f"| {model} | " + " | ".join(f"{_fmt(v['tokens_per_s'][k])} ({v['vs_configured'].get(k, '-')}x)"
+                                                      for k in sizes) + " |")
     return lines
 
 

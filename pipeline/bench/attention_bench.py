@@ -1,8 +1,10 @@
-"""Benchmark: which attention kernel makes the forward pass fastest, on short and on long texts.
+"""Benchmark: the forward pass alone, by attention kernel and by token budget.
 
-The evidence behind `extract.attention: auto` (pipeline/attention.py). One model is loaded three
-times (sdpa, eager, auto); the same token-budget batches of each corpus (the project's batching,
-texts encoded once) run through each, interleaved repeat by repeat; tokens/s is the median.
+The evidence behind `extract.attention: auto` (pipeline/attention.py) and `extract.token_budget`.
+Attention: one model is loaded three times (sdpa, eager, auto); the same token-budget batches of each
+corpus (the project's batching, texts encoded once) run through each, interleaved repeat by repeat.
+Budgets: the configured attention on the first corpus, batched under each budget. tokens/s is the
+median over repeats.
 """
 
 from __future__ import annotations
@@ -19,29 +21,45 @@ from pipeline.bench.common import r, sync
 IMPLEMENTATIONS = ("sdpa", "eager", "auto")
 
 
-def bench_corpus(models: dict[str, Any], tokenizer, texts: list[str], settings, device, repeats: int) -> dict[str, Any]:
+def _batches(tokenizer, texts: list[str], settings, budget: int, device) -> tuple[np.ndarray, list]:
     from pipeline.batching import token_budget_batches
     from pipeline.extract import encode
     lengths = np.array([len(ids) for ids in tokenizer(texts, truncation=True, max_length=settings.max_len)["input_ids"]])
-    batches = [encode(tokenizer, [texts[i] for i in rows], settings.max_len, "right", device)
-               for rows in token_budget_batches(lengths, settings.token_budget)]
-    tokens = sum(b.tokens for b in batches)
+    return lengths, [encode(tokenizer, [texts[i] for i in rows], settings.max_len, "right", device)
+                     for rows in token_budget_batches(lengths, budget)]
 
-    def forward(model) -> None:
+
+def _tokens_per_s(runs: dict[str, tuple[Any, list]], device, repeats: int) -> dict[str, float]:
+    """runs: label -> (model, batches); each label's forward passes timed, interleaved, median."""
+    def forward(model, batches) -> None:
         with torch.inference_mode():
             for batch in batches:
                 model(**batch.inputs)
         sync(device)
 
-    for model in models.values():   # warm-up
-        forward(model)
-    seconds: dict[str, list[float]] = {name: [] for name in models}
+    for model, batches in runs.values():   # warm-up
+        forward(model, batches)
+    seconds: dict[str, list[float]] = {label: [] for label in runs}
     for _ in range(repeats):
-        for name, model in models.items():
+        for label, (model, batches) in runs.items():
             start = time.perf_counter()
-            forward(model)
-            seconds[name].append(time.perf_counter() - start)
-    tps = {name: tokens / statistics.median(s) for name, s in seconds.items()}
+            forward(model, batches)
+            seconds[label].append(time.perf_counter() - start)
+    return {label: sum(b.tokens for b in runs[label][1]) / statistics.median(s) for label, s in seconds.items()}
+
+
+def bench_budgets(model, tokenizer, texts: list[str], settings, device, repeats: int, budgets) -> dict[str, Any]:
+    runs = {str(b): (model, _batches(tokenizer, texts, settings, b, device)[1]) for b in budgets}
+    tps = _tokens_per_s(runs, device, repeats)
+    return {"texts": len(texts), "tokens_per_s": {k: r(v, 4) for k, v in tps.items()},
+            "vs_configured": {k: r(v / tps[str(settings.token_budget)]) for k, v in tps.items()}
+            if str(settings.token_budget) in tps else {}}
+
+
+def bench_corpus(models: dict[str, Any], tokenizer, texts: list[str], settings, device, repeats: int) -> dict[str, Any]:
+    lengths, batches = _batches(tokenizer, texts, settings, settings.token_budget, device)
+    tokens = sum(b.tokens for b in batches)
+    tps = _tokens_per_s({name: (model, batches) for name, model in models.items()}, device, repeats)
     widths = [b.inputs["input_ids"].shape[1] for b in batches]
     return {"texts": len(texts), "tokens": tokens, "mean_tokens": r(float(lengths.mean())),
             "batches": len(batches), "median_width": int(np.median(widths)),
@@ -49,13 +67,18 @@ def bench_corpus(models: dict[str, Any], tokenizer, texts: list[str], settings, 
             "vs_sdpa": {k: r(v / tps["sdpa"]) for k, v in tps.items()}}
 
 
-def run(params, models: list[str], datasets: list[str], rows: int, repeats: int, device: torch.device) -> dict[str, Any]:
+BUDGETS = (512, 1024, 2048, 4096)
+
+
+def run(params, models: list[str], datasets: list[str], rows: int, repeats: int, device: torch.device,
+        budget_rows: int = 512) -> dict[str, Any]:
     from pipeline.attention import SHORT_WIDTH
     from pipeline.bench.extraction import corpus_texts, load, prepared_model
     from pipeline.extract import resolve_compute_dtype
     compute_dtype = resolve_compute_dtype(params.extract.compute_dtype, device)
     out: dict[str, Any] = {"short_width": SHORT_WIDTH, "compute_dtype": str(compute_dtype).removeprefix("torch."),
-                           "token_budget": params.extract.token_budget, "repeats": repeats, "models": {}}
+                           "token_budget": params.extract.token_budget, "repeats": repeats, "models": {},
+                           "attention": params.extract.attention, "budget_corpus": datasets[0], "budgets": {}}
     for name in models:
         folder = prepared_model(params, name)
         loaded = {impl: load(folder, params, name, device, compute_dtype, impl) for impl in IMPLEMENTATIONS}
@@ -64,5 +87,9 @@ def run(params, models: list[str], datasets: list[str], rows: int, repeats: int,
         out["models"][name] = {dataset: bench_corpus(variants, tokenizer, corpus_texts(params, dataset)[:rows],
                                                      params.extract, device, repeats)
                                for dataset in datasets}
-        del loaded, variants
+        ours = variants[params.extract.attention]
+        out["budgets"][name] = bench_budgets(ours, tokenizer, corpus_texts(params, datasets[0])[:budget_rows],
+                                             params.extract, device, repeats,
+                                             [b for b in BUDGETS if b >= params.extract.max_len])
+        del loaded, variants, ours
     return out
