@@ -1,12 +1,13 @@
 """Which attention kernel extraction runs: the fastest for the batch at hand, chosen per batch.
 
-`python -m pipeline.bench attention` measured on this project's 2-core CPU (bf16): transformers'
-eager attention (two batched matmuls and a softmax) beats torch's fused SDPA kernel by ~7-9% of the
-whole forward pass on short texts (MR, SST-2: ~27 tokens) and loses by ~7% on long ones (R8: ~115
-tokens). `auto` therefore runs eager attention on CPU batches padded to at most SHORT_WIDTH tokens
-and SDPA otherwise (always SDPA on GPUs). The choice depends only on a batch's padded width, which
-depends only on its block's rows, so a resumed store stays bit-identical; the setting is part of the
-store's fingerprint because the two kernels round differently in bf16.
+`python -m pipeline.bench attention` measures it: on this project's 2-core CPU (bf16), transformers'
+eager attention (two batched matmuls and a softmax) made SmolLM2's whole forward pass 4-12% faster
+than torch's fused SDPA kernel on short texts (MR: ~27 tokens), whose per-call overhead dominates
+there; on long texts (R8: ~115 tokens) eager was up to ~7% slower. `auto` therefore runs eager
+attention on CPU batches padded to at most SHORT_WIDTH tokens and SDPA otherwise (always SDPA on
+GPUs). The choice depends only on a batch's padded width, which depends only on its block's rows, so
+a resumed store stays bit-identical; the setting is part of the store's fingerprint because the two
+kernels round differently in bf16.
 """
 
 from __future__ import annotations
