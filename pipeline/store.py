@@ -64,6 +64,15 @@ def block_digest(block: np.ndarray, algorithm: str = DIGEST) -> int:
     raise ValueError(f"unknown block digest {algorithm!r}")
 
 
+def with_legacy_defaults(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """A stored fingerprint with the values that stores written before a key existed used: they ran
+    transformers' default attention (sdpa), so with `extract.attention: sdpa` they still resume."""
+    extract = fingerprint.get("extract")
+    if isinstance(extract, dict) and "attention" not in extract:
+        return {**fingerprint, "extract": {**extract, "attention": "sdpa"}}
+    return fingerprint
+
+
 def store_digest(attrs: dict[str, Any]) -> str:
     return attrs.get("digest", LEGACY_DIGEST)
 
@@ -155,7 +164,7 @@ class StoreWriter:
                 location.remove(self.path)
         if is_store(self.path):
             self.root = zarr.open_group(location.zarr_store(self.path), mode="r+")
-            diff = differences(self.root.attrs.get("fingerprint", {}), fingerprint)
+            diff = differences(with_legacy_defaults(self.root.attrs.get("fingerprint", {})), fingerprint)
             if diff:
                 raise StoreMismatchError(
                     f"{self.path} was written with other settings:\n  - " + "\n  - ".join(diff)

@@ -409,9 +409,11 @@ def _drift_tokenizer(params, tmp_path):
     materialise(ModelSpec(name=MODEL, source="local", path=str(source)), params.model_dir(MODEL))
 
 
-def test_stores_from_before_xxh3_digests_still_verify(project, reference):
-    """Stores written with blake2b block digests (no `digest` attribute) verify against blake2b; the
-    same digests read as xxh3 would all be wrong, so the test can tell the two apart."""
+def test_stores_from_before_xxh3_digests_and_attention_still_verify_and_resume(project, reference):
+    """A store as written before this version: blake2b block digests (no `digest` attribute) and no
+    `attention` in its fingerprint (it ran sdpa). It verifies against blake2b (the same digests read
+    as xxh3 would all be wrong, so the test tells the two apart); with `attention: sdpa` it is
+    accepted as complete, with the default `auto` it is refused naming the key."""
     params_path, params = project()
     path = store_path(params)
     shutil.copytree(store_path(reference), path)
@@ -419,6 +421,7 @@ def test_stores_from_before_xxh3_digests_still_verify(project, reference):
     assert root.attrs["digest"] == "xxh3_64"
     attrs = root.attrs.asdict()
     del attrs["digest"]
+    del attrs["fingerprint"]["extract"]["attention"]
     root.attrs.clear()
     root.update_attributes(attrs)
     for split in attrs["splits"]:
@@ -429,6 +432,12 @@ def test_stores_from_before_xxh3_digests_still_verify(project, reference):
             digests[block] = [block_digest(group[p][start:stop], "blake2b-64") for p in attrs["poolings"]]
         group["_digest"][:] = digests
     assert verify_store(path) == []
+    with pytest.raises(StoreMismatchError, match=r"extract\.attention: store has 'sdpa', params give 'auto'"):
+        extract(params, MODEL, DATASET, show_progress=False)
+    _, legacy = project("legacy", extract={"attention": "sdpa"})
+    shutil.rmtree(store_path(legacy), ignore_errors=True)
+    shutil.copytree(path, store_path(legacy))
+    assert extract(legacy, MODEL, DATASET, show_progress=False)["texts"] == 0   # complete: nothing redone
     root = zarr.open_group(str(path), mode="r+")
     root.attrs["digest"] = "xxh3_64"
     assert {p.kind for p in verify_store(path)} == {"checksum"}
