@@ -17,19 +17,20 @@ import sys
 import torch
 
 ATTENTIONS = ("auto", "sdpa", "eager")
+TRANSFORMERS_DEFAULT = "sdpa"   # what hand-written loops get, and what stores from before this setting ran
 SHORT_WIDTH = 64
 AUTO = "layerfuse_auto"
+_sdpa = None                    # transformers' SDPA attention function, bound by _register()
 
 
 def _auto_attention(module, query, key, value, attention_mask, **kwargs):
     """Short CPU batches: the model's own eager attention (its modeling file's, so grouped KV heads,
     soft-capping and the like stay the model's); everything else: SDPA."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     if query.device.type == "cpu" and query.shape[-2] <= SHORT_WIDTH:
         eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
         if eager is not None:
             return eager(module, query, key, value, attention_mask, **kwargs)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return _sdpa(module, query, key, value, attention_mask, **kwargs)
 
 
 def _register() -> None:
@@ -37,8 +38,11 @@ def _register() -> None:
 
     Its mask is the additive float mask of eager attention, which SDPA accepts as well.
     """
+    global _sdpa
     from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    _sdpa = sdpa_attention_forward
     AttentionInterface.register(AUTO, _auto_attention)
     AttentionMaskInterface.register(AUTO, eager_mask)
 
@@ -55,18 +59,16 @@ def implementation(name: str, device: torch.device | str) -> str:
     return AUTO
 
 
-def use_attention(model, name: str, device: torch.device | str) -> str:
-    """Switch a loaded model to the attention `name` asks for; returns the implementation it runs.
+def use_attention(model, name: str, device: torch.device | str) -> None:
+    """Switch a loaded model to the attention `name` asks for.
 
-    Models whose code does not go through transformers' attention interface (some remote code)
-    refuse the switch; they keep their own attention, and the returned name says so.
+    Models whose code does not go through transformers' attention interface (MPNet, some remote
+    code) refuse the switch and keep their own attention, which the setting then maps to as well.
     """
     wanted = implementation(name, device)
-    current = getattr(model.config, "_attn_implementation", None)
-    if wanted == current:
-        return wanted
+    if wanted == getattr(model.config, "_attn_implementation", None):
+        return
     try:
         model.set_attn_implementation(wanted)
     except (ValueError, ImportError, AttributeError):
-        return str(current)
-    return wanted
+        pass

@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.store import EmbeddingStore
+from pipeline.store import EmbeddingStore, with_legacy_defaults
 
 
 def disk_bytes(path: Path) -> int:
@@ -19,7 +19,7 @@ def summarise(path: str | Path, console: Console | None = None) -> dict:
     """Print one store's summary and return it as a dict (used by tests and the report)."""
     console = console or Console()
     store = EmbeddingStore(path, allow_incomplete=True)
-    fingerprint = store.attrs["fingerprint"]
+    fingerprint = with_legacy_defaults(store.attrs["fingerprint"])
     table = Table(title=f"{path}", title_justify="left")
     for column in ("split", "rows", "blocks done", "poolings", "shape", "dtype"):
         table.add_column(column)
@@ -46,7 +46,7 @@ def summarise(path: str | Path, console: Console | None = None) -> dict:
                   f"{store.num_layers} layers x {store.dim}, weights sha256 {model['weights_sha256'][:16]}…")
     console.print(f"dataset {dataset['name']}: {len(dataset['label_names'])} labels, carve {dataset['carve']}")
     console.print(f"max_len {extract['max_len']}, stored {extract['dtype']}, computed {extract['compute_dtype']} "
-                  f"(attention {extract.get('attention', 'sdpa')}), "
+                  f"(attention {extract['attention']}), "
                   f"block_rows {extract['block_rows']}; {size / 2**20:,.1f} MiB on disk")
     for key, reason in store.attrs.get("dtype_fallback", {}).items():
         console.print(f"[yellow]float32 fallback[/] {key}: {reason}")

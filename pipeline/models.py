@@ -180,13 +180,12 @@ def is_decoder(config) -> bool:
     return not getattr(config, "is_encoder_decoder", False) and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
-def load_model(folder: Path, spec: ModelSpec, device: str, dtype, attention: str = "sdpa"):
+def load_model(folder: Path, spec: ModelSpec, device: str, dtype, attention: str | None = None):
     """The base model (no LM head) in eval mode and its tokenizer, from a prepared folder.
 
-    attention: an `extract.attention` setting (pipeline/attention.py); stores written before it
-    existed ran sdpa, transformers' default, hence this default.
+    attention: an `extract.attention` setting (pipeline/attention.py); None keeps transformers' default.
     """
-    from pipeline.attention import use_attention
+    from pipeline.attention import TRANSFORMERS_DEFAULT, use_attention
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
@@ -195,5 +194,5 @@ def load_model(folder: Path, spec: ModelSpec, device: str, dtype, attention: str
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=spec.trust_remote_code)
     model = AutoModel.from_pretrained(folder, dtype=dtype, trust_remote_code=spec.trust_remote_code,
                                       use_safetensors=True)
-    use_attention(model, attention, device)
+    use_attention(model, attention or TRANSFORMERS_DEFAULT, device)
     return model.to(device).eval(), tokenizer

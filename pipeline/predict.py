@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipeline.attention import TRANSFORMERS_DEFAULT
 from pipeline.batching import token_budget_batches
 from pipeline.config import ExtractSettings, ModelSpec
 from pipeline.errors import ModelSourceError, PipelineError
@@ -42,7 +43,7 @@ class ModelUse:
     compute_dtype: str
     stored_dtype: dict[str, str]         # pooling -> float16 | float32 (a float16 overflow fell back)
     layers: dict[str, list[int]] = field(default_factory=dict)   # pooling -> layers used
-    attention: str = "sdpa"              # extract.attention (stores from before it existed ran sdpa)
+    attention: str = TRANSFORMERS_DEFAULT   # extract.attention (stores from before it existed ran this)
 
     @property
     def deepest(self) -> int:
@@ -60,18 +61,18 @@ class ModelUse:
 
 def uses_from_store(head_config: dict[str, Any], store_root: Path, dataset: str, models_root: Path) -> dict[str, ModelUse]:
     """How each model of a head's inputs was extracted, read from its store's attributes."""
-    from pipeline.store import open_store
+    from pipeline.store import open_store, with_legacy_defaults
     uses: dict[str, ModelUse] = {}
     for model, _, _ in head_config["inputs"]:
         if model in uses:
             continue
         store = open_store(store_root, model, dataset)
-        extract = store.attrs["fingerprint"]["extract"]
+        extract = with_legacy_defaults(store.attrs["fingerprint"])["extract"]
         fallback = {key.split("/")[1] for key in store.attrs.get("dtype_fallback", {})}
         uses[model] = ModelUse(model, models_root / model, store.attrs["fingerprint"]["model"]["weights_sha256"],
                                store.num_layers, extract["max_len"], extract["compute_dtype"],
                                {p: "float32" if p in fallback else extract["dtype"] for p in store.poolings},
-                               attention=extract.get("attention", "sdpa"))
+                               attention=extract["attention"])
     return uses
 
 
@@ -117,7 +118,7 @@ class Predictor:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         uses = {name: ModelUse(name, folder / "models" / name, info["weights_sha256"], info["num_layers"],
                                info["max_len"], info["compute_dtype"], info["stored_dtype"],
-                               attention=info.get("attention", "sdpa"))
+                               attention=info.get("attention", TRANSFORMERS_DEFAULT))
                 for name, info in manifest["models"].items()}
         return cls(folder / "head", uses, **kwargs)
 

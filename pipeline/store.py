@@ -30,6 +30,7 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
 
 from pipeline import location
+from pipeline.attention import TRANSFORMERS_DEFAULT
 from pipeline.errors import StoreIncompleteError, StoreMismatchError
 from pipeline.fingerprint import differences
 
@@ -66,10 +67,11 @@ def block_digest(block: np.ndarray, algorithm: str = DIGEST) -> int:
 
 def with_legacy_defaults(fingerprint: dict[str, Any]) -> dict[str, Any]:
     """A stored fingerprint with the values that stores written before a key existed used: they ran
-    transformers' default attention (sdpa), so with `extract.attention: sdpa` they still resume."""
+    transformers' default attention, so with `extract.attention: sdpa` they still resume. Everything
+    that reads a store's settings reads them through here."""
     extract = fingerprint.get("extract")
     if isinstance(extract, dict) and "attention" not in extract:
-        return {**fingerprint, "extract": {**extract, "attention": "sdpa"}}
+        return {**fingerprint, "extract": {**extract, "attention": TRANSFORMERS_DEFAULT}}
     return fingerprint
 
 

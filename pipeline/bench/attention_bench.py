@@ -16,10 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.attention import ATTENTIONS
 from pipeline.bench.common import r, sync
-
-IMPLEMENTATIONS = ("sdpa", "eager", "auto")
-
 
 def _batches(tokenizer, texts: list[str], settings, budget: int, device) -> tuple[np.ndarray, list]:
     from pipeline.batching import token_budget_batches
@@ -81,7 +79,7 @@ def run(params, models: list[str], datasets: list[str], rows: int, repeats: int,
                            "attention": params.extract.attention, "budget_corpus": datasets[0], "budgets": {}}
     for name in models:
         folder = prepared_model(params, name)
-        loaded = {impl: load(folder, params, name, device, compute_dtype, impl) for impl in IMPLEMENTATIONS}
+        loaded = {impl: load(folder, params, name, device, compute_dtype, impl) for impl in ATTENTIONS}
         tokenizer = loaded["sdpa"][1]
         variants = {impl: pair[0] for impl, pair in loaded.items()}
         out["models"][name] = {dataset: bench_corpus(variants, tokenizer, corpus_texts(params, dataset)[:rows],

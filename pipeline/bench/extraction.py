@@ -61,7 +61,7 @@ def prepared_model(params, name: str) -> Path:
     return folder
 
 
-def load(folder: Path, params, name: str, device: torch.device, dtype: torch.dtype, attention: str = "sdpa"):
+def load(folder: Path, params, name: str, device: torch.device, dtype: torch.dtype, attention: str | None = None):
     """A model as the hand loops get it (transformers' default attention), or with `attention`."""
     from pipeline.models import load_model
     model, tokenizer = load_model(folder, params.model(name), str(device), dtype, attention)
@@ -166,6 +166,7 @@ def bench_model(params, name: str, dataset: str, rows: int, slow_rows: int, repe
                 methods: list[str]) -> dict[str, Any]:
     from dataclasses import replace
 
+    from pipeline.attention import TRANSFORMERS_DEFAULT, implementation
     from pipeline.extract import resolve_compute_dtype
     from pipeline.layer_tap import text_config
     folder = prepared_model(params, name)
@@ -174,7 +175,8 @@ def bench_model(params, name: str, dataset: str, rows: int, slow_rows: int, repe
     compute_dtype = resolve_compute_dtype(params.extract.compute_dtype, device)
     fast, tokenizer = load(folder, params, name, device, compute_dtype)
     slow = fast if compute_dtype == torch.float32 else load(folder, params, name, device, torch.float32)[0]
-    ours = load(folder, params, name, device, compute_dtype, params.extract.attention)[0]   # extract.attention
+    same_kernel = implementation(params.extract.attention, device) == TRANSFORMERS_DEFAULT
+    ours = fast if same_kernel else load(folder, params, name, device, compute_dtype, params.extract.attention)[0]
     config = text_config(fast.config)
     num_layers, dim = config.num_hidden_layers + 1, config.hidden_size
     settings = replace(params.extract, device=str(device))
