@@ -6,7 +6,7 @@ Every problem is collected and reported at once, each naming its key and the fix
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,8 @@ class DatasetSpec:
     local: dict[str, str]            # split -> file, relative to paths.data_mirror
     hub: dict[str, Any] | None       # {path, config, revision, splits: {split: hub split}, text_column?, label_column?}
     id_column: str | None = None
+    max_len: int | None = None       # this corpus's extract.max_len (long texts: R8, R52); None: extract.max_len
+    resplit: dict[str, float] | None = None   # {from: test, train: f, validation: f}: one split shared out, seeded
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ class DataSettings:
     validation_fraction: float
     seed: int
     on_bad_row: str
+    max_rows: dict[str, int] = field(default_factory=dict)   # split -> cap (stratified, seeded sample); absent: all
 
 
 @dataclass
@@ -94,6 +97,11 @@ class Params:
             raise ConfigError(f"unknown model {name!r}: known models are {sorted(self.models)}; "
                               f"add an entry under `models:` in params.yaml")
         return self.models[name]
+
+    def extract_for(self, dataset: str) -> ExtractSettings:
+        """The extract settings of one corpus: its own max_len where its entry sets one."""
+        max_len = self.dataset(dataset).max_len
+        return self.extract if max_len is None else replace(self.extract, max_len=max_len)
 
     def dataset(self, name: str) -> DatasetSpec:
         if name not in self.datasets:
@@ -216,9 +224,38 @@ def _parse_dataset(problems: _Problems, name: str, entry: Any) -> DatasetSpec | 
     for column in ("text_column", "label_column"):
         if not isinstance(entry.get(column), str):
             problems.add(f"{key}.{column}", "must name a column")
+    known = {"text_column", "label_column", "local", "hub", "id_column", "max_len", "resplit"}
+    for extra in sorted(set(entry) - known):
+        problems.add(f"{key}.{extra}", f"unknown option{_closest(extra, known)}; known options are {sorted(known)}")
+    max_len = entry.get("max_len")
+    if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1):
+        problems.add(f"{key}.max_len", f"must be an integer >= 1 (or absent for extract.max_len), got {max_len!r}")
+        max_len = None
     return DatasetSpec(name=name, text_column=str(entry.get("text_column")),
                        label_column=str(entry.get("label_column")), local=dict(local), hub=hub,
-                       id_column=entry.get("id_column"))
+                       id_column=entry.get("id_column"), max_len=max_len,
+                       resplit=_parse_resplit(problems, key, entry.get("resplit")))
+
+
+def _parse_resplit(problems: _Problems, key: str, resplit: Any) -> dict[str, Any] | None:
+    """A corpus shipped as one split (AGNews offline: test only) shared out into train/validation/test."""
+    if resplit is None:
+        return None
+    fractions = {k: v for k, v in resplit.items() if k != "from"} if isinstance(resplit, dict) else None
+    if (not isinstance(resplit, dict) or resplit.get("from") not in ("train", "test") or set(fractions) - {"train", "validation"}
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1 for v in fractions.values())
+            or "train" not in fractions or sum(fractions.values()) >= 1):
+        problems.add(f"{key}.resplit", "must be {from: test|train, train: f, validation: f} with fractions in (0, 1) "
+                                       f"summing to less than 1 (the rest stays in `from`), got {resplit!r}")
+        return None
+    return {"from": resplit["from"], **{k: float(v) for k, v in fractions.items()}}
+
+
+def _closest(name: str, known) -> str:
+    """`; did you mean 'x'?` for a misspelt key, or nothing."""
+    import difflib
+    match = difflib.get_close_matches(str(name), sorted(known), n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""
 
 
 def _parse_extract(problems: _Problems, section: Any) -> ExtractSettings:
@@ -271,9 +308,42 @@ def _parse_data(problems: _Problems, section: Any) -> DataSettings:
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
         problems.add("data.validation_fraction", f"must be a number between 0 and 1, got {fraction!r}")
         fraction = 0.1
+    max_rows = section.get("max_rows") or {}
+    if not isinstance(max_rows, dict):
+        problems.add("data.max_rows", f"must map split names to row caps, got {max_rows!r}")
+        max_rows = {}
+    for split, cap in list(max_rows.items()):
+        if split not in ("train", "validation", "test"):
+            problems.add(f"data.max_rows.{split}", "split names are train, validation and test")
+        elif cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 2):
+            problems.add(f"data.max_rows.{split}", f"must be an integer >= 2, or null for no cap, got {cap!r}")
     return DataSettings(validation_fraction=float(fraction),
                         seed=_int(problems, section, "seed", "data", 0, 0),
-                        on_bad_row=_choice(problems, section, "on_bad_row", "data", ("drop", "error"), "drop"))
+                        on_bad_row=_choice(problems, section, "on_bad_row", "data", ("drop", "error"), "drop"),
+                        max_rows={s: c for s, c in max_rows.items() if isinstance(c, int) and not isinstance(c, bool)})
+
+
+def _with_base(raw: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A profile (`base: params.yaml` plus overrides) is its base file with the overrides merged in,
+    so a study changes a few keys and shares the model and dataset registries."""
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    base_path = (path.parent / str(base)).resolve()
+    if base_path == path or not base_path.is_file():
+        raise ConfigError(f"{path}: base {base!r} must name another params file")
+    try:
+        base_raw = yaml.safe_load(base_path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{base_path} is not valid YAML: {error}") from error
+    return _merge(_with_base(base_raw, base_path), raw)
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return merged
 
 
 def load_params(path: str | Path = "params.yaml", models: list[str] | None = None,
@@ -288,6 +358,7 @@ def load_params(path: str | Path = "params.yaml", models: list[str] | None = Non
         raise ConfigError(f"{path} is not valid YAML: {error}") from error
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping at the top level")
+    raw = _with_base(raw, path)
     problems = _Problems()
     root = path.parent
     paths = raw.get("paths") or {}
@@ -312,6 +383,10 @@ def load_params(path: str | Path = "params.yaml", models: list[str] | None = Non
         if name not in dataset_specs:
             problems.add("select.datasets", f"unknown dataset {name!r}; known datasets are {sorted(dataset_specs)}")
     extract = _parse_extract(problems, raw.get("extract"))
+    for name, spec in dataset_specs.items():
+        if spec.max_len is not None and spec.max_len > extract.token_budget:
+            problems.add(f"datasets.{name}.max_len", f"({spec.max_len}) must be at most extract.token_budget "
+                                                     f"({extract.token_budget}) so that the longest text fits a batch")
     data = _parse_data(problems, raw.get("data"))
     problems.raise_if_any(path)
     return Params(root=root, store=store, data_mirror=(root / str(mirror)) if mirror else None,

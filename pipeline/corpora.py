@@ -152,13 +152,18 @@ def _normalise(name: str, split: str, dataset, text_column: str, label_column: s
     return out
 
 
-def stratified_carve(labels: list[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Seeded stratified split of row indices into (keep, carved). A class of one row stays in train."""
-    rng = np.random.default_rng(seed)
+def _by_label(labels: list[str]) -> dict[str, list[int]]:
     by_label: dict[str, list[int]] = {}
     for index, label in enumerate(labels):
         by_label.setdefault(label, []).append(index)
+    return by_label
+
+
+def stratified_carve(labels: list[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded stratified split of row indices into (keep, carved). A class of one row stays in train."""
+    rng = np.random.default_rng(seed)
     carved: list[int] = []
+    by_label = _by_label(labels)
     for label in sorted(by_label):
         members = np.array(by_label[label])
         if len(members) < 2:
@@ -169,27 +174,83 @@ def stratified_carve(labels: list[str], fraction: float, seed: int) -> tuple[lis
     return [i for i in range(len(labels)) if i not in carved_set], sorted(carved)
 
 
+def stratified_sample(labels: list[str], rows: int, seed: int) -> list[int]:
+    """`rows` row indices (sorted), each class keeping its share (largest remainders), at least one row
+    per class where the cap allows: a capped split keeps the label balance of the full one."""
+    by_label = _by_label(labels)
+    if rows >= len(labels):
+        return list(range(len(labels)))
+    shares = {label: rows * len(members) / len(labels) for label, members in by_label.items()}
+    counts = {label: min(len(by_label[label]), max(1, int(share))) for label, share in shares.items()}
+    by_remainder = sorted(by_label, key=lambda label: (-(shares[label] - int(shares[label])), label))
+    while sum(counts.values()) < rows:            # largest remainders first, never past a class's size
+        for label in by_remainder:
+            if sum(counts.values()) < rows and counts[label] < len(by_label[label]):
+                counts[label] += 1
+    for label in sorted(by_label, key=lambda label: -counts[label]):   # min-one rounding may overshoot
+        while sum(counts.values()) > rows and counts[label] > 1:
+            counts[label] -= 1
+    rng = np.random.default_rng(seed)
+    chosen = [i for label in sorted(by_label)
+              for i in rng.permutation(np.array(by_label[label]))[:counts[label]].tolist()]
+    return sorted(chosen)
+
+
+def _resplit(name: str, splits: dict[str, Split], resplit: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Share one split out into train / validation / the rest (stratified, seeded), e.g. AGNews offline,
+    whose 120k train set is not mirrored: its 7,600 test rows become train, validation and test."""
+    source = resplit["from"]
+    if set(splits) != {source}:
+        raise DataError(f"dataset {name!r}: resplit takes a corpus shipped as its {source!r} split alone; "
+                        f"this one has {sorted(splits)}: drop datasets.{name}.resplit")
+    pool = splits.pop(source)
+    rest, train = stratified_carve(pool.labels, resplit["train"], seed)
+    splits["train"] = pool.take(train)
+    rest_split = pool.take(rest)
+    if "validation" in resplit:
+        fraction = resplit["validation"] / (1 - resplit["train"])
+        keep, validation = stratified_carve(rest_split.labels, fraction, seed + 1)
+        splits["validation"] = rest_split.take(validation)
+        rest_split = rest_split.take(keep)
+    splits["test"] = rest_split
+    return {**resplit, "seed": seed, "rows": {s: len(v) for s, v in splits.items()}}
+
+
+def _cap(splits: dict[str, Split], max_rows: dict[str, int], seed: int) -> dict[str, Any] | None:
+    """Cap each split at data.max_rows[split] rows by a stratified, seeded sample; recorded in meta
+    (and so in the store fingerprint) with the uncapped row counts."""
+    caps = {}
+    for split_name, cap in max_rows.items():
+        split = splits.get(split_name)
+        if split is not None and len(split) > cap:
+            splits[split_name] = split.take(stratified_sample(split.labels, cap, seed))
+            caps[split_name] = {"cap": cap, "rows_before": len(split)}
+    return caps or None
+
+
 def build_corpus(spec: DatasetSpec, mirror: Path | None, settings: DataSettings) -> Corpus:
     """Read, check and split a corpus; raises DataError before any model work on bad input."""
     raw, source, text_column, label_column = load_source(spec, mirror)
     dropped: list[dict[str, Any]] = []
     splits = {split: _normalise(spec.name, split, raw[split], text_column, label_column, spec.id_column,
                                 settings.on_bad_row, dropped) for split in SPLIT_ORDER if split in raw}
+    resplit = _resplit(spec.name, splits, spec.resplit, settings.seed) if spec.resplit else None
+    if "train" not in splits:
+        raise DataError(f"dataset {spec.name!r} has no train split (it has {sorted(splits)}): a probe and a head "
+                        f"need one. Add a train file, or share one split out with datasets.{spec.name}.resplit: "
+                        f"{{from: test, train: 0.6, validation: 0.1}}")
     carve = None
-    if "train" in splits and "validation" not in splits:
+    if "validation" not in splits:
         keep, carved = stratified_carve(splits["train"].labels, settings.validation_fraction, settings.seed)
         splits["validation"] = splits["train"].take(carved)
         splits["train"] = splits["train"].take(keep)
         carve = {"from": "train", "fraction": settings.validation_fraction, "seed": settings.seed,
                  "rows": len(carved)}
-    if "train" in splits:
-        counts = Counter(splits["train"].labels)
-        if len(counts) < 2:
-            raise DataError(f"dataset {spec.name!r}: train has a single class {list(counts)}; "
-                            f"a classifier needs at least two")
-        label_names = sorted(counts)
-    else:
-        label_names = sorted({label for split in splits.values() for label in split.labels})
+    counts = Counter(splits["train"].labels)
+    if len(counts) < 2:
+        raise DataError(f"dataset {spec.name!r}: train has a single class {list(counts)}; "
+                        f"a classifier needs at least two")
+    label_names = sorted(counts)
     known = set(label_names)
     for split_name in ("validation", "test"):
         split = splits.get(split_name)
@@ -207,15 +268,21 @@ def build_corpus(spec: DatasetSpec, mirror: Path | None, settings: DataSettings)
         if unknown:
             unknown_set = set(unknown)
             splits[split_name] = split.take([i for i in range(len(split)) if i not in unknown_set])
+        if not len(splits[split_name]):
+            raise DataError(f"dataset {spec.name!r} split {split_name!r}: all {len(split)} rows carry labels that "
+                            f"train never has (e.g. {split.labels[0]!r}; train has {label_names}): the label "
+                            f"names differ between splits; fix the data. Nothing was extracted")
     for split_name, split in splits.items():
         duplicates = [i for i, c in Counter(split.ids).items() if c > 1]
         if duplicates:
             raise DataError(f"dataset {spec.name!r} split {split_name!r} has duplicate ids, e.g. {duplicates[:3]}; "
                             f"ids must be unique (set datasets.{spec.name}.id_column or fix the data)")
+    caps = _cap(splits, settings.max_rows, settings.seed)
     meta = {
         "name": spec.name, "source": source, "label_names": label_names, "carve": carve, "dropped": dropped,
         "rows": {s: len(v) for s, v in splits.items()},
         "sha256": {s: sha256_rows(v.texts, v.labels) for s, v in splits.items()},
+        **({"caps": caps} if caps else {}), **({"resplit": resplit} if resplit else {}),
     }
     return Corpus(spec.name, splits, label_names, meta)
 
@@ -243,7 +310,8 @@ def read_corpus(folder: Path) -> Corpus:
         path = folder / f"{split_name}.jsonl"
         if split_name not in meta["rows"]:
             continue
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+        # split on "\n" only: str.splitlines() also splits inside texts on U+0085, U+2028, U+2029, \x1c-\x1e...
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line]
         splits[split_name] = Split([r["id"] for r in rows], [r["text"] for r in rows], [r["label"] for r in rows],
                                    [r["source_split"] for r in rows], [r["source_index"] for r in rows])
         if sha256_rows(splits[split_name].texts, splits[split_name].labels) != meta["sha256"][split_name]:

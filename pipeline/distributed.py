@@ -7,15 +7,21 @@ How the work is shared (no sampler: Lightning's DistributedSampler interleaves r
 which puts two ranks into one chunk):
   1. rank 0 takes the store's run lock, creates or reopens the store (fingerprint check, --rebuild)
      and initialises its splits (token counts); the outcome is broadcast, so an error stops every rank;
-  2. every rank opens the store and lists the blocks still pending (whole row blocks = whole shards);
+  2. every rank opens the store; rank 0 lists the blocks still pending (whole row blocks = whole shards)
+     and their tokens, and broadcasts that list: a rank that read the `_done` marks itself would read
+     them later than a faster rank that is already marking blocks done, deal differently, and leave
+     blocks to nobody (the cause of a store finishing with a block not done);
   3. the pending blocks are sorted by their tokens (descending) and dealt greedily to the least-loaded
-     rank (LPT). The deal depends only on the pending set and the world size, so every rank computes
-     the same one without talking to the others;
+     rank (LPT). The deal depends only on the broadcast list and the world size, so every rank computes
+     the same one;
   4. each rank runs exactly the single-process block code (pipeline.extract.process_blocks) on its
-     blocks: it writes its own shards and marks them done. Two ranks never touch the same chunk;
+     blocks: it writes its own shards and marks them done. Two ranks never touch the same chunk
+     (`_done` and `_digest` have one chunk per block, so no read-modify-write is shared);
   5. float16 overflows are gathered; rank 0 promotes those arrays to float32 and the loop goes again
      on what is pending; otherwise rank 0 gathers every rank's tokens and seconds and records the run
-     with the spread.
+     with the spread. That gather is also the barrier after every rank's last block and done mark
+     (process_blocks returns only once its writer thread has finished): rank 0, and so the stage,
+     returns only when the whole store is final.
 A killed run resumes with any number of processes: devices/num_nodes are not in the fingerprint and
 the pending set is read from the `_done` marks. The result is bit-identical to a single-process run
 because a block's vectors depend only on its own rows.
@@ -115,6 +121,22 @@ def _raise_if_any(statuses: list[Any]) -> None:
             raise error(f"rank {rank}: {message}" if rank else message)
 
 
+def _agreed_work(fabric, writer, splits, max_len: int) -> tuple[list[tuple[str, int]], list[int]]:
+    """The pending (split, block) pairs and their costs as rank 0 reads them, the same on every rank."""
+    from pipeline.extract import pending_work
+
+    found, error = None, None
+    if fabric.global_rank == 0:
+        try:
+            work = pending_work(writer, splits)
+            found = (work, block_costs(writer, work, max_len))
+        except Exception as caught:
+            error = caught
+    found, status = fabric.broadcast((found, _status(error)), src=0)
+    _raise_if_any([status])
+    return found
+
+
 def _status(error: BaseException | None):
     if error is None:
         return None
@@ -146,11 +168,11 @@ def _run(fabric, params: Params, model_name: str, dataset_name: str, rebuild: bo
          show_progress: bool) -> dict[str, Any] | None:
     from tqdm import tqdm
 
-    from pipeline.extract import open_extraction, peak_rss_mb, pending_work, process_blocks
+    from pipeline.extract import open_extraction, peak_rss_mb, process_blocks
     from pipeline.models import load_model
     from pipeline.store import Float16Overflow
 
-    settings = params.extract
+    settings = params.extract_for(dataset_name)
     rank, world = fabric.global_rank, fabric.world_size
     device = fabric.device
     wall = time.perf_counter()
@@ -172,11 +194,10 @@ def _run(fabric, params: Params, model_name: str, dataset_name: str, rebuild: bo
     model, load_seconds, compute_seconds, dealt_tokens, rounds = None, 0.0, 0.0, 0, 0
     bar = None
     while True:
-        work = pending_work(writer, corpus.splits)
+        work, costs = _agreed_work(fabric, writer, corpus.splits, settings.max_len)
         if not work:
             break
         rounds += 1
-        costs = block_costs(writer, work, settings.max_len)
         assignment, loads = deal(work, costs, world)
         mine = assignment[rank]
         dealt_tokens += loads[rank]
@@ -225,7 +246,7 @@ def _run(fabric, params: Params, model_name: str, dataset_name: str, rebuild: bo
             "model_load_seconds": round(load_seconds, 3), "peak_rss_mb": round(peak_rss_mb(), 1),
             "peak_gpu_mb": (round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
                             if device.type == "cuda" else None)}
-    ranks = _gather(mine)
+    ranks = _gather(mine)     # the barrier: every rank's blocks and done marks are written by now
     if rank != 0:
         return None
     total = {k: sum(r[k] for r in ranks) for k in ("blocks", "texts", "tokens")}

@@ -141,7 +141,7 @@ def pool_batch(model, tokenizer, texts: list[str], settings: ExtractSettings, de
 def fingerprint_for(params: Params, model_name: str, corpus: Corpus, source: dict[str, Any],
                     compute_dtype: torch.dtype) -> dict[str, Any]:
     """What the stored numbers depend on; a store whose fingerprint differs is refused."""
-    settings = params.extract
+    settings = params.extract_for(corpus.name)
     return {
         "model": {"name": model_name, "source": params.model(model_name).source,
                   "weights_sha256": source["weights_sha256"], "tokenizer_sha256": source["tokenizer_sha256"]},
@@ -149,7 +149,8 @@ def fingerprint_for(params: Params, model_name: str, corpus: Corpus, source: dic
                     "block_rows": settings.block_rows, "compute_dtype": str(compute_dtype).removeprefix("torch."),
                     "attention": settings.attention},
         "dataset": {"name": corpus.name, "sha256": corpus.meta["sha256"], "label_names": corpus.label_names,
-                    "carve": corpus.meta["carve"]},
+                    "carve": corpus.meta["carve"], **({"caps": corpus.meta["caps"]} if corpus.meta.get("caps") else {}),
+                    **({"resplit": corpus.meta["resplit"]} if corpus.meta.get("resplit") else {})},
     }
 
 
@@ -204,7 +205,7 @@ def open_extraction(params: Params, model_name: str, dataset_name: str, device: 
     only, and open it with create=False on the other ranks once rank 0 is done."""
     from transformers import AutoConfig, AutoTokenizer
 
-    settings = params.extract
+    settings = params.extract_for(dataset_name)
     spec = params.model(model_name)
     model_dir = params.model_dir(model_name)
     source = read_source(model_dir)
@@ -324,7 +325,7 @@ def process_blocks(writer: StoreWriter, work: list[tuple[str, int]], model, toke
 
 def _extract(params: Params, model_name: str, dataset_name: str, rebuild: bool = False,
              show_progress: bool = True) -> dict[str, Any]:
-    settings = params.extract
+    settings = params.extract_for(dataset_name)
     device = resolve_device(settings.device)
     job = open_extraction(params, model_name, dataset_name, device, rebuild=rebuild)
     spec, model_dir, corpus, writer = job.spec, job.model_dir, job.corpus, job.writer
