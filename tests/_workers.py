@@ -43,3 +43,24 @@ def extract_child(params_path: str, model: str, dataset: str, result_path: str, 
         hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
         resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
     Path(result_path).write_text(json.dumps(result))
+
+
+def late_rank_one(fabric, params_path: str, delay: float) -> None:
+    """One rank of a two-process extraction (Fabric ddp_spawn) in which rank 1 opens the store `delay`
+    seconds after rank 0, as a rank on a loaded machine does: rank 0 may mark blocks done before rank 1
+    looks at what is pending. The real open_extraction runs; only its start is delayed."""
+    import time
+
+    import pipeline.extract
+    from pipeline.config import load_params
+    from pipeline.distributed import run_rank
+
+    if fabric.global_rank == 1:
+        opened = pipeline.extract.open_extraction
+
+        def late(*args, **kwargs):
+            time.sleep(delay)
+            return opened(*args, **kwargs)
+
+        pipeline.extract.open_extraction = late
+    run_rank(fabric, load_params(params_path), "tiny-llama", "mrslice", show_progress=False)

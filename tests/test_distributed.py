@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zarr
 
 from conftest import REPO, tiny_llama_entry
 from pipeline.config import load_params
@@ -103,6 +104,37 @@ def test_two_processes_write_the_same_store_as_one(mr_slice, make_params, prepar
     assert run["texts"] == 320 and 0 <= run["spread_seconds"] <= 1
     dealt = [r["dealt_tokens"] for r in run["ranks"]]
     assert max(dealt) - min(dealt) <= 0.2 * max(dealt), dealt                # balanced by tokens
+
+
+LATE_RANK = """
+import sys
+from lightning.fabric import Fabric
+import _workers
+Fabric(accelerator="cpu", devices=2, strategy="ddp_spawn").launch(_workers.late_rank_one, sys.argv[1], 5.0)
+"""
+
+
+@pytest.mark.slow
+def test_a_rank_that_opens_the_store_late_still_gets_the_same_deal(mr_slice, make_params, prepared_models, tmp_path):
+    """Rank 1 opens the store 5 s after rank 0, by which time rank 0 has written blocks: every rank must
+    deal the pending list rank 0 read, or blocks are dealt to nobody (issue 11 item 10: `train/_done`
+    left at 0 under load) or to two ranks."""
+    reference = reference_store(make_params, mr_slice, prepared_models, tmp_path)
+    params_path = make_params(mr_slice, ["tiny-llama"], ["mrslice"], extract=SETTINGS,
+                              extra_models=tiny_llama_entry(prepared_models), folder=tmp_path / "late")
+    params = prepare(params_path, "mrslice", prepared_models, ["tiny-llama"])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    done = subprocess.run([sys.executable, "-c", LATE_RANK, str(params_path)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    path = params.embeddings_path("tiny-llama", "mrslice")
+    assert_same_store(path, reference)                                      # every block done, bit-identical
+    run = EmbeddingStore(path).attrs["runs"][-1]
+    total = sum(EmbeddingStore(path).completion(s)[1] for s in ("train", "validation", "test"))
+    assert [r["blocks"] for r in run["ranks"]] and sum(r["blocks"] for r in run["ranks"]) == total   # each once
+    for split in ("train", "validation", "test"):                           # one done mark per chunk file:
+        done_marks = zarr.open_array(str(path / split / "_done"), mode="r")  # ranks never share a chunk
+        assert done_marks.chunks == (1,) and done_marks.shards is None
 
 
 @pytest.mark.slow
