@@ -5,8 +5,10 @@ Every problem is collected and reported at once, each naming its key and the fix
 
 from __future__ import annotations
 
+import json
+import math
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,19 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 MODEL_SOURCES = ("package", "local", "hub")
 STORE_DTYPES = ("float16", "float32")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float32")
+HUB_OPTIONS = ("path", "config", "revision", "splits", "text_column", "label_column")
 DATA_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+SECTIONS = ("paths", "select", "data", "extract", "models", "datasets", "score", "fuse", "train", "report")
+# Stage 2's choices, here so that load_params needs neither torch heads nor Lightning; tests keep them
+# equal to pipeline.probe.METRICS, pipeline.fusion.OPERATORS and pipeline.heads.HEADS
+SCORE_PROTOCOLS = ("validation", "cv")
+SCORE_METRICS = ("accuracy", "macro_f1")
+SELECT_RULES = ("best", "one_se")
+FUSE_OPERATORS = ("mean", "max", "concat")
+HEAD_NAMES = ("linear", "mlp", "cooccurrence", "scalar_mix")
+TOP_K_MAX = 16                   # every subset of the top-k layers: 2^k sets
+COMPRESSOR_OPTIONS = {"none": (), "zstd": ("level",), "blosc": ("cname", "clevel", "shuffle")}
+BLOSC_SHUFFLES = ("noshuffle", "shuffle", "bitshuffle")
 
 
 @dataclass(frozen=True)
@@ -78,6 +92,91 @@ class DataSettings:
     max_rows: dict[str, int] = field(default_factory=dict)   # split -> cap (stratified, seeded sample); absent: all
 
 
+# -- Stage 2 sections: the defaults below are params.yaml's, and live nowhere else ---------------------
+def _plain(settings: Any) -> dict[str, Any]:
+    """A settings dataclass as JSON-ready dicts and lists (consumers index it; results.json records it)."""
+    return json.loads(json.dumps(asdict(settings)))
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    """`score:` the probe shared by score and fuse (pipeline.probe.Protocol is built from it)."""
+    protocol: str = "validation"     # validation | cv
+    folds: int = 5
+    alphas: tuple[float, ...] = (0.001, 0.01, 0.1, 1.0)
+    rank: int = 128                  # 0: full width
+    pca_rows: int = 2048
+    metric: str = "accuracy"
+    bootstrap: int = 200
+    seed: int = 0
+    select_rule: str = "one_se"      # best | one_se (the simplest candidate within one paired SE of the top)
+
+
+@dataclass(frozen=True)
+class FuseSettings:
+    """`fuse:` the candidate space of the fusion search."""
+    pooling: str = "best"            # best | a pooling of extract.poolings
+    top_k: int = 6
+    last_n: int = 5
+    operators: tuple[str, ...] = FUSE_OPERATORS
+    wide_max_layers: int = 4
+    multi_model: bool = True
+
+    def as_dict(self) -> dict[str, Any]:
+        return _plain(self)
+
+
+@dataclass(frozen=True)
+class MlpOptions:
+    widths: tuple[int, ...] = (256,)
+    dropout: float = 0.5
+
+
+@dataclass(frozen=True)
+class CooccurrenceOptions:
+    width: int = 256
+    sigma: float = 1.0
+    widths: tuple[int, ...] = (256,)
+    dropout: float = 0.5
+
+
+@dataclass(frozen=True)
+class ScalarMixOptions:
+    widths: tuple[int, ...] = ()
+    dropout: float = 0.1
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """`train:` the heads, their seeds and their optimiser."""
+    heads: tuple[str, ...] = HEAD_NAMES
+    seeds: tuple[int, ...] = (0, 1, 2)
+    max_epochs: int = 30
+    patience: int = 3
+    batch_size: int = 1024
+    lr: float = 0.002
+    weight_decay: float = 0.0001
+    device: str = "auto"             # auto | cpu | cuda | cuda:N | mps
+    threads: int = 1                 # torch CPU threads (0: torch's default)
+    mlp: MlpOptions = field(default_factory=MlpOptions)
+    cooccurrence: CooccurrenceOptions = field(default_factory=CooccurrenceOptions)
+    scalar_mix: ScalarMixOptions = field(default_factory=ScalarMixOptions)
+
+    def as_dict(self) -> dict[str, Any]:
+        return _plain(self)
+
+
+def head_options(head: str) -> dict[str, Any]:
+    """A head's default options (train.mlp, ...): fill what an older head config.json lacks."""
+    return TrainSettings().as_dict().get(head, {})
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    """`report:` where the report goes."""
+    out: str = "reports"
+
+
 @dataclass
 class Params:
     root: Path                       # folder of params.yaml; relative paths resolve against it
@@ -89,7 +188,10 @@ class Params:
     selected_datasets: list[str]
     data: DataSettings
     extract: ExtractSettings
-    raw: dict[str, Any] = field(default_factory=dict)   # the whole file, for later stages' sections
+    score: ScoreSettings = field(default_factory=ScoreSettings)
+    fuse: FuseSettings = field(default_factory=FuseSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    report: ReportSettings = field(default_factory=ReportSettings)
     embeddings: str | Path | None = None   # paths.embeddings: a folder or an fsspec URL (s3://...); default store/embeddings
 
     def model(self, name: str) -> ModelSpec:
@@ -160,6 +262,175 @@ def _choice(problems: _Problems, section: dict, key: str, prefix: str, choices, 
     return value
 
 
+def _unknown_keys(problems: _Problems, prefix: str, mapping: dict, known) -> None:
+    """Name every key no reader looks at, with the closest known one: a typo must not fall back to a default."""
+    for extra in sorted(set(mapping) - set(known), key=str):
+        problems.add(f"{prefix}.{extra}", f"unknown option{_closest(extra, known)}; known options are {sorted(known)}")
+
+
+def _mapping(problems: _Problems, prefix: str, value: Any, known) -> dict:
+    """A section as a dict (absent: empty), its unknown keys named."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        problems.add(prefix, f"must be a mapping, got {value!r}")
+        return {}
+    _unknown_keys(problems, prefix, value, known)
+    return value
+
+
+class _Section:
+    """Typed reads of one mapping: each bad value is added under `prefix.key`, absent keys take the
+    dataclass defaults, unknown keys are named."""
+
+    def __init__(self, problems: _Problems, prefix: str, value: Any, defaults: Any):
+        self.problems, self.prefix, self.defaults = problems, prefix, defaults
+        self.values = _mapping(problems, prefix, value, [f.name for f in fields(defaults)])
+
+    def get(self, key: str) -> Any:
+        return self.values.get(key, getattr(self.defaults, key))
+
+    def bad(self, key: str, wanted: str) -> Any:
+        self.problems.add(f"{self.prefix}.{key}", f"must be {wanted}, got {self.get(key)!r}")
+        return getattr(self.defaults, key)
+
+    def integer(self, key: str, minimum: int, maximum: int | None = None) -> int:
+        value = self.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (
+                maximum is not None and value > maximum):
+            return self.bad(key, f"an integer >= {minimum}" + (f" and <= {maximum}" if maximum is not None else ""))
+        return value
+
+    def number(self, key: str, minimum: float, above: bool = False, below: float | None = None) -> float:
+        """A finite number (YAML reads 1e-3 as a string: accepted); `above`: strictly greater than minimum."""
+        value = _as_number(self.get(key))
+        if value is None or value < minimum or (above and value == minimum) or (below is not None and value >= below):
+            wanted = f"a number {'>' if above else '>='} {minimum}" + (f" and < {below}" if below is not None else "")
+            return self.bad(key, wanted)
+        return value
+
+    def flag(self, key: str) -> bool:
+        value = self.get(key)
+        return value if isinstance(value, bool) else self.bad(key, "true or false")
+
+    def choice(self, key: str, choices) -> str:
+        value = self.get(key)
+        return value if isinstance(value, str) and value in choices else self.bad(key, f"one of {list(choices)}")
+
+    def names(self, key: str, choices) -> tuple[str, ...]:
+        """A non-empty list drawn from `choices`, each once: an empty list would run nothing and exit 0."""
+        value = self.get(key)
+        if (not isinstance(value, (list, tuple)) or not value or any(v not in choices for v in value)
+                or len(set(value)) != len(value)):
+            return self.bad(key, f"a non-empty list drawn from {list(choices)}, each once")
+        return tuple(value)
+
+    def integers(self, key: str, minimum: int, empty: bool = True) -> tuple[int, ...]:
+        value = self.get(key)
+        if (not isinstance(value, (list, tuple)) or (not value and not empty)
+                or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in value)):
+            return self.bad(key, f"a {'' if empty else 'non-empty '}list of integers >= {minimum}")
+        return tuple(value)
+
+    def text(self, key: str) -> str:
+        value = self.get(key)
+        return value if isinstance(value, str) and value.strip() else self.bad(key, "a non-empty string")
+
+
+def _as_number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _parse_score(problems: _Problems, value: Any) -> ScoreSettings:
+    section = _Section(problems, "score", value, ScoreSettings())
+    alphas = section.get("alphas")
+    numbers = [_as_number(a) for a in alphas] if isinstance(alphas, (list, tuple)) else []
+    if not numbers or any(a is None or a <= 0 for a in numbers):
+        numbers = list(section.bad("alphas", "a non-empty list of positive numbers"))
+    rank, pca_rows = section.integer("rank", 0), section.integer("pca_rows", 1)
+    if 0 < pca_rows < rank and (section.get("rank"), section.get("pca_rows")) == (rank, pca_rows):
+        problems.add("score.pca_rows", f"({pca_rows}) must be at least score.rank ({rank}): "
+                                       f"{rank} principal directions need that many rows")
+    return ScoreSettings(protocol=section.choice("protocol", SCORE_PROTOCOLS), folds=section.integer("folds", 2),
+                         alphas=tuple(numbers), rank=rank, pca_rows=pca_rows,
+                         metric=section.choice("metric", SCORE_METRICS), bootstrap=section.integer("bootstrap", 0),
+                         seed=section.integer("seed", 0), select_rule=section.choice("select_rule", SELECT_RULES))
+
+
+def _parse_fuse(problems: _Problems, value: Any, poolings: tuple[str, ...]) -> FuseSettings:
+    section = _Section(problems, "fuse", value, FuseSettings())
+    pooling = section.get("pooling")
+    if pooling != "best" and pooling not in poolings:
+        pooling = section.bad("pooling", f"'best' or one of extract.poolings {list(poolings)}")
+    return FuseSettings(pooling=pooling, top_k=section.integer("top_k", 0, TOP_K_MAX),
+                        last_n=section.integer("last_n", 1), operators=section.names("operators", FUSE_OPERATORS),
+                        wide_max_layers=section.integer("wide_max_layers", 1),
+                        multi_model=section.flag("multi_model"))
+
+
+def _parse_train(problems: _Problems, value: Any) -> TrainSettings:
+    defaults = TrainSettings()
+    section = _Section(problems, "train", value, defaults)
+    device = section.get("device")
+    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device):
+        device = section.bad("device", "auto, cpu, cuda, cuda:N or mps")
+    mlp = _Section(problems, "train.mlp", section.values.get("mlp"), defaults.mlp)
+    co = _Section(problems, "train.cooccurrence", section.values.get("cooccurrence"), defaults.cooccurrence)
+    mix = _Section(problems, "train.scalar_mix", section.values.get("scalar_mix"), defaults.scalar_mix)
+    return TrainSettings(
+        heads=section.names("heads", HEAD_NAMES), seeds=_unique(section, "seeds"),
+        max_epochs=section.integer("max_epochs", 1), patience=section.integer("patience", 0),
+        batch_size=section.integer("batch_size", 1), lr=section.number("lr", 0, above=True),
+        weight_decay=section.number("weight_decay", 0), device=device, threads=section.integer("threads", 0),
+        mlp=MlpOptions(widths=mlp.integers("widths", 1), dropout=mlp.number("dropout", 0, below=1)),
+        cooccurrence=CooccurrenceOptions(width=co.integer("width", 1), sigma=co.number("sigma", 0, above=True),
+                                         widths=co.integers("widths", 1), dropout=co.number("dropout", 0, below=1)),
+        scalar_mix=ScalarMixOptions(widths=mix.integers("widths", 1), dropout=mix.number("dropout", 0, below=1)))
+
+
+def _unique(section: _Section, key: str) -> tuple[int, ...]:
+    """Seeds: at least one (none would train nothing and exit 0), each once."""
+    seeds = section.integers(key, 0, empty=False)
+    return seeds if len(set(seeds)) == len(seeds) else section.bad(key, "a list of distinct integers")
+
+
+def _parse_report(problems: _Problems, value: Any) -> ReportSettings:
+    return ReportSettings(out=_Section(problems, "report", value, ReportSettings()).text("out"))
+
+
+def _parse_compressor(problems: _Problems, value: Any) -> dict[str, Any]:
+    """The store's codec and its options, checked here rather than by zarr halfway into an extraction.
+    Returned as written: the store fingerprint records it."""
+    if not isinstance(value, dict) or value.get("codec") not in COMPRESSOR_OPTIONS:
+        problems.add("extract.compressor", f"must be {{codec: none|blosc|zstd, ...}}, got {value!r}")
+        return {"codec": "none"}
+    codec, key = value["codec"], "extract.compressor"
+    known = ("codec", *COMPRESSOR_OPTIONS[codec])
+    for extra in sorted(set(value) - set(known), key=str):
+        problems.add(f"{key}.{extra}", f"unknown option for codec {codec}{_closest(extra, known)}; "
+                                       f"known options are {sorted(known)}")
+    level = value.get("level", 1)
+    if codec == "zstd" and (isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= 22):
+        problems.add(f"{key}.level", f"must be an integer from 1 (fastest) to 22 (smallest), got {level!r}")
+    if codec == "blosc":
+        from numcodecs import blosc
+        cnames, clevel = blosc.list_compressors(), value.get("clevel", 1)
+        if value.get("cname", "lz4") not in cnames:
+            problems.add(f"{key}.cname", f"must be one of {cnames}, got {value.get('cname')!r}")
+        if isinstance(clevel, bool) or not isinstance(clevel, int) or not 0 <= clevel <= 9:
+            problems.add(f"{key}.clevel", f"must be an integer from 0 to 9, got {clevel!r}")
+        if value.get("shuffle", "shuffle") not in BLOSC_SHUFFLES:
+            problems.add(f"{key}.shuffle", f"must be one of {list(BLOSC_SHUFFLES)}, got {value.get('shuffle')!r}")
+    return dict(value)
+
+
 def _parse_model(problems: _Problems, name: str, entry: Any) -> ModelSpec | None:
     key = f"models.{name}"
     if not NAME_PATTERN.match(str(name)) or ".." in str(name):
@@ -168,9 +439,7 @@ def _parse_model(problems: _Problems, name: str, entry: Any) -> ModelSpec | None
     if not isinstance(entry, dict):
         problems.add(key, "must be a mapping with at least `source`")
         return None
-    known = {"source", "files", "path", "hub_id", "revision", "sha256", "filename", "trust_remote_code"}
-    for extra in sorted(set(entry) - known):
-        problems.add(f"{key}.{extra}", f"unknown option; known options are {sorted(known)}")
+    _unknown_keys(problems, key, entry, [f.name for f in fields(ModelSpec) if f.name != "name"])
     source = entry.get("source")
     if source not in MODEL_SOURCES:
         problems.add(f"{key}.source", f"must be one of {list(MODEL_SOURCES)}, got {source!r}")
@@ -221,12 +490,12 @@ def _parse_dataset(problems: _Problems, name: str, entry: Any) -> DatasetSpec | 
         if not isinstance(hub, dict) or not hub.get("path") or not isinstance(hub.get("splits", {}), dict):
             problems.add(f"{key}.hub", "must be {path: <hub dataset>, splits: {train: ..., test: ...}}")
             hub = None
+        else:
+            _unknown_keys(problems, f"{key}.hub", hub, HUB_OPTIONS)
     for column in ("text_column", "label_column"):
         if not isinstance(entry.get(column), str):
             problems.add(f"{key}.{column}", "must name a column")
-    known = {"text_column", "label_column", "local", "hub", "id_column", "max_len", "resplit"}
-    for extra in sorted(set(entry) - known):
-        problems.add(f"{key}.{extra}", f"unknown option{_closest(extra, known)}; known options are {sorted(known)}")
+    _unknown_keys(problems, key, entry, [f.name for f in fields(DatasetSpec) if f.name != "name"])
     max_len = entry.get("max_len")
     if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1):
         problems.add(f"{key}.max_len", f"must be an integer >= 1 (or absent for extract.max_len), got {max_len!r}")
@@ -259,9 +528,7 @@ def _closest(name: str, known) -> str:
 
 
 def _parse_extract(problems: _Problems, section: Any) -> ExtractSettings:
-    if not isinstance(section, dict):
-        problems.add("extract", "must be a mapping")
-        section = {}
+    section = _mapping(problems, "extract", section, [f.name for f in fields(ExtractSettings)])
     poolings = section.get("poolings", list(POOLINGS))
     if not isinstance(poolings, list) or not poolings:
         problems.add("extract.poolings", f"must be a non-empty list drawn from {list(POOLINGS)}")
@@ -271,10 +538,7 @@ def _parse_extract(problems: _Problems, section: Any) -> ExtractSettings:
             problems.add("extract.poolings", f"unknown pooling {pooling!r}; known poolings are {list(POOLINGS)}")
     if len(set(poolings)) != len(poolings):
         problems.add("extract.poolings", "lists a pooling twice")
-    compressor = section.get("compressor", {"codec": "none"})
-    if not isinstance(compressor, dict) or compressor.get("codec") not in ("none", "blosc", "zstd"):
-        problems.add("extract.compressor", "must be {codec: none|blosc|zstd, ...}")
-        compressor = {"codec": "none"}
+    compressor = _parse_compressor(problems, section.get("compressor", {"codec": "none"}))
     device = section.get("device", "auto")
     if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device):
         problems.add("extract.device", f"must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
@@ -298,12 +562,12 @@ def _parse_extract(problems: _Problems, section: Any) -> ExtractSettings:
         compute_dtype=_choice(problems, section, "compute_dtype", "extract", COMPUTE_DTYPES, "auto"),
         device=device,
         padding_side=_choice(problems, section, "padding_side", "extract", ("right", "left"), "right"),
-        poolings=tuple(poolings), compressor=dict(compressor),
+        poolings=tuple(poolings), compressor=compressor,
         attention=_choice(problems, section, "attention", "extract", ATTENTIONS, "auto"))
 
 
 def _parse_data(problems: _Problems, section: Any) -> DataSettings:
-    section = section if isinstance(section, dict) else {}
+    section = _mapping(problems, "data", section, [f.name for f in fields(DataSettings)])
     fraction = section.get("validation_fraction", 0.1)
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
         problems.add("data.validation_fraction", f"must be a number between 0 and 1, got {fraction!r}")
@@ -360,8 +624,9 @@ def load_params(path: str | Path = "params.yaml", models: list[str] | None = Non
         raise ConfigError(f"{path} must hold a mapping at the top level")
     raw = _with_base(raw, path)
     problems = _Problems()
+    _unknown_sections(problems, raw)
     root = path.parent
-    paths = raw.get("paths") or {}
+    paths = _mapping(problems, "paths", raw.get("paths"), ("store", "data_mirror", "embeddings"))
     store = root / str(paths.get("store", "store"))
     embeddings = paths.get("embeddings")
     if embeddings is not None and not (isinstance(embeddings, str) and embeddings.strip()):
@@ -371,11 +636,12 @@ def load_params(path: str | Path = "params.yaml", models: list[str] | None = Non
         problems.add("paths.embeddings", "must not hold credentials: set AWS_ACCESS_KEY_ID etc. in the environment")
         embeddings = None
     mirror = paths.get("data_mirror")
-    model_specs = {n: s for n, e in (raw.get("models") or {}).items() if (s := _parse_model(problems, n, e))}
-    dataset_specs = {n: s for n, e in (raw.get("datasets") or {}).items() if (s := _parse_dataset(problems, n, e))}
-    select = raw.get("select") or {}
-    selected_models = list(models if models is not None else select.get("models") or [])
-    selected_datasets = list(datasets if datasets is not None else select.get("datasets") or [])
+    model_specs = {n: s for n, e in _registry(problems, raw, "models").items() if (s := _parse_model(problems, n, e))}
+    dataset_specs = {n: s for n, e in _registry(problems, raw, "datasets").items()
+                     if (s := _parse_dataset(problems, n, e))}
+    select = _mapping(problems, "select", raw.get("select"), ("models", "datasets"))
+    selected_models = models if models is not None else _selection(problems, select, "models")
+    selected_datasets = datasets if datasets is not None else _selection(problems, select, "datasets")
     for name in selected_models:
         if name not in model_specs:
             problems.add("select.models", f"unknown model {name!r}; known models are {sorted(model_specs)}")
@@ -388,8 +654,34 @@ def load_params(path: str | Path = "params.yaml", models: list[str] | None = Non
             problems.add(f"datasets.{name}.max_len", f"({spec.max_len}) must be at most extract.token_budget "
                                                      f"({extract.token_budget}) so that the longest text fits a batch")
     data = _parse_data(problems, raw.get("data"))
+    score, fuse = _parse_score(problems, raw.get("score")), _parse_fuse(problems, raw.get("fuse"), extract.poolings)
+    train, report = _parse_train(problems, raw.get("train")), _parse_report(problems, raw.get("report"))
     problems.raise_if_any(path)
     return Params(root=root, store=store, data_mirror=(root / str(mirror)) if mirror else None,
-                  models=model_specs, datasets=dataset_specs, selected_models=selected_models,
-                  selected_datasets=selected_datasets, data=data, extract=extract, raw=raw,
+                  models=model_specs, datasets=dataset_specs, selected_models=list(selected_models),
+                  selected_datasets=list(selected_datasets), data=data, extract=extract,
+                  score=score, fuse=fuse, train=train, report=report,
                   embeddings=None if embeddings is None else location.as_location(embeddings, root))
+
+
+def _unknown_sections(problems: _Problems, raw: dict[str, Any]) -> None:
+    """A misspelt section (`trian:`) would otherwise leave every default in force without a word."""
+    for extra in sorted(set(raw) - set(SECTIONS), key=str):
+        problems.add(str(extra), f"unknown section{_closest(extra, SECTIONS)}; known sections are {sorted(SECTIONS)}")
+
+
+def _registry(problems: _Problems, raw: dict[str, Any], key: str) -> dict[str, Any]:
+    """`models:` or `datasets:`: any name maps to an entry (each entry's keys are checked by its parser)."""
+    value = raw.get(key) or {}
+    if not isinstance(value, dict):
+        problems.add(key, f"must map names to entries, got {value!r}")
+        return {}
+    return value
+
+
+def _selection(problems: _Problems, select: dict[str, Any], key: str) -> list[str]:
+    value = select.get(key) or []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        problems.add(f"select.{key}", f"must be a list of names, got {value!r}")
+        return []
+    return value

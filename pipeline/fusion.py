@@ -27,6 +27,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
+from pipeline.config import FuseSettings
 from pipeline.probe import FitStats, Protocol, evaluate_features, fit_stats, single_thread, solve_and_score
 from pipeline.scoring import LayerBank, load_bank
 
@@ -48,12 +49,9 @@ class Candidate:
         return f"{self.operator}({','.join(map(str, self.layers))})"
 
 
-def fuse_settings(raw: dict[str, Any]) -> dict[str, Any]:
-    section = dict(raw.get("fuse") or {})
-    return {"pooling": section.get("pooling", "best"), "top_k": int(section.get("top_k", 6)),
-            "last_n": int(section.get("last_n", 5)), "operators": list(section.get("operators", OPERATORS)),
-            "wide_max_layers": int(section.get("wide_max_layers", 4)),
-            "multi_model": bool(section.get("multi_model", True))}
+def fuse_settings(fuse: FuseSettings) -> dict[str, Any]:
+    """The search's settings from params.yaml's `fuse:` section (typed and validated by pipeline.config)."""
+    return fuse.as_dict()
 
 
 def build_candidates(num_layers: int, ranking: list[int], top_k: int = 6, last_n: int = 5,

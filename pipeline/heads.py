@@ -17,7 +17,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-HEADS = ("linear", "mlp", "cooccurrence", "scalar_mix")
+from pipeline.config import HEAD_NAMES, head_options
+
+HEADS = HEAD_NAMES                # one list, in pipeline.config (load_params checks train.heads against it)
 
 
 def split_inputs(x: torch.Tensor, dims: list[int]) -> list[torch.Tensor]:
@@ -128,16 +130,16 @@ class ScalarMixHead(nn.Module):
 def build_net(config: dict[str, Any]) -> nn.Module:
     """The nn.Module a config.json describes (used both to train and to load)."""
     head, dims, classes = config["head"], config["input_dims"], len(config["label_names"])
-    options = config.get("options", {})
+    options = {**head_options(head), **config.get("options", {})}   # params.yaml's defaults, defined in config
     if head == "linear":
         return FusedHead(dims, config["groups"], classes)
     if head == "mlp":
-        return FusedHead(dims, config["groups"], classes, options.get("widths", [1024, 256]), options.get("dropout", 0.5))
+        return FusedHead(dims, config["groups"], classes, options["widths"], options["dropout"])
     if head == "cooccurrence":
-        return CooccurrenceHead(dims, config["decoder"], classes, options.get("width", 256), options.get("sigma", 1.0),
-                                options.get("widths", [256]), options.get("dropout", 0.5))
+        return CooccurrenceHead(dims, config["decoder"], classes, options["width"], options["sigma"],
+                                options["widths"], options["dropout"])
     if head == "scalar_mix":
-        return ScalarMixHead(dims, classes, options.get("widths", []), options.get("dropout", 0.1))
+        return ScalarMixHead(dims, classes, options["widths"], options["dropout"])
     raise ValueError(f"unknown head {head!r}; known heads are {list(HEADS)}")
 
 

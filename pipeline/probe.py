@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from pipeline.config import ScoreSettings
 from pipeline.errors import ConfigError
 
 METRICS = ("accuracy", "macro_f1")
@@ -33,27 +34,14 @@ class Protocol:
     pca_rows: int = 2048
     bootstrap: int = 200              # validation protocol: std over bootstrap resamples of validation
     seed: int = 0
+    select_rule: str = "one_se"       # best | one_se (pipeline/selection.py)
 
 
-def protocol_from_params(raw: dict[str, Any]) -> Protocol:
-    section = raw.get("score") or {}
-    try:
-        protocol = Protocol(name=section.get("protocol", "validation"), folds=int(section.get("folds", 5)),
-                            alphas=tuple(float(a) for a in section.get("alphas", Protocol.alphas)),
-                            metric=section.get("metric", "accuracy"), rank=int(section.get("rank", 128)),
-                            pca_rows=int(section.get("pca_rows", 2048)),
-                            bootstrap=int(section.get("bootstrap", 200)), seed=int(section.get("seed", 0)))
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"score: {error}") from error
-    if protocol.name not in ("validation", "cv"):
-        raise ConfigError(f"score.protocol must be validation or cv, got {protocol.name!r}")
-    if protocol.metric not in METRICS:
-        raise ConfigError(f"score.metric must be one of {list(METRICS)}, got {protocol.metric!r}")
-    if protocol.name == "cv" and protocol.folds < 2:
-        raise ConfigError("score.folds must be >= 2 with protocol cv")
-    if not protocol.alphas or min(protocol.alphas) <= 0:
-        raise ConfigError("score.alphas must be a non-empty list of positive numbers")
-    return protocol
+def protocol_from_params(score: ScoreSettings) -> Protocol:
+    """The probe protocol of params.yaml's `score:` section (typed and validated by pipeline.config)."""
+    return Protocol(name=score.protocol, folds=score.folds, alphas=tuple(score.alphas), metric=score.metric,
+                    rank=score.rank, pca_rows=score.pca_rows, bootstrap=score.bootstrap, seed=score.seed,
+                    select_rule=score.select_rule)
 
 
 # -- rows and folds ---------------------------------------------------------------------------

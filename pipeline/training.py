@@ -28,7 +28,8 @@ from safetensors.torch import save as safetensors_bytes
 
 from pipeline.atomic import write_bytes_atomic, write_json_atomic
 from pipeline.datamodule import LayerCache, LayerDataModule
-from pipeline.heads import HEADS, HeadModule, build_net
+from pipeline.config import TrainSettings
+from pipeline.heads import HeadModule, build_net
 from pipeline.probe import metrics
 
 FUSED_HEADS = ("linear", "mlp")
@@ -43,19 +44,10 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", ".*isinstance.*treespec.*")
 
 
-def train_settings(raw: dict[str, Any]) -> dict[str, Any]:
-    section = dict(raw.get("train") or {})
-    defaults = {"heads": list(HEADS), "seeds": [0, 1, 2], "max_epochs": 40, "patience": 4, "batch_size": 512,
-                "lr": 1e-3, "weight_decay": 1e-4, "device": "auto", "threads": 0,
-                "mlp": {"widths": [1024, 256], "dropout": 0.5},
-                "cooccurrence": {"width": 256, "sigma": 1.0, "widths": [256], "dropout": 0.5},
-                "scalar_mix": {"widths": [], "dropout": 0.1}}
-    settings = {**defaults, **section}
-    unknown = [h for h in settings["heads"] if h not in HEADS]
-    if unknown:
-        from pipeline.errors import ConfigError
-        raise ConfigError(f"train.heads: unknown head(s) {unknown}; known heads are {list(HEADS)}")
-    return settings
+def train_settings(train: TrainSettings) -> dict[str, Any]:
+    """The heads' settings from params.yaml's `train:` section (typed, validated and defaulted by
+    pipeline.config), as the dict that fit_head reads and results.json records."""
+    return train.as_dict()
 
 
 def slug(text: str) -> str:

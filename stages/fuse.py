@@ -37,7 +37,7 @@ def main() -> None:
     args = parser.parse_args()
     start = time.perf_counter()
     params = load_params(args.params, datasets=[args.dataset])
-    protocol, settings = protocol_from_params(params.raw), fuse_settings(params.raw)
+    protocol, settings = protocol_from_params(params.score), fuse_settings(params.fuse)
     scores = {m: json.loads((Path(params.store) / "scores" / args.dataset / m / "scores.json").read_text())
               for m in params.selected_models}
     result = search_dataset(params.store, args.dataset, params.selected_models, scores, protocol, settings)

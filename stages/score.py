@@ -22,7 +22,7 @@ def main() -> None:
     args = parser.parse_args()
     start = time.perf_counter()
     params = load_params(args.params, models=[args.model], datasets=[args.dataset])
-    protocol = protocol_from_params(params.raw)
+    protocol = protocol_from_params(params.score)
     store = open_store(params.store, args.model, args.dataset)
     result = score_layers(store, protocol, args.model)
     out = Path(params.store) / "scores" / args.dataset / args.model

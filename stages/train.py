@@ -21,7 +21,7 @@ def main() -> None:
     quiet_lightning()
     start = time.perf_counter()
     params = load_params(args.params, datasets=[args.dataset])
-    settings = train_settings(params.raw)
+    settings = train_settings(params.train)
     chosen = json.loads((Path(params.store) / "fusion" / args.dataset / "chosen.json").read_text())
     out = Path(params.store) / "heads" / args.dataset
     result = train_dataset(params.store, args.dataset, chosen, settings, out)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from _stage2_store import make_store, remove_test_split
+from pipeline.config import FuseSettings
 from pipeline.fusion import (BlockScorer, Candidate, build_candidates, fuse_settings,
                              search_dataset)
 from pipeline.probe import Protocol, evaluate_features
@@ -60,7 +61,7 @@ def test_search_across_models_without_reading_test(tmp_path):
         remove_test_split(path)
     protocol = Protocol(rank=8)
     scores = {m: score_layers(open_store(tmp_path, m, "toy"), protocol, m) for m in ("enc-a", "dec-b")}
-    settings = fuse_settings({"fuse": {"top_k": 3}})
+    settings = fuse_settings(FuseSettings(top_k=3))
     result = search_dataset(tmp_path, "toy", ["enc-a", "dec-b"], scores, protocol, settings)
     board = result["leaderboard"]
     assert [r["score"] for r in board] == sorted((r["score"] for r in board), reverse=True)

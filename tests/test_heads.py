@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from _stage2_store import make_store
+from pipeline.config import MlpOptions, TrainSettings
 from pipeline.datamodule import LayerCache
 from pipeline.heads import CooccurrenceHead, Fuse, ScalarMixHead, load_head, load_standardisation
 from pipeline.training import fit_head, plan_runs, spec_from_groups, train_settings
@@ -43,8 +44,8 @@ def test_head_trains_saves_and_loads(tmp_path, head, monkeypatch):
               "mlp": [{"model": "toy-dec", "pooling": "mean", "layers": [4, 5], "operator": "concat"}],
               "cooccurrence": [{"model": "toy-dec", "pooling": "mean", "layers": [2, 3, 4], "operator": "concat"}],
               "scalar_mix": [{"model": "toy-dec", "pooling": "mean", "layers": list(range(6)), "operator": "concat"}]}
-    settings = train_settings({"train": {"seeds": [0], "max_epochs": 15, "patience": 3, "batch_size": 64, "lr": 0.01,
-                                         "mlp": {"widths": [32], "dropout": 0.1}}})
+    settings = train_settings(TrainSettings(seeds=(0,), max_epochs=15, patience=3, batch_size=64, lr=0.01,
+                                            mlp=MlpOptions(widths=(32,), dropout=0.1)))
     cache = LayerCache(tmp_path / "store", "toy")
     out = tmp_path / "store" / "heads" / head
     config = fit_head(cache, {"row": "t", "groups": groups[head]}, head, 0, settings, out, ["c0", "c1"],

@@ -68,7 +68,7 @@ def run_fusion(params, model: str, dataset: str, sample: int, baseline: int, rep
     from pipeline.probe import protocol_from_params
     from pipeline.scoring import load_bank
     store = _store(params, model, dataset)
-    protocol = replace(protocol_from_params(params.raw), name="cv", folds=5)
+    protocol = replace(protocol_from_params(params.score), name="cv", folds=5)
     start = time.perf_counter()
     bank = load_bank(store, pooling, protocol, keep_standardised=True, model=model)
     load_s = time.perf_counter() - start
@@ -78,7 +78,7 @@ def run_fusion(params, model: str, dataset: str, sample: int, baseline: int, rep
     singles = [Candidate((layer,), "mean", "single") for layer in bank.layers]
     single_scores = [scorer.score(c)["score"] for c in singles]
     ranking = [bank.layers[i] for i in np.argsort(single_scores)[::-1]]
-    settings = fuse_settings(params.raw)
+    settings = fuse_settings(params.fuse)
     space = build_candidates(store.num_layers, ranking, settings["top_k"], settings["last_n"], settings["operators"],
                              settings["wide_max_layers"])
     rng = np.random.default_rng(0)
@@ -212,7 +212,7 @@ def rss_child(kind: str, params, model: str | None, dataset: str, rows: int) -> 
     if kind == "bank":
         from pipeline.probe import protocol_from_params
         from pipeline.scoring import load_bank
-        protocol = protocol_from_params(params.raw)
+        protocol = protocol_from_params(params.score)
         bank = load_bank(_store(params, model, dataset), "mean", protocol, keep_standardised=True, model=model)
         out.update({"bytes_read": int(bank.bytes_read), "protocol": protocol.name, "keep_standardised": True})
     elif kind == "extract":
