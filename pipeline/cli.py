@@ -51,14 +51,15 @@ def cmd_verify(args) -> int:
 
 def _predictor(args):
     from pipeline.config import load_params
+    from pipeline.devices import resolve_device
     from pipeline.predict import Predictor
+    resolve_device(args.device, "--device")       # a GPU this machine lacks: named before any loading
     options = {"device": args.device}
     if args.from_export:
         return Predictor.from_export(Path(args.from_export), **options), None
     params = load_params(args.params)
     dataset = args.dataset or (params.selected_datasets or [None])[0]
-    seed = args.seed if args.seed == "best" else int(args.seed)
-    predictor = Predictor.from_project(params.store, dataset, args.row, args.head, seed,
+    predictor = Predictor.from_project(params.store, dataset, args.row, args.head, args.seed,
                                        token_budget=params.extract.token_budget, **options)
     return predictor, dataset
 
@@ -91,13 +92,31 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _seed(text: str) -> int | str:
+    """--seed: a whole number or `best`; anything else is argparse's usage error (exit 2)."""
+    if text == "best":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number or best, got {text!r}") from None
+
+
+def _device(text: str) -> str:
+    """--device: a device name (whether this machine has it is checked when the command runs)."""
+    from pipeline.devices import DEVICE_NAMES, DEVICE_PATTERN
+    if not DEVICE_PATTERN.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"must be {DEVICE_NAMES}, got {text!r}")
+    return text
+
+
 def _result_options(parser) -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--dataset", help="dataset whose heads to use (default: the first selected)")
     parser.add_argument("--row", help='which inputs, e.g. "multi-model: best fusion" (default: best on validation)')
     parser.add_argument("--head", help="linear | mlp | cooccurrence | scalar_mix (default: best on validation)")
-    parser.add_argument("--seed", default="best", help="a seed, or best (by validation accuracy)")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", default="best", type=_seed, help="a seed, or best (by validation accuracy)")
+    parser.add_argument("--device", default="auto", type=_device, help="auto, cpu, cuda, cuda:N or mps")
 
 
 def main(argv: list[str] | None = None) -> int:

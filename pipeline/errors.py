@@ -23,3 +23,11 @@ class StoreMismatchError(PipelineError):
 
 class StoreIncompleteError(PipelineError):
     """A reader asked for a split whose extraction has not finished."""
+
+class HeadError(PipelineError):
+    """A trained head cannot be used: its files are damaged, or the store it was trained on has been
+    rebuilt with other settings since (the head is stale: retrain it)."""
+
+
+class OutputError(PipelineError):
+    """A result cannot be written where asked: a folder without write permission, a file in the way."""

@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pipeline.atomic import write_json_atomic
-from pipeline.errors import PipelineError
+from pipeline.errors import OutputError, PipelineError
 from pipeline.fingerprint import package_versions
 from pipeline.models import SOURCE_FILE, TOKENIZER_FILES
 from pipeline.predict import Predictor
@@ -26,13 +26,26 @@ def _copy(source: Path, target: Path) -> None:
 
 
 def export(predictor: Predictor, out: Path, dataset: str) -> Path:
-    """Write the folder (built aside, then renamed: a killed export leaves no half folder)."""
+    """Write the folder (built aside, then renamed: a killed export leaves no half folder); a place that
+    cannot be written (no permission, a regular file on the path, a full disk) is an OutputError."""
     out = Path(out)
-    if out.exists():
-        raise PipelineError(f"{out} exists; choose a new folder or remove it")
     build = out.with_name(f".{out.name}.partial")
-    if build.exists():
-        shutil.rmtree(build)
+    try:
+        if out.exists():
+            raise PipelineError(f"{out} exists; choose a new folder or remove it")
+        if build.exists():
+            shutil.rmtree(build)
+        _write(predictor, build, dataset)
+        build.rename(out)
+    except OSError as error:
+        shutil.rmtree(build, ignore_errors=True)
+        raise OutputError(f"cannot export to {out}: {error.strerror or error} ({error.filename}); "
+                          f"choose a new folder in a writable directory") from error
+    return out
+
+
+def _write(predictor: Predictor, build: Path, dataset: str) -> None:
+    """The export's files, into `build`."""
     for name in ("model.safetensors", "config.json", predictor.config["standardisation"]):
         _copy(predictor.head_dir / name, build / "head" / name)
     for name, use in predictor.uses.items():
@@ -51,5 +64,3 @@ def export(predictor: Predictor, out: Path, dataset: str) -> Path:
         "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": package_versions(),
     }
     write_json_atomic(build / "export.json", manifest)
-    build.rename(out)
-    return out

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from pipeline.batching import token_budget_batches
 from pipeline.config import ExtractSettings, Params
 from pipeline.corpora import Corpus, read_corpus
+from pipeline.devices import resolve_device
 from pipeline.fingerprint import package_versions
 from pipeline.layer_tap import run_with_layers, text_config
 from pipeline.models import is_decoder, load_model, read_source
@@ -31,14 +32,6 @@ from pipeline.pooling import LayerPooler
 from pipeline.store import Float16Overflow, SplitRows, StoreWriter
 
 COUNT_CHUNK = 4096
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"extract.device is {name!r} but no CUDA device is visible")
-    return torch.device(name)
 
 
 def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -147,7 +140,8 @@ def fingerprint_for(params: Params, model_name: str, corpus: Corpus, source: dic
                   "weights_sha256": source["weights_sha256"], "tokenizer_sha256": source["tokenizer_sha256"]},
         "extract": {"max_len": settings.max_len, "dtype": settings.dtype, "poolings": list(settings.poolings),
                     "block_rows": settings.block_rows, "compute_dtype": str(compute_dtype).removeprefix("torch."),
-                    "attention": settings.attention},
+                    "attention": settings.attention,
+                    "token_budget": settings.token_budget},   # batch shapes move stored values (README: The store)
         "dataset": {"name": corpus.name, "sha256": corpus.meta["sha256"], "label_names": corpus.label_names,
                     "carve": corpus.meta["carve"], **({"caps": corpus.meta["caps"]} if corpus.meta.get("caps") else {}),
                     **({"resplit": corpus.meta["resplit"]} if corpus.meta.get("resplit") else {})},

@@ -57,11 +57,12 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: value}
 
 
-def differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Human-readable lines naming each key whose value differs."""
+def differences(stored: dict[str, Any], current: dict[str, Any],
+                sides: tuple[str, str] = ("store has", "params give")) -> list[str]:
+    """Human-readable lines naming each key whose value differs; `sides` say who holds each value."""
     old, new = _flatten(stored), _flatten(json.loads(json.dumps(current)))
     lines = []
     for key in sorted(set(old) | set(new)):
         if old.get(key, "<absent>") != new.get(key, "<absent>"):
-            lines.append(f"{key}: store has {old.get(key, '<absent>')!r}, params give {new.get(key, '<absent>')!r}")
+            lines.append(f"{key}: {sides[0]} {old.get(key, '<absent>')!r}, {sides[1]} {new.get(key, '<absent>')!r}")
     return lines

@@ -14,10 +14,12 @@ from typing import Any
 
 import lightning as L
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
 from pipeline.config import HEAD_NAMES, head_options
+from pipeline.errors import HeadError
 
 HEADS = HEAD_NAMES                # one list, in pipeline.config (load_params checks train.heads against it)
 
@@ -189,18 +191,49 @@ class HeadModule(L.LightningModule):
         return torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
 
+UNREADABLE = (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError)
+"""What a missing, truncated or foreign head file raises while it is read (json's and safetensors'
+parse errors, torch's state-dict mismatch)."""
+
+
+def _damaged(path: Path, error: Exception) -> HeadError:
+    return HeadError(f"head file {path} is missing or damaged ({type(error).__name__}: {error}); "
+                     f"retrain the head (dvc repro, stage train) or export it again")
+
+
+def read_head_config(folder: str | Path) -> dict[str, Any]:
+    """A head's config.json, or a HeadError naming the file."""
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except UNREADABLE as error:
+        raise _damaged(path, error) from error
+    if not isinstance(config, dict):
+        raise _damaged(path, TypeError(f"holds a JSON {type(config).__name__}, not an object"))
+    return config
+
+
 def load_head(folder: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """A trained head in eval mode and its config; inputs must be standardised with the saved stats
     (see `load_standardisation`) and concatenated in `config['inputs']` order."""
     folder = Path(folder)
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    net = build_net(config)
-    net.load_state_dict(load_file(str(folder / "model.safetensors")))
+    config = read_head_config(folder)
+    try:
+        net = build_net(config)
+    except UNREADABLE as error:
+        raise _damaged(folder / "config.json", error) from error
+    try:
+        net.load_state_dict(load_file(str(folder / "model.safetensors")))
+    except UNREADABLE as error:
+        raise _damaged(folder / "model.safetensors", error) from error
     return net.eval(), config
 
 
 def load_standardisation(folder: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     """Train-split mean and std per input dimension ([sum(input_dims)] each), as saved with the head."""
-    config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
-    stats = load_file(str(Path(folder) / config["standardisation"]))
-    return stats["mean"], stats["std"]
+    path = Path(folder) / read_head_config(folder).get("standardisation", "standardisation.safetensors")
+    try:
+        stats = load_file(str(path))
+        return stats["mean"], stats["std"]
+    except UNREADABLE as error:
+        raise _damaged(path, error) from error

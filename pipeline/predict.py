@@ -23,9 +23,10 @@ from tqdm import tqdm
 from pipeline.attention import TRANSFORMERS_DEFAULT
 from pipeline.batching import token_budget_batches
 from pipeline.config import ExtractSettings, ModelSpec
-from pipeline.errors import ModelSourceError, PipelineError
+from pipeline.errors import HeadError, ModelSourceError, PipelineError
 from pipeline.extract import count_tokens, pool_batch, resolve_device
-from pipeline.heads import load_head, load_standardisation
+from pipeline.fingerprint import differences
+from pipeline.heads import load_head, load_standardisation, read_head_config
 from pipeline.layer_tap import text_config
 from pipeline.models import folder_fingerprint, load_model
 
@@ -67,6 +68,7 @@ def uses_from_store(head_config: dict[str, Any], store_root: Path, dataset: str,
         if model in uses:
             continue
         store = open_store(store_root, model, dataset)
+        check_head_fits_store(head_config, model, store.attrs["fingerprint"], store.path)
         extract = with_legacy_defaults(store.attrs["fingerprint"])["extract"]
         fallback = {key.split("/")[1] for key in store.attrs.get("dtype_fallback", {})}
         uses[model] = ModelUse(model, models_root / model, store.attrs["fingerprint"]["model"]["weights_sha256"],
@@ -74,6 +76,24 @@ def uses_from_store(head_config: dict[str, Any], store_root: Path, dataset: str,
                                {p: "float32" if p in fallback else extract["dtype"] for p in store.poolings},
                                attention=extract["attention"])
     return uses
+
+
+def check_head_fits_store(head_config: dict[str, Any], model: str, fingerprint: dict[str, Any], where) -> None:
+    """Refuse a head whose model store has been rebuilt since training (HeadError naming each changed
+    key): its vectors would come out of other settings (another max_len, dtype, corpus...) without a
+    word. Heads from before heads recorded the fingerprint are refused too: nothing shows they fit."""
+    from pipeline.store import with_legacy_defaults
+    trained_on = head_config.get("store_fingerprints", {}).get(model)
+    if trained_on is None:
+        raise HeadError(f"head {head_config.get('row')!r} / {head_config.get('head')!r} records no fingerprint of "
+                        f"the {model} store it was trained on (it predates that record); retrain it "
+                        f"(dvc repro, stage train) before predict or export")
+    changed = differences(with_legacy_defaults(trained_on), with_legacy_defaults(fingerprint),
+                          sides=("head trained on", "store now has"))
+    if changed:
+        raise HeadError(f"head {head_config.get('row')!r} / {head_config.get('head')!r} is stale: the store {where} "
+                        f"was rebuilt since it was trained:\n  - " + "\n  - ".join(changed)
+                        + "\nRetrain the head (dvc repro, stage train) before predict or export.")
 
 
 class Predictor:
@@ -106,7 +126,7 @@ class Predictor:
     def from_project(cls, store_root: Path, dataset: str, row: str | None = None, head: str | None = None,
                      seed: int | str = "best", **kwargs) -> "Predictor":
         head_dir = choose_head(Path(store_root) / "heads" / dataset, row, head, seed)
-        config = json.loads((head_dir / "config.json").read_text(encoding="utf-8"))
+        config = read_head_config(head_dir)
         return cls(head_dir, uses_from_store(config, Path(store_root), dataset, Path(store_root) / "models"), **kwargs)
 
     @classmethod
@@ -221,7 +241,7 @@ def choose_head(heads_root: Path, row: str | None, head: str | None, seed: int |
     folder = heads_root / best["folder"]
     seeds = {int(p.name.removeprefix("seed")): p for p in folder.glob("seed*") if (p / "config.json").is_file()}
     if seed == "best":
-        return max(seeds.values(), key=lambda p: json.loads((p / "config.json").read_text())["validation"]["accuracy"])
+        return max(seeds.values(), key=lambda p: read_head_config(p)["validation"]["accuracy"])
     if int(seed) not in seeds:
         raise PipelineError(f"{folder} has no seed {seed}; it has {sorted(seeds)}")
     return seeds[int(seed)]

@@ -65,13 +65,19 @@ def block_digest(block: np.ndarray, algorithm: str = DIGEST) -> int:
     raise ValueError(f"unknown block digest {algorithm!r}")
 
 
+LEGACY_EXTRACT = {"attention": TRANSFORMERS_DEFAULT, "token_budget": 1024}
+"""What stores written before a key entered the fingerprint ran with: transformers' default attention,
+and params.yaml's token_budget since the commit that made it 1024 (the value is not recorded anywhere
+reliable: a store resumed with another budget was accepted and its `runs` name only the last one)."""
+
+
 def with_legacy_defaults(fingerprint: dict[str, Any]) -> dict[str, Any]:
-    """A stored fingerprint with the values that stores written before a key existed used: they ran
-    transformers' default attention, so with `extract.attention: sdpa` they still resume. Everything
-    that reads a store's settings reads them through here."""
+    """A stored fingerprint with LEGACY_EXTRACT filled in for keys it lacks, so an old store resumes
+    with `extract.attention: sdpa` and `token_budget: 1024` and is refused, naming the key, otherwise.
+    Everything that reads a store's settings reads them through here."""
     extract = fingerprint.get("extract")
-    if isinstance(extract, dict) and "attention" not in extract:
-        return {**fingerprint, "extract": {**extract, "attention": TRANSFORMERS_DEFAULT}}
+    if isinstance(extract, dict) and not LEGACY_EXTRACT.keys() <= extract.keys():
+        return {**fingerprint, "extract": {**LEGACY_EXTRACT, **extract}}
     return fingerprint
 
 

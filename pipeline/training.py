@@ -28,6 +28,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from pipeline.atomic import write_bytes_atomic, write_json_atomic
 from pipeline.datamodule import LayerCache, LayerDataModule
+from pipeline.devices import lightning_accelerator
 from pipeline.config import TrainSettings
 from pipeline.heads import HeadModule, build_net
 from pipeline.probe import metrics
@@ -110,9 +111,8 @@ class BestWeights(Callback):
 
 
 def resolve_accelerator(device: str) -> str:
-    if device == "auto":
-        return "gpu" if torch.cuda.is_available() else "cpu"
-    return "gpu" if device.startswith("cuda") else device
+    """Lightning's accelerator for train.device; a GPU this machine lacks is a ConfigError naming the key."""
+    return lightning_accelerator(device, "train.device")
 
 
 @torch.no_grad()
@@ -140,7 +140,9 @@ def fit_head(cache: LayerCache, run: dict[str, Any], head: str, seed: int, setti
               "groups": groups, "decoder": [decoders[m] for m, _, _ in inputs], "label_names": label_names,
               "options": dict(settings.get(head, {})) if head in ("mlp", "cooccurrence", "scalar_mix") else {},
               "standardisation": "standardisation.safetensors", "seed": seed,
-              "training": {k: settings[k] for k in ("max_epochs", "patience", "batch_size", "lr", "weight_decay")}}
+              "training": {k: settings[k] for k in ("max_epochs", "patience", "batch_size", "lr", "weight_decay")},
+              # what predict and export check the current stores against (a rebuilt store makes the head stale)
+              "store_fingerprints": {m: cache.store(m).attrs["fingerprint"] for m in dict.fromkeys(i[0] for i in inputs)}}
     net = build_net(config)
     module = HeadModule(net, settings["lr"], settings["weight_decay"])
     best = BestWeights("val_loss")
@@ -185,6 +187,7 @@ def train_dataset(store_root: Path, dataset: str, chosen: dict[str, Any], settin
                   out_root: Path) -> dict[str, Any]:
     """Every planned (row, head) with every seed; returns the results table written to results.json."""
     start = time.perf_counter()
+    resolve_accelerator(settings["device"])        # refuse a missing GPU before reading anything
     if settings.get("threads"):
         torch.set_num_threads(int(settings["threads"]))
     cache = LayerCache(store_root, dataset)

@@ -2,6 +2,7 @@
 
 from pipeline import distributed
 from pipeline.config import load_params
+from pipeline.devices import resolve_device
 from pipeline.extract import extract
 from stages import run_stage, stage_parser
 
@@ -15,6 +16,7 @@ def main() -> None:
     parser.add_argument("--wait", action="store_true", help="if another process writes this store, wait for it")
     args = parser.parse_args()
     params = load_params(args.params, models=[args.model], datasets=[args.dataset])
+    resolve_device(params.extract.device)       # a GPU this machine lacks: named before any rank starts
     if distributed.requested(params.extract):   # extract.devices/num_nodes > 1, or started by torchrun
         distributed.extract_distributed(params, args.model, args.dataset, rebuild=args.rebuild,
                                         show_progress=not args.no_progress, wait_for_lock=args.wait)

@@ -443,6 +443,24 @@ def test_stores_from_before_xxh3_digests_and_attention_still_verify_and_resume(p
     assert {p.kind for p in verify_store(path)} == {"checksum"}
 
 
+def test_stores_from_before_token_budget_count_as_1024(project, reference):
+    """A store whose fingerprint lacks token_budget (written before it was there) resumes with the
+    budget params.yaml had then, 1024, and is refused with any other, naming the key."""
+    _, params = project()
+    path = store_path(params)
+    shutil.copytree(store_path(reference), path)
+    root = zarr.open_group(str(path), mode="r+")
+    fingerprint = root.attrs["fingerprint"]
+    assert fingerprint["extract"].pop("token_budget") == 256
+    root.attrs["fingerprint"] = fingerprint
+    with pytest.raises(StoreMismatchError, match=r"extract\.token_budget: store has 1024, params give 256"):
+        extract(params, MODEL, DATASET, show_progress=False)
+    _, legacy = project("legacy", extract={"token_budget": 1024})
+    shutil.rmtree(store_path(legacy), ignore_errors=True)
+    shutil.copytree(path, store_path(legacy))
+    assert extract(legacy, MODEL, DATASET, show_progress=False)["texts"] == 0   # complete: nothing redone
+
+
 @pytest.mark.parametrize("case, key", [
     ("weights", r"model\.weights_sha256: store has '\w+', params give '\w+'"),
     ("tokenizer", r"model\.tokenizer_sha256: store has"),
@@ -452,13 +470,15 @@ def test_stores_from_before_xxh3_digests_and_attention_still_verify_and_resume(p
                  r"params give \['mean', 'max'\]"),
     ("block_rows", r"extract\.block_rows: store has 5, params give 7"),
     ("attention", r"extract\.attention: store has 'auto', params give 'sdpa'"),
+    ("token_budget", r"extract\.token_budget: store has 256, params give 512"),
     ("dataset", r"dataset\.sha256\.train: store has"),
 ])
 def test_settings_drift_is_refused_naming_the_key(case, key, project, reference, tmp_path, mr_slice):
     """A store written with other weights (another revision), tokenizer, max_len, dtype, poolings,
-    block size, attention kernel or dataset content is refused before any work, and the message names the key."""
+    block size, attention kernel, token budget (batch shapes move stored values) or dataset content is
+    refused before any work, and the message names the key."""
     changes = {"max_len": {"max_len": 32}, "dtype": {"dtype": "float32"}, "poolings": {"poolings": ["mean", "max"]},
-               "block_rows": {"block_rows": 7}, "attention": {"attention": "sdpa"}}
+               "block_rows": {"block_rows": 7}, "attention": {"attention": "sdpa"}, "token_budget": {"token_budget": 512}}
     mirror = None
     if case == "dataset":
         mirror = tmp_path / "edited-mirror"
