@@ -24,6 +24,20 @@ class StoreMismatchError(PipelineError):
 class StoreIncompleteError(PipelineError):
     """A reader asked for a split whose extraction has not finished."""
 
+
+class StoreMissingError(PipelineError, FileNotFoundError):
+    """No embeddings store where a reader looked (still a FileNotFoundError for existing callers)."""
+
+
+class StoreDamagedError(PipelineError):
+    """A store's bytes differ from what was written: a missing or altered shard, a bad digest, a damaged
+    zarr.json. Readers stop instead of computing on zeros or garbage."""
+
+
+class ProbeError(PipelineError):
+    """The probe cannot score a candidate honestly (e.g. NaN from empty folds): nothing is chosen on it."""
+
+
 class HeadError(PipelineError):
     """A trained head cannot be used: its files are damaged, or the store it was trained on has been
     rebuilt with other settings since (the head is stale: retrain it)."""

@@ -28,7 +28,9 @@ import numpy as np
 import torch
 
 from pipeline.config import FuseSettings
-from pipeline.probe import FitStats, Protocol, evaluate_features, fit_stats, single_thread, solve_and_score
+from pipeline.probe import (ALPHA_INDEX, PREDICTIONS, FitStats, Protocol, evaluate_features, fit_stats, held_out_labels,
+                            single_thread, solve_and_score)
+from pipeline.selection import Evidence, annotate, choose, optimism
 from pipeline.scoring import LayerBank, load_bank
 
 OPERATORS = ("mean", "max", "concat")
@@ -171,16 +173,19 @@ def _take(A: torch.Tensor, rows: torch.Tensor | slice, idx: list[int]) -> torch.
 
 
 def score_candidates(bank: LayerBank, candidates: list[Candidate], protocol: Protocol,
-                     scorer: BlockScorer | None = None) -> list[dict[str, Any]]:
-    """Every candidate's probe score (accuracy, macro-F1, their std, alpha) and seconds."""
+                     scorer: BlockScorer | None = None, evidence: Evidence | None = None) -> list[dict[str, Any]]:
+    """Every candidate's probe score (accuracy, macro-F1, their std, alpha) and seconds; `evidence`
+    keeps each one's held-out predictions (by candidate name) for paired comparisons."""
     scorer = scorer or BlockScorer(bank, protocol)
     rows = []
     for candidate in candidates:
         start = time.perf_counter()
         result = scorer.score(candidate)
+        name = f"{bank.model}:{candidate.name}"
+        result = evidence.add(name, result) if evidence is not None else strip_evidence(result)
         d = bank.Z.shape[2] if bank.Z is not None else bank.basis.shape[0]
         width = d * len(candidate.layers) if candidate.operator == "concat" else d
-        rows.append({"candidate": f"{bank.model}:{candidate.name}", "family": candidate.family,
+        rows.append({"candidate": name, "family": candidate.family,
                      "operator": candidate.operator, "layers": list(candidate.layers), "models": [bank.model],
                      "pooling": bank.pooling, "width": width, **result,
                      "seconds": round(time.perf_counter() - start, 5)})
@@ -194,7 +199,7 @@ def group_of(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def score_multi_model(contributions: dict[str, list[tuple[dict[str, Any], torch.Tensor]]], folds,
-                      protocol: Protocol) -> list[dict[str, Any]]:
+                      protocol: Protocol, evidence: Evidence | None = None) -> list[dict[str, Any]]:
     """Every subset (size >= 2) of models x every choice of each model's contribution, concatenated.
 
     `contributions[model]` lists (leaderboard row, probe features [N, w]) pairs: the model's best
@@ -208,13 +213,24 @@ def score_multi_model(contributions: dict[str, list[tuple[dict[str, Any], torch.
                 start = time.perf_counter()
                 X = torch.cat([features for _, features in choice], dim=1)
                 result = evaluate_features(X, folds, protocol)
-                rows.append({"candidate": " + ".join(row["candidate"] for row, _ in choice), "family": "multi-model",
+                name = " + ".join(row["candidate"] for row, _ in choice)
+                result = evidence.add(name, result) if evidence is not None else strip_evidence(result)
+                rows.append({"candidate": name, "family": "multi-model",
                              "operator": "concat", "layers": [row["layers"] for row, _ in choice],
                              "models": list(subset), "pooling": [row["pooling"] for row, _ in choice],
                              "width": int(sum(row["width"] for row, _ in choice)), **result,
                              "groups": [group_of(row) for row, _ in choice],
                              "seconds": round(time.perf_counter() - start, 5)})
     return rows
+
+
+def strip_evidence(result: dict[str, Any]) -> dict[str, Any]:
+    """A probe result without its held-out predictions (callers that make no paired comparisons)."""
+    return {k: v for k, v in result.items() if k not in (PREDICTIONS, ALPHA_INDEX)}
+
+
+def candidate_key(row: dict[str, Any]) -> str:
+    return row["candidate"]
 
 
 def sort_leaderboard(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -224,10 +240,6 @@ def sort_leaderboard(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def aligned(ids_a: np.ndarray, ids_b: np.ndarray) -> bool:
     return len(ids_a) == len(ids_b) and bool(np.all(ids_a == ids_b))
-
-
-def _best(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    return sort_leaderboard(rows)[0]
 
 
 def search_dataset(store_root, dataset: str, models: list[str], scores: dict[str, dict[str, Any]],
@@ -242,7 +254,8 @@ def search_dataset(store_root, dataset: str, models: list[str], scores: dict[str
 
     leaderboard, chosen, timing = [], {}, {}
     contributions: dict[str, list[tuple[dict[str, Any], torch.Tensor]]] = {}
-    folds, reference_ids, bytes_read = None, None, 0
+    folds, reference_ids, bytes_read, evidence = None, None, 0, None
+    rule = protocol.select_rule
     for model in models:
         score = scores[model]
         pooling = score["best_pooling"] if settings["pooling"] == "best" else settings["pooling"]
@@ -258,12 +271,15 @@ def search_dataset(store_root, dataset: str, models: list[str], scores: dict[str
         bank = load_bank_for(store, pooling, protocol, "max" in settings["operators"], model)
         bytes_read += bank.bytes_read
         load_seconds = time.perf_counter() - start
+        if evidence is None:
+            evidence = Evidence(held_out_labels(bank.folds), len(store.label_names), protocol.metric,
+                                protocol.bootstrap, protocol.seed)
         candidates = build_candidates(store.num_layers, ranking, settings["top_k"], settings["last_n"],
                                       settings["operators"], settings["wide_max_layers"])
         start = time.perf_counter()
         scorer = BlockScorer(bank, protocol)
         blocks_seconds = time.perf_counter() - start
-        rows = score_candidates(bank, candidates, protocol, scorer)
+        rows = score_candidates(bank, candidates, protocol, scorer, evidence)
         search_seconds = time.perf_counter() - start
         for row in rows:
             row["groups"] = [group_of(row)]
@@ -273,8 +289,11 @@ def search_dataset(store_root, dataset: str, models: list[str], scores: dict[str
         info = {"pooling": pooling, "num_layers": store.num_layers, "dim": store.dim,
                 "decoder": bool(store.attrs["info"].get("decoder")),
                 "last": next(r for r in singles if r["layers"] == [store.num_layers - 1]),
-                "best_layer": _best(singles), "best_fusion": _best(fusions),
+                "best_layer": choose(singles, candidate_key, evidence, rule),
+                "best_fusion": choose(fusions, candidate_key, evidence, rule),
                 "llmembed": next(r for r in rows if r["layers"] == last_layers and r["operator"] == "mean")}
+        info["optimism"] = optimism({"best layer": (singles, rule), "best fusion": (fusions, rule)}, candidate_key,
+                                    evidence, seed=protocol.seed)
         chosen[model] = info
         by_name = {c.name: c for c in candidates}
         contributions[model] = []
@@ -288,12 +307,23 @@ def search_dataset(store_root, dataset: str, models: list[str], scores: dict[str
                          "candidates_per_s": round(len(rows) / max(search_seconds, 1e-9), 1)}
         leaderboard += rows
         del bank, scorer
-    multi = score_multi_model(contributions, folds, protocol) if settings["multi_model"] and len(models) > 1 else []
+    multi = (score_multi_model(contributions, folds, protocol, evidence)
+             if settings["multi_model"] and len(models) > 1 else [])
     leaderboard = sort_leaderboard(leaderboard + multi)
-    best_multi = _best(multi) if multi else None
-    return {"dataset": dataset, "metric": protocol.metric, "protocol": protocol.name, "models": chosen,
-            "best_multi": best_multi, "chosen": leaderboard[0], "leaderboard": leaderboard,
-            "timing": timing, "bytes_read": bytes_read}
+    strongest = max(models, key=lambda m: chosen[m]["last"]["score"])
+    references = {m: chosen[m]["last"]["candidate"] for m in models}
+    annotate(leaderboard, candidate_key, evidence,
+             lambda row: references[row["models"][0]] if len(row["models"]) == 1 else references[strongest],
+             leaderboard[0])
+    best_multi = choose(multi, candidate_key, evidence, rule) if multi else None
+    overall = choose(leaderboard, candidate_key, evidence, rule)
+    selections = {"overall": (leaderboard, rule), **({"multi-model": (multi, rule)} if multi else {}),
+                  **{f"overall ({other})": (leaderboard, other) for other in ("best", "one_se") if other != rule}}
+    return {"dataset": dataset, "metric": protocol.metric, "protocol": protocol.name, "select_rule": rule,
+            "reference": {"models": references, "multi-model": references[strongest]},
+            "models": chosen, "best_multi": best_multi, "chosen": overall, "leader": leaderboard[0],
+            "optimism": optimism(selections, candidate_key, evidence, seed=protocol.seed),
+            "leaderboard": leaderboard, "timing": timing, "bytes_read": bytes_read}
 
 
 def load_bank_for(store, pooling: str, protocol: Protocol, keep_standardised: bool, model: str) -> LayerBank:

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 
 from pipeline.config import ScoreSettings
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, ProbeError
 
 METRICS = ("accuracy", "macro_f1")
+PREDICTIONS, ALPHA_INDEX = "_predictions", "_alpha_index"   # per-row held-out evidence; popped before JSON
 
 
 @dataclass(frozen=True)
@@ -90,12 +91,18 @@ def make_folds(y_train: np.ndarray, y_validation: np.ndarray | None, protocol: P
             if protocol.bootstrap else None
         return Folds(y, [slice(0, n_train)], [slice(n_train, n_train + n_val)], False,
                      None if counts is None else torch.as_tensor(counts, dtype=torch.float32), num_classes)
+    if protocol.folds > len(y_train):
+        raise ConfigError(f"score.folds is {protocol.folds} but train has {len(y_train)} rows: every fold needs "
+                          f"held-out rows; lower score.folds or use protocol validation")
     fold_of = np.empty(len(y_train), dtype=np.int64)
     for label in np.unique(y_train):               # stratified: deal each class's rows round-robin
         rows = rng.permutation(np.flatnonzero(y_train == label))
         fold_of[rows] = (np.arange(len(rows)) + rng.integers(protocol.folds)) % protocol.folds
     order = np.argsort(fold_of, kind="stable")     # probe rows grouped by fold, train order within
     sizes = np.bincount(fold_of, minlength=protocol.folds)
+    if sizes.min() == 0:
+        raise ConfigError(f"score.folds {protocol.folds} leaves a fold without rows ({len(y_train)} train rows): "
+                          f"lower score.folds")
     ends = np.cumsum(sizes)
     bounds = [(int(e - n), int(e)) for n, e in zip(sizes, ends)]
     n = len(y_train)
@@ -103,6 +110,11 @@ def make_folds(y_train: np.ndarray, y_validation: np.ndarray | None, protocol: P
     fits = [torch.cat([torch.arange(0, a), torch.arange(b, n)]) for a, b in bounds]
     return Folds(torch.as_tensor(y_train[order], dtype=torch.long), fits, evals, True, None, num_classes,
                  order, bounds)
+
+
+def held_out_labels(folds: Folds) -> torch.Tensor:
+    """Labels of the scored rows in the order the probe's predictions come (fold by fold)."""
+    return torch.cat([folds.y[e] for e in folds.eval_slices()])
 
 
 # -- sufficient statistics ----------------------------------------------------------------------
@@ -154,16 +166,22 @@ def metrics(pred: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, num_c
     return {"accuracy": float(acc), "macro_f1": float(f1)}
 
 
-def _bootstrap(pred: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, num_classes: int) -> tuple[float, float]:
-    """Std of accuracy and macro-F1 over bootstrap resamples given as per-row counts [B, n]."""
+def resampled_metric(pred: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, num_classes: int,
+                     metric: str) -> torch.Tensor:
+    """The metric on each bootstrap resample given as per-row counts [B, n]: a [B] vector. Resamples
+    shared by two candidates make their difference a paired bootstrap (pipeline/selection.py)."""
+    n = counts.sum(1)
+    if metric == "accuracy":
+        return counts @ (pred == y).float() / n
     classes = torch.arange(num_classes)[:, None]
     p, t = (pred[None] == classes).float(), (y[None] == classes).float()
-    cols = torch.cat([(pred == y).float()[None], p * t, p, t])                 # [1 + 3C, n]
-    sums = counts @ cols.T                                                      # [B, 1 + 3C]
-    n = counts.sum(1)
-    tp, pp, tt = sums[:, 1:1 + num_classes], sums[:, 1 + num_classes:1 + 2 * num_classes], sums[:, 1 + 2 * num_classes:]
-    f1 = torch.where(pp + tt > 0, 2 * tp / (pp + tt).clamp(min=1), torch.zeros_like(tp)).mean(1)
-    return float((sums[:, 0] / n).std()), float(f1.std())
+    tp, pp, tt = counts @ (p * t).T, counts @ p.T, counts @ t.T                  # [B, C]
+    return torch.where(pp + tt > 0, 2 * tp / (pp + tt).clamp(min=1), torch.zeros_like(tp)).mean(1)
+
+
+def _bootstrap(pred: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, num_classes: int) -> tuple[float, float]:
+    """Std of accuracy and macro-F1 over bootstrap resamples given as per-row counts [B, n]."""
+    return tuple(float(resampled_metric(pred, y, counts, num_classes, m).std()) for m in METRICS)
 
 
 @contextmanager
@@ -260,6 +278,9 @@ def _solve_and_score(stats: FitStats, X_eval: Sequence[torch.Tensor], folds: Fol
         acc.append(a), f1.append(f), preds.append(pred)
     acc, f1 = torch.stack(acc), torch.stack(f1)                            # [K, A]
     chosen = (acc if protocol.metric == "accuracy" else f1).mean(0)
+    if not bool(torch.isfinite(chosen).all()):
+        raise ProbeError(f"the probe's {protocol.metric} is not a number (held-out folds of "
+                         f"{[int(x.shape[0]) for x in X_eval]} rows, non-finite features?): nothing is chosen on NaN")
     best = int(torch.argmax(chosen))
     if len(X_eval) > 1:
         acc_std, f1_std = float(acc[:, best].std()), float(f1[:, best].std())
@@ -271,6 +292,8 @@ def _solve_and_score(stats: FitStats, X_eval: Sequence[torch.Tensor], folds: Fol
               "macro_f1": float(f1[:, best].mean()), "macro_f1_std": f1_std, "alpha": float(alphas[best])}
     result["score"] = result[protocol.metric]
     result["std"] = result[f"{protocol.metric}_std"]
+    result[PREDICTIONS] = torch.cat(preds, dim=1).to(torch.int16)       # [A, held-out rows], for selection.py
+    result[ALPHA_INDEX] = best
     return result
 
 

@@ -17,7 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.probe import Folds, Protocol, evaluate_features, make_folds, single_thread, standardise_stats
+from pipeline.probe import (Folds, Protocol, evaluate_features, held_out_labels, make_folds, single_thread,
+                            standardise_stats)
+from pipeline.selection import RULES, Evidence, annotate, choose, optimism
 from pipeline.store import EmbeddingStore
 
 PROBE_SPLITS = {"validation": ("train", "validation"), "cv": ("train",)}
@@ -100,21 +102,36 @@ def relative_depth(layer: int, num_layers: int) -> float:
     return layer / max(num_layers - 1, 1)
 
 
-def score_layers(store: EmbeddingStore, protocol: Protocol, model: str,
-                 poolings: list[str] | None = None) -> dict[str, Any]:
-    """The probe's score for every pooling x layer, the ranking, and the best pooling."""
-    start = time.perf_counter()
-    rows, bytes_read = [], 0
+def probe_layers(store: EmbeddingStore, protocol: Protocol, model: str,
+                 poolings: list[str] | None = None) -> tuple[list[dict[str, Any]], Evidence, int]:
+    """The probe's score of every pooling x layer, the held-out predictions behind them, bytes read."""
+    rows, evidence, bytes_read = [], None, 0
     for pooling in poolings or store.poolings:
         bank = load_bank(store, pooling, protocol, model=model)
         bytes_read += bank.bytes_read
+        if evidence is None:
+            evidence = Evidence(held_out_labels(bank.folds), len(store.label_names), protocol.metric,
+                                protocol.bootstrap, protocol.seed)
         for j, layer in enumerate(bank.layers):
             t = time.perf_counter()
-            result = evaluate_features(bank.F[:, j], bank.folds, protocol)
-            rows.append({"model": model, "pooling": pooling, "layer": layer,
-                         "relative_depth": round(relative_depth(layer, store.num_layers), 4), **result,
-                         "seconds": round(time.perf_counter() - t, 4)})
+            result = evidence.add((pooling, layer), evaluate_features(bank.F[:, j], bank.folds, protocol))
+            rows.append({"model": model, "pooling": pooling, "layer": layer, "layers": [layer], "models": [model],
+                         "width": store.dim, "relative_depth": round(relative_depth(layer, store.num_layers), 4),
+                         **result, "seconds": round(time.perf_counter() - t, 4)})
         del bank
+    return rows, evidence, bytes_read
+
+
+def layer_key(row: dict[str, Any]) -> tuple[str, int]:
+    return row["pooling"], row["layer"]
+
+
+def score_layers(store: EmbeddingStore, protocol: Protocol, model: str,
+                 poolings: list[str] | None = None) -> dict[str, Any]:
+    """Every pooling x layer scored, each against the last layer (its best pooling) with a paired 95%
+    interval; the best pooling, the ranking of its layers, and the layer the selection rule picks."""
+    start = time.perf_counter()
+    rows, evidence, bytes_read = probe_layers(store, protocol, model, poolings)
     by_pooling = {}
     for row in rows:
         best = by_pooling.get(row["pooling"])
@@ -122,12 +139,19 @@ def score_layers(store: EmbeddingStore, protocol: Protocol, model: str,
             by_pooling[row["pooling"]] = row
     best_pooling = max(by_pooling, key=lambda p: by_pooling[p]["score"])
     ranking = sorted((r for r in rows if r["pooling"] == best_pooling), key=lambda r: -r["score"])
-    last = next(r for r in rows if r["pooling"] == best_pooling and r["layer"] == store.num_layers - 1)
+    last_layer = store.num_layers - 1
+    last = next(r for r in rows if r["pooling"] == best_pooling and r["layer"] == last_layer)
+    reference = max((r for r in rows if r["layer"] == last_layer), key=lambda r: r["score"])
+    annotate(rows, layer_key, evidence, lambda _: layer_key(reference), ranking[0])
+    rule = protocol.select_rule
+    chosen = choose(ranking, layer_key, evidence, rule)
     return {
         "model": model, "num_layers": store.num_layers, "dim": store.dim, "decoder": bool(store.attrs["info"].get("decoder")),
         "protocol": protocol.__dict__ | {"alphas": list(protocol.alphas)}, "splits_read": list(probe_splits(protocol)),
         "metric": protocol.metric, "best_pooling": best_pooling,
         "best_layer_per_pooling": {p: r["layer"] for p, r in by_pooling.items()},
-        "ranking": [r["layer"] for r in ranking], "best": ranking[0], "last": last,
+        "ranking": [r["layer"] for r in ranking], "best": ranking[0], "last": last, "reference": reference,
+        "select_rule": rule, "chosen": chosen,
+        "optimism": optimism({f"best layer ({r})": (ranking, r) for r in RULES}, layer_key, evidence, seed=protocol.seed),
         "rows": rows, "bytes_read": bytes_read, "seconds": round(time.perf_counter() - start, 3),
     }

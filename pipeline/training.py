@@ -32,8 +32,10 @@ from pipeline.devices import lightning_accelerator
 from pipeline.config import TrainSettings
 from pipeline.heads import HeadModule, build_net
 from pipeline.probe import metrics
+from pipeline.significance import TestRows, add_test_uncertainty
 
 FUSED_HEADS = ("linear", "mlp")
+TEST_PREDICTIONS = "_test_predictions"      # kept in memory for the paired tests, saved beside each head
 
 
 def quiet_lightning() -> None:
@@ -155,7 +157,8 @@ def fit_head(cache: LayerCache, run: dict[str, Any], head: str, seed: int, setti
     net = net.cpu()
     train_seconds = time.perf_counter() - start
     validation = metrics(*predict(net, data.rows("validation")), len(label_names))
-    test = metrics(*predict(net, data.rows("test")), len(label_names))     # the only look at test, after training
+    test_pred, test_y = predict(net, data.rows("test"))                  # the only look at test, after training
+    test = metrics(test_pred, test_y, len(label_names))
     config.update({"validation": validation, "test": test, "best_epoch": best.epoch,
                    "epochs": trainer.current_epoch + 1, "seconds": round(train_seconds, 3)})
     if head == "scalar_mix":
@@ -164,8 +167,10 @@ def fit_head(cache: LayerCache, run: dict[str, Any], head: str, seed: int, setti
     weights = {k: v.contiguous() for k, v in net.state_dict().items()}
     write_bytes_atomic(out_dir / "model.safetensors", safetensors_bytes(weights))
     write_bytes_atomic(out_dir / "standardisation.safetensors", safetensors_bytes(data.standardisation()))
+    write_bytes_atomic(out_dir / "test_predictions.safetensors",
+                       safetensors_bytes({"predictions": test_pred.to(torch.int32), "labels": test_y.to(torch.int32)}))
     write_json_atomic(out_dir / "config.json", config)
-    return config
+    return {**config, TEST_PREDICTIONS: test_pred.numpy()}
 
 
 def summarise(configs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -197,7 +202,7 @@ def train_dataset(store_root: Path, dataset: str, chosen: dict[str, Any], settin
     # every layer any run needs, read once into one tensor per (model, pooling, split); test comes later
     cache.load([i for run in runs for i in spec_from_groups(run["groups"])[0]], ("train", "validation"))
     done: dict[tuple[str, str], dict[str, Any]] = {}
-    results = []
+    results, predictions = [], {}
     for run in runs:
         key_inputs = json.dumps(run["groups"], sort_keys=True)
         for head in run["heads"]:
@@ -206,9 +211,15 @@ def train_dataset(store_root: Path, dataset: str, chosen: dict[str, Any], settin
                 folder = out_root / slug(run["row"]) / head
                 configs = [fit_head(cache, run, head, seed, settings, folder / f"seed{seed}", label_names, decoders,
                                     out_root / ".trainer") for seed in settings["seeds"]]
-                done[key] = {**summarise(configs), "folder": str(folder.relative_to(out_root))}
+                done[key] = {**summarise(configs), "folder": str(folder.relative_to(out_root)),
+                             TEST_PREDICTIONS: np.stack([c[TEST_PREDICTIONS] for c in configs])}
             results.append({"row": run["row"], "kind": run["kind"], "head": head, "groups": run["groups"],
                             "probe_score": run["probe"]["score"] if run["probe"] else None,
-                            "probe_std": run["probe"]["std"] if run["probe"] else None, **done[key]})
+                            "probe_std": run["probe"]["std"] if run["probe"] else None,
+                            **{k: v for k, v in done[key].items() if k != TEST_PREDICTIONS}})
+            predictions[(run["row"], head)] = done[key][TEST_PREDICTIONS]
+    first_model = next(iter(chosen["models"]))
+    add_test_uncertainty(results, predictions, TestRows(cache.labels(first_model, "test").numpy(), len(label_names),
+                                                        seed=int(settings["seeds"][0])))
     return {"dataset": dataset, "results": results, "bytes_read": cache.bytes_read,
             "seconds": round(time.perf_counter() - start, 3), "settings": settings}

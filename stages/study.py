@@ -34,7 +34,7 @@ def main() -> None:
         "prepare": [["stages.prepare_model", "--model", m] for m in models]
                    + [["stages.prepare_data", "--dataset", d] for d in datasets],
         "extract": [["stages.extract", "--model", m, "--dataset", d, "--no-progress"]
-                    for d in datasets for m in models],
+                    for m in models for d in datasets],     # model by model: every corpus gets each model in turn
         "score": [["stages.score", "--model", m, "--dataset", d] for d in datasets for m in models],
         "fuse": [["stages.fuse", "--dataset", d] for d in datasets],
         "train": [["stages.train", "--dataset", d] for d in datasets],

@@ -51,7 +51,8 @@ def test_head_trains_saves_and_loads(tmp_path, head, monkeypatch):
     config = fit_head(cache, {"row": "t", "groups": groups[head]}, head, 0, settings, out, ["c0", "c1"],
                       {"toy-dec": True}, tmp_path / "store" / ".trainer")
     assert config["validation"]["accuracy"] > 0.7 and config["test"]["accuracy"] > 0.7
-    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "standardisation.safetensors"]
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "standardisation.safetensors",
+                                       "test_predictions.safetensors"]
     assert not (tmp_path / "lightning_logs").exists() and not list(tmp_path.glob("*.ckpt"))
     net, loaded = load_head(out)
     assert loaded["inputs"] == [["toy-dec", "mean", l] for l in groups[head][0]["layers"]]

@@ -1,0 +1,155 @@
+"""Selection with uncertainty and test-set significance, against hand computations, and the one-SE
+rule on a store with a planted near-tie."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import f1_score
+
+from pipeline.probe import Protocol, resampled_metric
+from pipeline.scoring import score_layers
+from pipeline.selection import Evidence, choose, stratified_halves
+from pipeline.significance import TestRows, add_test_uncertainty
+from pipeline.store import EmbeddingStore, SplitRows, StoreWriter
+
+Y = np.array([0, 0, 1, 1, 2, 2, 0, 1])
+A = np.array([0, 1, 1, 1, 2, 0, 0, 1])      # 6 of 8 right
+B = np.array([0, 0, 1, 0, 2, 2, 1, 1])      # 6 of 8 right, different rows
+COUNTS = np.array([[1, 1, 1, 1, 1, 1, 1, 1], [2, 0, 0, 3, 1, 0, 2, 0], [0, 0, 4, 0, 0, 2, 1, 1]], np.float32)
+
+
+def test_resampled_accuracy_and_macro_f1_match_a_hand_computation():
+    counts = torch.from_numpy(COUNTS)
+    acc = resampled_metric(torch.from_numpy(A), torch.from_numpy(Y), counts, 3, "accuracy")
+    f1 = resampled_metric(torch.from_numpy(A), torch.from_numpy(Y), counts, 3, "macro_f1")
+    for b, weights in enumerate(COUNTS):
+        rows = np.repeat(np.arange(8), weights.astype(int))          # the resample, written out
+        assert acc[b] == pytest.approx(np.mean(A[rows] == Y[rows]))
+        assert f1[b] == pytest.approx(f1_score(Y[rows], A[rows], average="macro", labels=[0, 1, 2],
+                                               zero_division=0))
+
+
+def test_paired_comparison_is_the_bootstrap_of_the_difference():
+    evidence = Evidence(torch.from_numpy(Y), 3, "accuracy", resamples=100, seed=0)
+    for key, pred in (("a", A), ("b", B)):
+        evidence.add(key, {"_predictions": torch.as_tensor(np.stack([pred, 1 - pred % 2])), "_alpha_index": 0})
+    comparison = evidence.compare("a", "b")
+    hand = []
+    for weights in evidence.counts.numpy():
+        rows = np.repeat(np.arange(8), weights.astype(int))
+        hand.append(np.mean(A[rows] == Y[rows]) - np.mean(B[rows] == Y[rows]))
+    assert comparison.diff == pytest.approx(0.0)
+    assert comparison.se == pytest.approx(np.std(hand, ddof=1), rel=1e-5)
+    assert comparison.low == pytest.approx(np.quantile(hand, 0.025), abs=1e-6)
+    assert comparison.high == pytest.approx(np.quantile(hand, 0.975), abs=1e-6)
+    assert comparison.se > 0 and evidence.compare("a", "a").se == 0
+
+
+def test_test_intervals_and_paired_p_value_match_a_hand_computation():
+    rows = TestRows(Y, 3, resamples=500, seed=3)
+    seeds_a, seeds_b = np.stack([A, A]), np.stack([B, Y])           # b's second seed is perfect
+    interval = rows.interval(seeds_a)
+    hand = [np.mean(A[r] == Y[r]) for r in (np.repeat(np.arange(8), w.astype(int)) for w in rows.counts.numpy())]
+    assert interval["test_accuracy_low"] == pytest.approx(np.quantile(hand, 0.025), abs=1e-5)
+    assert interval["test_accuracy_high"] == pytest.approx(np.quantile(hand, 0.975), abs=1e-5)
+    test = rows.paired(seeds_a, seeds_b)
+    observed = np.mean(A == Y) - (np.mean(B == Y) + 1.0) / 2
+    diffs = []
+    for w in rows.counts.numpy():
+        r = np.repeat(np.arange(8), w.astype(int))
+        diffs.append(np.mean(A[r] == Y[r]) - (np.mean(B[r] == Y[r]) + 1.0) / 2)
+    diffs = np.array(diffs)
+    assert test["diff"] == pytest.approx(observed, abs=1e-5)
+    assert test["p_value"] == pytest.approx(np.mean(np.abs(diffs - observed) >= abs(observed)), abs=1e-4)
+    assert test["significant"] == (test["p_value"] < 0.05)
+
+
+def test_a_large_gap_is_significant_and_a_tiny_one_is_not():
+    rng = np.random.default_rng(0)
+    y = rng.integers(2, size=1000)
+    good = np.where(rng.random(1000) < 0.9, y, 1 - y)
+    close = good.copy()                               # 12 rows disagree, 7 to 5: a 0.2-point gap
+    flips = np.concatenate([np.flatnonzero(good == y)[:7], np.flatnonzero(good != y)[:5]])
+    close[flips] = 1 - close[flips]
+    bad = np.where(rng.random(1000) < 0.6, y, 1 - y)
+    rows = TestRows(y, 2, resamples=1000, seed=0)
+    assert rows.paired(good[None], bad[None])["significant"]
+    assert rows.paired(good[None], close[None])["diff"] == pytest.approx(0.002)
+    assert not rows.paired(good[None], close[None])["significant"]
+
+
+def test_halves_are_stratified_disjoint_and_cover_every_row():
+    y = torch.as_tensor(np.repeat([0, 1, 2], [10, 7, 4]))
+    a, b = stratified_halves(y, seed=1)
+    assert sorted(np.concatenate([a, b]).tolist()) == list(range(21))
+    assert [int((y[a] == c).sum()) for c in range(3)] == [5, 3, 2]
+
+
+def planted_store(root: Path) -> Path:
+    """Layers 4 and 1 carry the label nearly as strongly, each with its own noise (a near-tie, layer 4
+    ahead); layer 2 is clearly worse; the rest is noise."""
+    path = root / "embeddings" / "tie" / "toy"
+    writer = StoreWriter(path, {"dataset": {"name": "tie", "label_names": ["a", "b"]}, "model": {"name": "toy"}},
+                         {"decoder": False}, num_layers=6, dim=8, poolings=["mean"], block_rows=1024,
+                         dtype="float32", compressor={"codec": "none"})
+    rng = np.random.default_rng(7)
+    for split, n in (("train", 600), ("validation", 400), ("test", 100)):
+        y = rng.integers(2, size=n).astype(np.int32)
+        writer.init_split(split, SplitRows(labels=y, text_id=np.array([f"{split}{i}" for i in range(n)]),
+                                           source_index=np.arange(n), token_count=np.full(n, 3, np.int32),
+                                           truncated=np.zeros(n, bool)), [])
+        x = rng.normal(size=(n, 6, 8)).astype(np.float32)
+        signal = (2 * y - 1)[:, None].astype(np.float32)
+        x[:, 4, :2] += 0.9 * signal
+        x[:, 1, :2] += 0.85 * signal                   # as strong, nearly, with its own noise
+        x[:, 2, :2] += 0.3 * signal
+        writer.write_block(split, 0, {"mean": x})
+    return path
+
+
+def test_one_se_picks_the_simpler_near_tie_and_best_picks_the_top(tmp_path):
+    store = EmbeddingStore(planted_store(tmp_path))
+    protocol = Protocol(rank=0, bootstrap=500)
+    best = score_layers(store, dataclasses.replace(protocol, select_rule="best"), "toy")
+    one_se = score_layers(store, protocol, "toy")
+    rows = {r["layer"]: r for r in one_se["rows"]}
+    assert best["chosen"]["layer"] == 4 == best["best"]["layer"]
+    assert rows[1]["score"] < rows[4]["score"] and rows[1]["within_one_se"]          # the planted near-tie
+    assert not rows[2]["within_one_se"] and not rows[0]["within_one_se"]
+    assert one_se["chosen"]["layer"] == 1
+    assert rows[4]["vs_reference_low"] > 0                                            # beats the last layer (5)
+    best_half, se_half = one_se["optimism"]["best layer (best)"], one_se["optimism"]["best layer (one_se)"]
+    assert best_half["score_choosing_half"] >= se_half["score_choosing_half"]      # best maximises that half
+    assert best_half["drop"] == pytest.approx(best_half["score_choosing_half"] - best_half["score_fresh_half"], abs=2e-5)
+
+
+def test_choose_refuses_an_unknown_rule():
+    evidence = Evidence(torch.from_numpy(Y), 3, "accuracy")
+    with pytest.raises(ValueError, match="unknown selection rule"):
+        choose([{"score": 1.0, "width": 1, "layers": [0], "models": ["m"]}], lambda r: "k", evidence, "median")
+
+
+def test_multi_model_rows_are_tested_against_the_best_single_model():
+    y = np.array([0, 1] * 50)
+    results, predictions = [], {}
+    rng = np.random.default_rng(0)
+    for model, accuracy in (("m1", 0.6), ("m2", 0.7)):
+        for kind, label in (("last", "last layer"), ("best_layer", "best single layer")):
+            row = f"{model}: {label}"
+            results.append({"row": row, "kind": kind, "head": "linear", "groups": [{"model": model}],
+                            "validation_accuracy": accuracy + (0.01 if kind == "best_layer" else 0)})
+            predictions[(row, "linear")] = np.where(rng.random((2, 100)) < accuracy, y, 1 - y)
+    results.append({"row": "multi-model: best fusion", "kind": "best_multi", "head": "linear",
+                    "groups": [{"model": "m1"}, {"model": "m2"}], "validation_accuracy": 0.9})
+    predictions[("multi-model: best fusion", "linear")] = np.stack([y, y])
+    add_test_uncertainty(results, predictions, TestRows(y, 2, resamples=300))
+    multi = results[-1]["paired_tests"]
+    assert multi["best single model"]["against"] == "m2: best single layer (linear)"
+    assert multi["last layer"]["against"] == "m2: last layer (linear)" and multi["best single model"]["significant"]
+    assert "last layer" not in results[0]["paired_tests"] and "best single layer" in results[0]["paired_tests"]
+    assert results[-1]["test_accuracy_low"] == results[-1]["test_accuracy_high"] == 1.0
