@@ -9,7 +9,7 @@ import json
 import time
 from pathlib import Path
 
-from pipeline.atomic import write_json_atomic, write_text_atomic
+from pipeline.atomic import staged_folder, write_json_atomic, write_text_atomic
 from pipeline.config import load_params
 from pipeline.fusion import fuse_settings, search_dataset
 from pipeline.probe import protocol_from_params
@@ -46,9 +46,10 @@ def main() -> None:
     result["note"] = ("within-model candidates use each model's best pooling on validation "
                       "(score stage); scores are the probe's, on " +
                       ("validation" if protocol.name == "validation" else f"{protocol.folds}-fold CV of train"))
-    write_text_atomic(out / "leaderboard.csv", leaderboard_csv(result["leaderboard"]))
-    write_json_atomic(out / "leaderboard.json", result["leaderboard"])
-    write_json_atomic(out / "chosen.json", {k: v for k, v in result.items() if k != "leaderboard"})
+    with staged_folder(out) as staged:      # leaderboard and choice replace the old ones in one step
+        write_text_atomic(staged / "leaderboard.csv", leaderboard_csv(result["leaderboard"]))
+        write_json_atomic(staged / "leaderboard.json", result["leaderboard"])
+        write_json_atomic(staged / "chosen.json", {k: v for k, v in result.items() if k != "leaderboard"})
     for model, t in result["timing"].items():
         print(f"fuse {args.dataset} x {model}: {t['candidates']} candidates in {t['search_seconds']:.1f}s "
               f"= {t['candidates_per_s']:.1f} candidates/s")

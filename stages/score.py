@@ -11,7 +11,7 @@ from pipeline.probe import protocol_from_params
 from pipeline.report import plot_layer_scores, write_layer_csv
 from pipeline.scoring import score_layers
 from pipeline.store import open_store
-from pipeline.atomic import write_json_atomic
+from pipeline.atomic import staged_folder, write_json_atomic
 from stages import run_stage, stage_parser
 
 
@@ -28,9 +28,10 @@ def main() -> None:
     out = Path(params.store) / "scores" / args.dataset / args.model
     result["dataset"] = args.dataset
     result["stage_seconds"] = round(time.perf_counter() - start, 3)
-    write_layer_csv(out / "layers.csv", result)
-    plot_layer_scores(out / "layers.png", {args.model: result}, title=f"{args.model} on {args.dataset}")
-    write_json_atomic(out / "scores.json", result)
+    with staged_folder(out) as staged:      # the three files replace the old three in one step
+        write_layer_csv(staged / "layers.csv", result)
+        plot_layer_scores(staged / "layers.png", {args.model: result}, title=f"{args.model} on {args.dataset}")
+        write_json_atomic(staged / "scores.json", result)
     best, last = result["best"], result["last"]
     print(f"score {args.model} x {args.dataset}: best pooling {result['best_pooling']}, best layer {best['layer']} "
           f"({protocol.metric} {best['score']:.4f}) vs last layer {last['layer']} ({last['score']:.4f}); "

@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from pipeline.atomic import write_json_atomic
+from pipeline.atomic import staged_folder, write_json_atomic
 from pipeline.config import load_params
 from pipeline.report import resources_of
 from pipeline.training import quiet_lightning, train_dataset, train_settings
@@ -24,10 +24,11 @@ def main() -> None:
     settings = train_settings(params.train)
     chosen = json.loads((Path(params.store) / "fusion" / args.dataset / "chosen.json").read_text())
     out = Path(params.store) / "heads" / args.dataset
-    result = train_dataset(params.store, args.dataset, chosen, settings, out)
-    result["stage_seconds"] = round(time.perf_counter() - start, 3)
-    write_json_atomic(out / "resources.json", resources_of(params.store, args.dataset, list(chosen["models"])))
-    write_json_atomic(out / "results.json", result)
+    with staged_folder(out) as staged:      # every head, seed and result replaces the old set in one step
+        result = train_dataset(params.store, args.dataset, chosen, settings, staged)
+        result["stage_seconds"] = round(time.perf_counter() - start, 3)
+        write_json_atomic(staged / "resources.json", resources_of(params.store, args.dataset, list(chosen["models"])))
+        write_json_atomic(staged / "results.json", result)
     for row in result["results"]:
         print(f"train {args.dataset}: {row['row']:<40} {row['head']:<12} test accuracy "
               f"{row['test_accuracy']:.4f} ± {row['test_accuracy_std']:.4f} (validation {row['validation_accuracy']:.4f})")

@@ -1,0 +1,245 @@
+"""Stage 2 writes each stage's outputs as one unit (pipeline.atomic.staged_folder): a killed stage leaves
+the old set of files or the new set, never a mix (issue 11, item 6). SIGKILL at many moments, on a
+writer of versioned files and on the real train stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from _stage2_store import make_store
+from conftest import REPO, registry
+from pipeline import atomic
+from pipeline.atomic import clean_leftovers, staged_folder, write_text_atomic
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def _siblings(out: Path) -> list[str]:
+    return sorted(p.name for p in out.parent.iterdir())
+
+
+# -- the context manager --------------------------------------------------------------------------------
+def test_the_new_set_replaces_the_old_set_whole_and_a_failed_block_changes_nothing(tmp_path):
+    out = tmp_path / "fusion" / "toy"
+    for name in ("leaderboard.csv", "chosen.json", "stale.json"):
+        write_text_atomic(out / name, "old")
+    with staged_folder(out) as staged:
+        assert staged.parent == out.parent and staged.name.startswith(".toy.staged-") and not any(staged.iterdir())
+        write_text_atomic(staged / "leaderboard.csv", "new")
+        write_text_atomic(staged / "chosen.json", "new")
+        assert _files(out) == {"leaderboard.csv": b"old", "chosen.json": b"old", "stale.json": b"old"}
+    assert _files(out) == {"leaderboard.csv": b"new", "chosen.json": b"new"}      # the stale file went too
+    with pytest.raises(RuntimeError, match="killed half way"):
+        with staged_folder(out) as staged:
+            write_text_atomic(staged / "chosen.json", "newer")
+            raise RuntimeError("killed half way")
+    assert _files(out) == {"leaderboard.csv": b"new", "chosen.json": b"new"}
+    assert _siblings(out) == ["toy"]                                              # nothing left beside it
+
+
+def test_keep_others_swaps_only_what_the_block_wrote(tmp_path):
+    """reports/: report.md, figures/ and metrics.json are one unit; benchmarks.md (another producer's) stays."""
+    out = tmp_path / "reports"
+    write_text_atomic(out / "benchmarks.md", "bench")
+    write_text_atomic(out / "report.md", "old report")
+    write_text_atomic(out / "figures" / "gone.png", "old figure")
+    write_text_atomic(out / "notes" / "a.txt", "kept tree")
+    inode = (out / "benchmarks.md").stat().st_ino
+    with staged_folder(out, keep_others=True) as staged:
+        write_text_atomic(staged / "report.md", "new report")
+        write_text_atomic(staged / "figures" / "new.png", "new figure")
+        write_text_atomic(staged / "metrics.json", "{}")
+    assert _files(out) == {"benchmarks.md": b"bench", "figures/new.png": b"new figure", "metrics.json": b"{}",
+                           "notes/a.txt": b"kept tree", "report.md": b"new report"}
+    assert (out / "benchmarks.md").stat().st_ino == inode                         # the same file, not a copy
+
+
+def test_leftovers_of_killed_runs_are_removed_and_an_old_set_moved_aside_comes_back(tmp_path):
+    out, dead = tmp_path / "heads" / "toy", _dead_pid()
+    write_text_atomic(out.parent / f".toy.staged-{dead}-x1" / "seed0" / "config.json", "partial new")
+    write_text_atomic(out.parent / f".toy.old-{dead}-x2" / "results.json", "old")    # killed between renames
+    write_text_atomic(out.parent / f".toy.staged-{os.getpid()}-x3" / "results.json", "a live run's")
+    clean_leftovers(out)
+    assert _files(out) == {"results.json": b"old"}
+    assert _siblings(out) == [f".toy.staged-{os.getpid()}-x3", "toy"]             # a live run is not touched
+
+
+def test_without_exchange_two_renames_still_give_old_or_new(tmp_path, monkeypatch):
+    """Systems without renameat2(RENAME_EXCHANGE): rename the old set aside, the new one in, delete the old."""
+    monkeypatch.setattr(atomic, "exchange", lambda a, b: False)
+    out = tmp_path / "scores" / "toy" / "m"
+    write_text_atomic(out / "scores.json", "old")
+    with staged_folder(out) as staged:
+        write_text_atomic(staged / "scores.json", "new")
+    assert _files(out) == {"scores.json": b"new"} and _siblings(out) == ["m"]
+
+
+# -- SIGKILL while a process rewrites a set of files again and again --------------------------------------
+WRITER = """
+import itertools, sys
+from pathlib import Path
+from pipeline.atomic import staged_folder, write_text_atomic
+out, rounds = Path(sys.argv[1]), int(sys.argv[2])
+for version in itertools.islice(itertools.count(int(sys.argv[3])), rounds):
+    with staged_folder(out) as staged:
+        for name in ("results.json", "seed0/config.json", "seed1/config.json", "seed2/config.json", "resources.json"):
+            write_text_atomic(staged / name, f"{version}\\n" + "x" * 200_000)
+"""
+NAMES = {"results.json", "seed0/config.json", "seed1/config.json", "seed2/config.json", "resources.json"}
+
+
+def _versions_through(folder_fd: int) -> set[str]:
+    """Read the set through an open handle on the folder, as a reader that resolves the path once."""
+    versions = set()
+    for name in NAMES:
+        with open(name, "rb", opener=lambda path, flags: os.open(path, flags, dir_fd=folder_fd)) as handle:
+            versions.add(handle.readline().decode())
+    return versions
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_leaves_the_old_set_or_the_new_set(tmp_path):
+    out = tmp_path / "heads" / "toy"
+    rng = np.random.default_rng(11)
+    stop, mixes, reads = threading.Event(), [], [0]
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+            except FileNotFoundError:
+                continue
+            try:
+                versions = _versions_through(fd)
+                reads[0] += 1
+                if len(versions) > 1:
+                    mixes.append(versions)
+            except FileNotFoundError:   # the old set was deleted under a slow reader: an error, not a mix
+                pass
+            finally:
+                os.close(fd)
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    seen, leftover_kills = set(), 0
+    try:
+        for kill in range(10):
+            process = subprocess.Popen([sys.executable, "-c", WRITER, str(out), "1000000", str(kill * 1000)], cwd=REPO)
+            time.sleep(float(rng.uniform(0.3, 2.5)))
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            leftover_kills += out.parent.exists() and len(_siblings(out)) > 1
+            if out.exists():
+                assert {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} == NAMES
+                versions = {(out / name).read_text().split("\n", 1)[0] for name in NAMES}
+                assert len(versions) == 1, f"kill {kill} left a mix of versions {versions}"
+                seen |= versions
+    finally:
+        stop.set()
+        thread.join()
+    assert not mixes, mixes
+    assert len(seen) >= 3 and reads[0] > 0, (seen, reads)
+    assert leftover_kills, "no kill left a leftover: the moments missed the writes"
+    subprocess.run([sys.executable, "-c", WRITER, str(out), "1", "99999"], cwd=REPO, check=True)
+    assert _siblings(out) == ["toy"]                     # the next run removed every leftover
+    assert (out / "results.json").read_text().startswith("99999\n")
+
+
+# -- the real train stage, killed half way ------------------------------------------------------------------
+def toy_project(folder: Path) -> Path:
+    """params.yaml for Stage 2 on one synthetic store (tests/_stage2_store.py), with tiny settings."""
+    make_store(folder / "store", "toy-a", best_layer=3)
+    raw = registry()
+    raw["paths"] = {"store": str(folder / "store")}
+    raw["select"] = {"models": ["toy-a"], "datasets": ["toy"]}
+    raw["models"]["toy-a"] = {"source": "local", "path": str(folder / "unused")}
+    raw["datasets"]["toy"] = {"text_column": "text", "label_column": "label", "local": {"train": "toy/train.jsonl"}}
+    raw["score"].update(rank=8, pca_rows=200, bootstrap=20)
+    raw["fuse"].update(top_k=3, last_n=2)
+    raw["train"].update(heads=["linear"], seeds=[0, 1, 2], max_epochs=3, batch_size=64, device="cpu", threads=1)
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def stage(params: Path, name: str, *arguments: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", f"stages.{name}", "--params", str(params), *arguments], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def run_stage(params: Path, name: str, *arguments: str) -> str:
+    output, _ = (process := stage(params, name, *arguments)).communicate(timeout=600)
+    assert process.returncode == 0, output
+    return output
+
+
+def timed_files(files: dict[str, bytes]) -> dict[str, bytes]:
+    """Files that differ from run to run (they hold seconds): results.json and each seed's config.json."""
+    return {k: v for k, v in files.items() if k == "results.json" or k.endswith("config.json")}
+
+
+@pytest.mark.slow
+def test_a_train_stage_killed_half_way_leaves_the_old_heads_whole(tmp_path):
+    params = toy_project(tmp_path)
+    run_stage(params, "score", "--model", "toy-a", "--dataset", "toy")
+    run_stage(params, "fuse", "--dataset", "toy")
+    run_stage(params, "train", "--dataset", "toy")
+    out = tmp_path / "store" / "heads" / "toy"
+    old = _files(out)
+    heads = sum(k.endswith("config.json") for k in old)
+    assert heads >= 6 and "results.json" in old
+    for written in (1, heads // 2, heads):                 # kill after this many heads of the new run exist
+        started = time.time_ns()
+        process = stage(params, "train", "--dataset", "toy")
+        deadline = time.time() + 300
+        while time.time() < deadline and process.poll() is None:
+            if sum(p.stat().st_mtime_ns >= started for p in out.parent.rglob("config.json")) >= written:
+                break
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+        output, _ = process.communicate()
+        assert process.returncode == -signal.SIGKILL, output
+        now = _files(out)
+        assert now.keys() == old.keys()
+        if written < heads:
+            assert now == old, f"killed after {written} heads: the old set changed"
+        else:                                              # the kill may land after the swap: then all new
+            changed = [k for k, v in timed_files(now).items() if v != old[k]]
+            assert changed in ([], sorted(timed_files(now))), f"a mix of old and new files: {changed}"
+    assert len(_siblings(out)) > 1                        # the killed runs' staged folders are still there
+    run_stage(params, "train", "--dataset", "toy")
+    new = _files(out)
+    assert new.keys() == old.keys() and all(new[k] != old[k] for k in timed_files(new))
+    assert _siblings(out) == ["toy"]
+    results = json.loads(new["results.json"])
+    assert all(f"{row['folder']}/seed{seed}/config.json" in new for row in results["results"] for seed in (0, 1, 2))
+
+    reports = tmp_path / "reports"                        # the report: its unit swapped, other files kept
+    write_text_atomic(reports / "benchmarks.md", "another producer's file")
+    write_text_atomic(reports / "figures" / "stale.png", "a figure of a dataset no longer selected")
+    run_stage(params, "report", "--out", "reports")
+    assert sorted(_files(reports)) == ["benchmarks.md", "figures/toy_layers_all_models.png",
+                                       "figures/toy_toy-a_layers.png", "metrics.json", "report.md"]
+    assert (reports / "benchmarks.md").read_text() == "another producer's file"
+    refused = stage(params, "report", "--out", ".")
+    output, _ = refused.communicate(timeout=300)
+    assert refused.returncode == 2 and "error: --out .: the report needs a folder of its own" in output, output
