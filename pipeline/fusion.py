@@ -224,6 +224,9 @@ def score_multi_model(contributions: dict[str, list[tuple[dict[str, Any], torch.
     return rows
 
 
+EVIDENCE = "_evidence"       # search_dataset's held-out predictions (pipeline/audit.py); never written
+
+
 def strip_evidence(result: dict[str, Any]) -> dict[str, Any]:
     """A probe result without its held-out predictions (callers that make no paired comparisons)."""
     return {k: v for k, v in result.items() if k not in (PREDICTIONS, ALPHA_INDEX)}
@@ -323,7 +326,7 @@ def search_dataset(store_root, dataset: str, models: list[str], scores: dict[str
             "reference": {"models": references, "multi-model": references[strongest]},
             "models": chosen, "best_multi": best_multi, "chosen": overall, "leader": leaderboard[0],
             "optimism": optimism(selections, candidate_key, evidence, seed=protocol.seed),
-            "leaderboard": leaderboard, "timing": timing, "bytes_read": bytes_read}
+            "leaderboard": leaderboard, "timing": timing, "bytes_read": bytes_read, EVIDENCE: evidence}
 
 
 def load_bank_for(store, pooling: str, protocol: Protocol, keep_standardised: bool, model: str) -> LayerBank:

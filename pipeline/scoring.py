@@ -11,7 +11,7 @@ per-layer blocks (pipeline/fusion.py) and score single layers exactly as done he
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -48,17 +48,21 @@ class LayerBank:
 
 
 def load_bank(store: EmbeddingStore, pooling: str, protocol: Protocol, layers: list[int] | None = None,
-              keep_standardised: bool = False, model: str = "") -> LayerBank:
+              keep_standardised: bool = False, model: str = "", judge_on_test: bool = False) -> LayerBank:
     """Read the layers (probe splits only), standardise, fit the shared basis, project.
 
     Probe rows follow `folds` (under CV: train rows grouped by fold). Each layer is read once; the
     standardised layers are held as float16 (half the bytes read) until the basis is known.
+    `judge_on_test` (pipeline/audit.py only, which judges selection methods and never chooses):
+    fit on train, score on test.
     """
     start = time.perf_counter()
     layers = list(range(store.num_layers)) if layers is None else [range(store.num_layers)[i] for i in layers]
-    splits = probe_splits(protocol)
+    splits = ("train", "test") if judge_on_test else probe_splits(protocol)
+    if judge_on_test:
+        protocol = replace(protocol, name="validation")
     y_train = store.labels("train")
-    y_val = store.labels("validation") if "validation" in splits else None
+    y_val = store.labels(splits[1]) if len(splits) > 1 else None
     folds = make_folds(y_train, y_val, protocol, len(store.label_names))
     n, d = len(folds.y), store.dim
     n_train = len(y_train)

@@ -153,3 +153,46 @@ def test_multi_model_rows_are_tested_against_the_best_single_model():
     assert multi["last layer"]["against"] == "m2: last layer (linear)" and multi["best single model"]["significant"]
     assert "last layer" not in results[0]["paired_tests"] and "best single layer" in results[0]["paired_tests"]
     assert results[-1]["test_accuracy_low"] == results[-1]["test_accuracy_high"] == 1.0
+
+
+def test_the_audit_judges_both_protocols_and_rules_on_test(tmp_path):
+    from _stage2_store import make_store
+    from pipeline.audit import PROTOCOLS, TestJudge, audit_dataset, summarise_audits
+    from pipeline.config import FuseSettings
+    from pipeline.fusion import fuse_settings
+    from pipeline.probe import evaluate_features, make_folds
+    from pipeline.store import open_store
+    make_store(tmp_path, "enc-a", num_layers=5, best_layer=4, signal_dims=slice(0, 2), seed=1)
+    make_store(tmp_path, "dec-b", num_layers=7, best_layer=3, signal_dims=slice(2, 4), seed=2, decoder=True)
+    protocol = Protocol(rank=8, folds=3)
+    audit = audit_dataset(tmp_path, "toy", ["enc-a", "dec-b"], protocol, fuse_settings(FuseSettings(top_k=3)))
+    assert set(audit["protocols"]) == set(PROTOCOLS)
+    for name, result in audit["protocols"].items():
+        for rule in ("best", "one_se"):
+            picks = result["choices"][rule]
+            assert set(picks) == {"enc-a: best layer", "enc-a: best fusion", "dec-b: best layer", "dec-b: best fusion",
+                                  "multi-model", "overall"}
+            for label, pick in picks.items():
+                assert result["regret"][rule][label] == pytest.approx(result["top_test_accuracy"][label]
+                                                                      - pick["test_accuracy"], abs=1e-4)
+        assert len(result["layers"]["dec-b"]["test_by_layer"]) == 7
+    # the judge's test score of a single layer is the probe fitted on train and scored on test, by hand
+    store = open_store(tmp_path, "enc-a", "toy")
+    judge = TestJudge(tmp_path, "toy", protocol)
+    row = {"candidate": "enc-a:L4", "groups": [{"model": "enc-a", "pooling": "mean", "layers": [4], "operator": "mean"}]}
+    bank, _ = judge._scorer("enc-a", "mean")
+    folds = make_folds(store.labels("train"), store.labels("test"), dataclasses.replace(protocol, name="validation"), 2)
+    assert torch.equal(bank.folds.y, folds.y)
+    by_hand = evaluate_features(bank.F[:, 4], folds, dataclasses.replace(protocol, name="validation"))
+    assert judge.score(row)["test_accuracy"] == pytest.approx(by_hand["accuracy"], abs=1e-5)
+    summary = summarise_audits([audit])
+    assert len(summary["table"]) == 4 and summary["winner"] in summary["table"].values()
+
+
+def test_cv_with_more_folds_than_rows_is_refused(tmp_path):
+    from _stage2_store import make_store
+    from pipeline.errors import ConfigError
+    from pipeline.store import open_store
+    make_store(tmp_path, "enc-a", num_layers=3)
+    with pytest.raises(ConfigError, match="score.folds is 500 but train has 240 rows"):
+        score_layers(open_store(tmp_path, "enc-a", "toy"), Protocol(name="cv", folds=500, rank=4), "enc-a")
