@@ -11,12 +11,13 @@ from pathlib import Path
 
 from pipeline.atomic import staged_folder, write_json_atomic, write_text_atomic
 from pipeline.config import load_params
-from pipeline.fusion import fuse_settings, search_dataset
+from pipeline.fusion import EVIDENCE, fuse_settings, search_dataset
 from pipeline.probe import protocol_from_params
 from stages import run_stage, stage_parser
 
 COLUMNS = ["rank", "candidate", "family", "operator", "layers", "models", "pooling", "width", "score", "std",
-           "accuracy", "accuracy_std", "macro_f1", "macro_f1_std", "alpha", "seconds"]
+           "accuracy", "accuracy_std", "macro_f1", "macro_f1_std", "vs_reference", "vs_reference_low",
+           "vs_reference_high", "vs_leader", "vs_leader_se", "within_one_se", "alpha", "seconds"]
 
 
 def leaderboard_csv(rows) -> str:
@@ -49,7 +50,7 @@ def main() -> None:
     with staged_folder(out) as staged:      # leaderboard and choice replace the old ones in one step
         write_text_atomic(staged / "leaderboard.csv", leaderboard_csv(result["leaderboard"]))
         write_json_atomic(staged / "leaderboard.json", result["leaderboard"])
-        write_json_atomic(staged / "chosen.json", {k: v for k, v in result.items() if k != "leaderboard"})
+        write_json_atomic(staged / "chosen.json", {k: v for k, v in result.items() if k not in ("leaderboard", EVIDENCE)})
     for model, t in result["timing"].items():
         print(f"fuse {args.dataset} x {model}: {t['candidates']} candidates in {t['search_seconds']:.1f}s "
               f"= {t['candidates_per_s']:.1f} candidates/s")
