@@ -18,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from pipeline.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic  # noqa: E402
+from pipeline.significance import verdict  # noqa: E402
 
 
 def _save(fig, path: Path) -> None:
@@ -102,6 +103,77 @@ def _pm(mean: float | None, std: float | None, digits: int = 4) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if std is not None and std == std else f"{mean:.{digits}f}"
 
 
+def _ci(row: dict[str, Any], metric: str) -> str:
+    low, high = row.get(f"test_{metric}_low"), row.get(f"test_{metric}_high")
+    return "–" if low is None else f"{low:.4f} – {high:.4f}"
+
+
+def _paired_cell(row: dict[str, Any], against: str) -> str:
+    test = row.get("paired_tests", {}).get(against)
+    if test is None:
+        return "–"
+    mark = " *" if test["significant"] else ""
+    return f"{100 * test['diff']:+.1f} [{100 * test['low']:+.1f}, {100 * test['high']:+.1f}], p = {test['p_value']:.3f}{mark}"
+
+
+def heads_section(results: list[dict[str, Any]], metric: str) -> list[str]:
+    """The test table: mean ± std over seeds, the 95% interval of the seed mean over test rows, and the paired
+    differences (points of accuracy, 95% interval, p) to the model's last layer and best single layer."""
+    lines = ["### Heads on test (read once, after training)", "",
+             "Mean ± std over seeds; 95% CI: bootstrap over test rows of the seed mean; differences in points of "
+             "test accuracy, paired on the same test rows (95% CI, p-value; * significant at 5%, uncorrected).", "",
+             f"| inputs | head | probe {metric} (used to choose) | test accuracy | 95% CI | test macro-F1 | 95% CI | "
+             f"vs last layer | vs best single layer |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in results:
+        lines.append(f"| {row['row']} | {row['head']} | {_pm(row['probe_score'], row['probe_std'])} | "
+                     f"{_pm(row['test_accuracy'], row['test_accuracy_std'])} | {_ci(row, 'accuracy')} | "
+                     f"{_pm(row['test_macro_f1'], row['test_macro_f1_std'])} | {_ci(row, 'macro_f1')} | "
+                     f"{_paired_cell(row, 'last layer')} | {_paired_cell(row, 'best single layer')} |")
+    lines += ["", "In plain words:", ""]
+    for row in results:
+        for against, test in row.get("paired_tests", {}).items():
+            if row["kind"] == "last":
+                continue
+            lines.append(f"- {row['row']} ({row['head']}): {verdict(test, against + ' (' + test['against'] + ')')}")
+    return lines + [""]
+
+
+def selection_section(scores: dict[str, dict[str, Any]], chosen: dict[str, Any]) -> list[str]:
+    """What the rule chose against the top of each leaderboard, and how much a choice's score drops on rows
+    that did not choose it."""
+    rule = chosen.get("select_rule", "best")
+    lines = ["### Selection", "",
+             f"Rule `{rule}` on the {chosen['protocol']} protocol: "
+             + ("the simplest candidate within one paired standard error of the top." if rule == "one_se"
+                else "the top probe score."), "",
+             "| choice | chosen | probe score | vs the leaderboard's top (paired SE) | score on the choosing "
+             "half | on the fresh half | drop |", "|---|---|---|---|---|---|---|"]
+    for model, info in chosen["models"].items():
+        for key, label in (("best_layer", "best layer"), ("best_fusion", "best fusion")):
+            pick, optimism = info[key], info.get("optimism", {}).get(label, {})
+            lines.append(_selection_row(f"{model}: {label}", pick, optimism))
+    for label, key in (("multi-model", "best_multi"), ("overall", "chosen")):
+        if chosen.get(key):
+            lines.append(_selection_row(label, chosen[key], chosen.get("optimism", {}).get(label, {})))
+    lines.append("")
+    for model, result in scores.items():
+        if "chosen" in result:
+            best, pick = result["best"], result["chosen"]
+            lines.append(f"- {model}: top layer {best['layer']} ({best['pooling']}, {best['score']:.4f}); rule "
+                         f"`{result.get('select_rule')}` picks layer {pick['layer']} ({pick['score']:.4f}, "
+                         f"{100 * pick.get('vs_leader', 0):+.1f} ± {100 * pick.get('vs_leader_se', 0):.1f} points vs top); "
+                         f"vs last layer {100 * best.get('vs_reference', 0):+.1f} points "
+                         f"[{100 * best.get('vs_reference_low', 0):+.1f}, {100 * best.get('vs_reference_high', 0):+.1f}]")
+    return lines + [""]
+
+
+def _selection_row(label: str, pick: dict[str, Any], optimism: dict[str, Any]) -> str:
+    drop = (f"{optimism['score_choosing_half']:.4f} | {optimism['score_fresh_half']:.4f} | "
+            f"{100 * optimism['drop']:+.1f} ± {100 * optimism['drop_std']:.1f} pts") if optimism else "– | – | –"
+    return (f"| {label} | {pick['candidate']} | {pick['score']:.4f} | "
+            f"{100 * pick.get('vs_leader', 0):+.1f} ({100 * pick.get('vs_leader_se', 0):.1f}) pts | {drop} |")
+
+
 def write_report(params, out: Path) -> Path:
     """reports/report.md, reports/figures/*.png and reports/metrics.json for every selected dataset."""
     store = Path(params.store)
@@ -124,14 +196,7 @@ def write_report(params, out: Path) -> Path:
                           f"{dataset}: probe score per layer (best pooling of each model)", best_pooling_only=True)
         for model, result in scores.items():
             plot_layer_scores(figures / f"{dataset}_{model}_layers.png", {model: result}, f"{model} on {dataset}")
-        lines += [f"## {dataset}", "", "### Heads: test scores (mean ± std over seeds)", "",
-                  f"| inputs | head | probe {metric} (validation, used to choose) | head validation accuracy | "
-                  f"test accuracy | test macro-F1 |", "|---|---|---|---|---|---|"]
-        for row in heads["results"]:
-            lines.append(f"| {row['row']} | {row['head']} | {_pm(row['probe_score'], row['probe_std'])} | "
-                         f"{_pm(row['validation_accuracy'], row['validation_accuracy_std'])} | "
-                         f"{_pm(row['test_accuracy'], row['test_accuracy_std'])} | "
-                         f"{_pm(row['test_macro_f1'], row['test_macro_f1_std'])} |")
+        lines += [f"## {dataset}", ""] + heads_section(heads["results"], metric) + selection_section(scores, chosen)
         lines += ["", "### Layers (probe)", "", f"| model | best pooling | best layer | {metric} | last layer | {metric} |",
                   "|---|---|---|---|---|---|"]
         dataset_metrics: dict[str, Any] = {"models": {}}

@@ -39,7 +39,7 @@ def main() -> None:
         "fuse": [["stages.fuse", "--dataset", d] for d in datasets],
         "train": [["stages.train", "--dataset", d] for d in datasets],
         "audit": [["stages.audit", "--dataset", d] for d in datasets],
-        "report": [["stages.report", "--out", params.report.out]],
+        "report": [["stages.report"], ["stages.study_report"]],
     }
     for step in STEPS:
         if step in args.steps:

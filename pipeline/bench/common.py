@@ -56,8 +56,20 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_isa() -> str:
+    """The CPU's matmul-relevant instruction sets (AMX, AVX512-BF16, AVX2): timings mean little without it."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    found = [name for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX512"),
+                                     ("avx2", "AVX2")) if flag in flags]
+    return ", ".join(found) or platform.machine()
+
+
 def machine(device: torch.device) -> dict[str, Any]:
-    info = {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    info = {"cpu": cpu_model(), "isa": cpu_isa(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
             "bf16_cpu": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()), "device": str(device),
             "load_average": [round(x, 2) for x in os.getloadavg()]}

@@ -1,0 +1,227 @@
+"""The cross-corpus study report (`make study`): reports/study/study.md, its figures and study.json.
+
+It reads the stage outputs of the study's store (scores, fusion, heads, audit, prepared corpora) and
+computes nothing new except summaries: which layer each model prefers on each corpus, how the last
+layer, the best layer and the chosen fusions do on test (linear head, 95% intervals, paired tests),
+whether complementary models help, and how the selection protocols and rules fared on test (audit).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.audit import summarise_audits
+from pipeline.bench.common import cpu_isa, cpu_model
+from pipeline.report import _save, plt
+from pipeline.significance import verdict
+
+HEAD = "linear"           # the cross-corpus table's head: the simplest, so differences are the inputs'
+
+
+def _read(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _row(results: list[dict[str, Any]], row: str, head: str = HEAD) -> dict[str, Any] | None:
+    return next((r for r in results if r["row"] == row and r["head"] == head), None)
+
+
+def _test_cell(row: dict[str, Any] | None, against: str | None = None) -> str:
+    if row is None:
+        return "–"
+    cell = f"{row['test_accuracy']:.3f} [{row['test_accuracy_low']:.3f}, {row['test_accuracy_high']:.3f}]"
+    test = row.get("paired_tests", {}).get(against) if against else None
+    if test is not None:
+        cell += f" {100 * test['diff']:+.1f}{'*' if test['significant'] else ''}"
+    return cell
+
+
+def load_study(store: Path, models: list[str], datasets: list[str]) -> dict[str, Any]:
+    """Every result file the report needs, per dataset (None where a stage has not run)."""
+    out = {}
+    for dataset in datasets:
+        out[dataset] = {
+            "meta": _read(store / "data" / dataset / "meta.json"),
+            "scores": {m: _read(store / "scores" / dataset / m / "scores.json") for m in models},
+            "chosen": _read(store / "fusion" / dataset / "chosen.json"),
+            "heads": _read(store / "heads" / dataset / "results.json"),
+            "audit": _read(store / "audit" / dataset / "audit.json"),
+        }
+    return out
+
+
+def cross_corpus_table(study: dict[str, Any], models: list[str]) -> list[str]:
+    lines = ["## Cross-corpus table", "",
+             f"Test accuracy of the `{HEAD}` head (mean over seeds) with its 95% interval over test rows; after it, "
+             "the paired difference in points to the model's last layer (* significant at 5%). The best layer is "
+             "the one the selection rule picks on validation (its relative depth in brackets).", "",
+             "| corpus | model | best layer (depth) | last layer | best layer | chosen within-model fusion | "
+             "multi-model fusion |", "|---|---|---|---|---|---|---|"]
+    for dataset, parts in study.items():
+        heads = (parts["heads"] or {}).get("results", [])
+        chosen = parts["chosen"] or {}
+        multi = _row(heads, "multi-model: best fusion")
+        for i, model in enumerate(models):
+            info = chosen.get("models", {}).get(model)
+            if info is None:
+                continue
+            layer = info["best_layer"]["layers"][0]
+            depth = layer / max(info["num_layers"] - 1, 1)
+            lines.append(f"| {dataset if i == 0 else ''} | {model} | {layer} of {info['num_layers'] - 1} ({depth:.2f}) | "
+                         f"{_test_cell(_row(heads, f'{model}: last layer'))} | "
+                         f"{_test_cell(_row(heads, f'{model}: best single layer'), 'last layer')} | "
+                         f"{_test_cell(_row(heads, f'{model}: best within-model fusion'), 'last layer')} | "
+                         f"{_test_cell(multi, 'last layer') if i == 0 else ''} |")
+    return lines + [""]
+
+
+def heatmaps(study: dict[str, Any], models: list[str], figures: Path) -> list[str]:
+    """Per model: probe score (best pooling) over relative depth x corpus, as points below each corpus's best."""
+    lines = ["## Where the good layers are", "",
+             "Per model, the probe score of every layer (validation, each corpus's best pooling) in points below "
+             "that corpus's best layer: 0 is the best layer.", ""]
+    bins = np.linspace(0, 1, 11)
+    for model in models:
+        rows, names = [], []
+        for dataset, parts in study.items():
+            result = parts["scores"].get(model)
+            if result is None:
+                continue
+            pooled = sorted((r for r in result["rows"] if r["pooling"] == result["best_pooling"]), key=lambda r: r["layer"])
+            depth = np.array([r["relative_depth"] for r in pooled])
+            score = np.array([r["score"] for r in pooled])
+            rows.append(100 * (np.interp(bins, depth, score) - score.max()))
+            names.append(dataset)
+        if not rows:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(rows)))
+        image = ax.imshow(np.array(rows), aspect="auto", cmap="viridis", vmin=min(-10, np.min(rows)), vmax=0)
+        ax.set_yticks(range(len(names)), names)
+        ax.set_xticks(range(len(bins)), [f"{b:.1f}" for b in bins])
+        ax.set_xlabel("relative depth (0 = embeddings, 1 = last layer)")
+        ax.set_title(f"{model}: probe score, points below each corpus's best layer")
+        for (i, j), value in np.ndenumerate(np.array(rows)):
+            ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7, color="white" if value < -5 else "black")
+        fig.colorbar(image, ax=ax, label="points")
+        _save(fig, figures / f"heatmap_{model}.png")
+        lines += [f"![{model}](figures/heatmap_{model}.png)", ""]
+    return lines
+
+
+def complementary_models(study: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    lines = ["## Do complementary models help?", "",
+             f"For each corpus, the multi-model fusion against the best single model (the single-model row with the "
+             f"best validation accuracy), `{HEAD}` head, paired on the same test rows.", ""]
+    answers = {}
+    for dataset, parts in study.items():
+        multi = _row((parts["heads"] or {}).get("results", []), "multi-model: best fusion")
+        test = (multi or {}).get("paired_tests", {}).get("best single model")
+        if test is None:
+            continue
+        answers[dataset] = test
+        lines.append(f"- **{dataset}**: {parts['chosen']['best_multi']['candidate']}: "
+                     f"{verdict(test, test['against'])}")
+    significant = [d for d, t in answers.items() if t["significant"] and t["diff"] > 0]
+    lines += ["", f"Significant gains on {len(significant)} of {len(answers)} corpora"
+              + (f" ({', '.join(significant)})." if significant else "."), ""]
+    return lines, answers
+
+
+def selection_audit(study: dict[str, Any], default_protocol: str, default_rule: str) -> tuple[list[str], dict[str, Any]]:
+    audits = [parts["audit"] for parts in study.values() if parts["audit"]]
+    if not audits:
+        return ["## Selection audit", "", "Not run (`python -m stages.study --steps audit`).", ""], {}
+    summary = summarise_audits(audits)
+    lines = ["## Which protocol and rule choose better (the audit)", "",
+             "Each protocol (validation: fit on train, score on the carved validation split; cv: 5 folds of train) "
+             "and each rule chose every model's best layer and best fusion, the multi-model fusion and the overall "
+             "candidate on every corpus; every choice was then fitted on train and scored on test by the same probe. "
+             "This is the only use of test to judge the method; nothing is chosen on it.", "",
+             "| protocol / rule | choices | mean test accuracy of the choices | mean regret | seconds (all corpora) |",
+             "|---|---|---|---|---|"]
+    for name, row in summary["table"].items():
+        lines.append(f"| {name} | {row['choices']} | {row['mean_test_accuracy']:.4f} | {100 * row['mean_regret']:+.2f} pts "
+                     f"| {row['seconds']:.0f} |")
+    winner = summary["winner"]
+    lines += ["", f"Best: **{winner['protocol']} / {winner['rule']}**. The project's defaults: "
+              f"`score.protocol: {default_protocol}`, `score.select_rule: {default_rule}`.", "",
+              "### Selection regret per corpus", "",
+              f"Test accuracy of the overall choice ({default_protocol} / {default_rule}) against the best test "
+              f"accuracy among the top {audits[0]['top']} candidates of the leaderboard; reported, never used to choose.", "",
+              "| corpus | chosen | probe score | test | best test among the top | regret |", "|---|---|---|---|---|---|"]
+    for audit in audits:
+        protocol = audit["protocols"][default_protocol]
+        pick = protocol["choices"][default_rule]["overall"]
+        lines.append(f"| {audit['dataset']} | {pick['candidate']} | {pick['score']:.4f} | {pick['test_accuracy']:.4f} | "
+                     f"{protocol['top_test_accuracy']['overall']:.4f} | {100 * protocol['regret'][default_rule]['overall']:+.1f} pts |")
+    lines += ["", "Best single layer on validation against the best layer on test (same probe, fit on train):", "",
+              "| corpus | model | chosen layer | its test | best layer on test | its test | cost |", "|---|---|---|---|---|---|---|"]
+    for audit in audits:
+        protocol = audit["protocols"][default_protocol]
+        for model, info in protocol["layers"].items():
+            by_layer = info["test_by_layer"]
+            pick = protocol["choices"][default_rule][f"{model}: best layer"]
+            top = int(np.argmax(by_layer))
+            lines.append(f"| {audit['dataset']} | {model} | {pick['layers'][0]} | {pick['test_accuracy']:.4f} | {top} | "
+                         f"{by_layer[top]:.4f} | {100 * (by_layer[top] - pick['test_accuracy']):.1f} pts |")
+    return lines + [""], summary
+
+
+def shape_section(study: dict[str, Any], max_len: dict[str, int]) -> list[str]:
+    lines = ["## Corpora", "", "| corpus | rows (train / validation / test) | caps (rows before) | split | max_len |",
+             "|---|---|---|---|---|"]
+    for dataset, parts in study.items():
+        meta = parts["meta"] or {}
+        rows = meta.get("rows", {})
+        caps = ", ".join(f"{s} {c['cap']} ({c['rows_before']})" for s, c in (meta.get("caps") or {}).items()) or "none"
+        split = ("resplit from test: " + ", ".join(f"{k} {v}" for k, v in meta["resplit"].items() if k in ("train", "validation"))
+                 if meta.get("resplit") else ("validation carved from train" if meta.get("carve") else "as shipped"))
+        lines.append(f"| {dataset} | {rows.get('train')} / {rows.get('validation')} / {rows.get('test')} | {caps} | {split} | "
+                     f"{max_len[dataset]} |")
+    return lines + [""]
+
+
+def write_study_report(params, out: Path, uncapped_store: Path | None = None) -> Path:
+    """study.md, figures/ and study.json under `out`."""
+    store, models, datasets = Path(params.store), params.selected_models, params.selected_datasets
+    study = load_study(store, models, datasets)
+    figures = out / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    lines = ["# The study: every shipped corpus through every shipped model", "",
+             f"Generated by `make study` (`python -m stages.study`, params profile `study.yaml`) on {cpu_model()} "
+             f"({cpu_isa()}). Selection on validation (`score.protocol: {params.score.protocol}`, rule "
+             f"`{params.score.select_rule}`); test read once per trained head, and by the audit to judge the method.", ""]
+    lines += shape_section(study, {d: params.extract_for(d).max_len for d in datasets}) + cross_corpus_table(study, models) + heatmaps(study, models, figures)
+    complementary, answers = complementary_models(study)
+    audit_lines, summary = selection_audit(study, params.score.protocol, params.score.select_rule)
+    lines += complementary + audit_lines + cap_effect(study, models, uncapped_store)
+    from pipeline.atomic import write_json_atomic, write_text_atomic
+    write_json_atomic(out / "study.json", {"complementary": answers, "audit": summary,
+                                           "best_layers": {d: {m: (p["chosen"] or {}).get("models", {}).get(m, {}).get("best_layer", {}).get("layers")
+                                                               for m in models} for d, p in study.items()}})
+    write_text_atomic(out / "study.md", "\n".join(lines))
+    return out / "study.md"
+
+
+def cap_effect(study: dict[str, Any], models: list[str], uncapped_store: Path | None) -> list[str]:
+    """The capped study's chosen layer against the uncapped default run's, where that run's scores exist."""
+    if uncapped_store is None:
+        return []
+    lines = ["## What the caps change", "",
+             "The layer the probe ranks first on the capped study corpus against the full corpus of the default run "
+             "(`make run`, store/scores), where both exist.", "",
+             "| corpus | model | capped: top layer (score) | uncapped: top layer (score) |", "|---|---|---|---|"]
+    found = False
+    for dataset, parts in study.items():
+        for model in models:
+            full = _read(uncapped_store / "scores" / dataset / model / "scores.json")
+            capped = parts["scores"].get(model)
+            if full and capped:
+                found = True
+                lines.append(f"| {dataset} | {model} | {capped['best']['layer']} ({capped['best']['score']:.4f}) | "
+                             f"{full['best']['layer']} ({full['best']['score']:.4f}) |")
+    return lines + [""] if found else []

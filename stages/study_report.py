@@ -1,0 +1,29 @@
+"""Stage study_report: the cross-corpus study report (study.md, figures, study.json) into report.out."""
+
+import time
+from pathlib import Path
+
+from pipeline.atomic import staged_folder
+from pipeline.config import load_params
+from pipeline.study_report import write_study_report
+from stages import run_stage, stage_parser
+from stages.report import report_folder
+
+
+def main() -> None:
+    parser = stage_parser(__doc__)
+    parser.set_defaults(params="study.yaml")
+    parser.add_argument("--uncapped-store", default="store",
+                        help="the default run's store, whose full-corpus scores the capped ones are compared with")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    params = load_params(args.params)
+    out = report_folder(params.root, Path(params.store), params.report.out)
+    uncapped = params.root / args.uncapped_store
+    with staged_folder(out, keep_others=True) as staged:
+        name = write_study_report(params, staged, uncapped if uncapped.resolve() != Path(params.store).resolve() else None).name
+    print(f"study report: {out / name} in {time.perf_counter() - start:.1f}s")
+
+
+if __name__ == "__main__":
+    run_stage(main)
