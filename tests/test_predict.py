@@ -39,7 +39,8 @@ def trained(tmp_path_factory, mr_slice, prepared_models):
     (folder / "params.yaml").write_text(yaml.safe_dump(raw))
     params = prepare(folder / "params.yaml", "mrslice", prepared_models, ["minilm-l6"])
     extract(params, "minilm-l6", "mrslice", show_progress=False)
-    settings = train_settings({"train": {"max_epochs": 5, "patience": 2, "mlp": {"widths": [64], "dropout": 0.1}}})
+    from pipeline.config import MlpOptions, TrainSettings
+    settings = train_settings(TrainSettings(max_epochs=5, patience=2, mlp=MlpOptions(widths=(64,), dropout=0.1)))
     cache = LayerCache(params.store, "mrslice")
     labels = cache.store("minilm-l6").label_names
     head_dir = folder / "store" / "heads" / "mrslice" / "mlp" / "seed0"
