@@ -60,6 +60,8 @@ class LayerCache:
             for split in splits:
                 if split not in self.tensors[key]:
                     self._read_split(key, split)
+        for store in self.stores.values():
+            store.release()             # blocks decoded for verification served this load; free them
 
     def _add_layers(self, key: tuple[str, str], layers: list[int]) -> None:
         """Grow (model, pooling) to `layers` for every split held so far; old layers are moved, not re-read."""

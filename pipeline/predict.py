@@ -69,6 +69,7 @@ def uses_from_store(head_config: dict[str, Any], store_root: Path, dataset: str,
             continue
         store = open_store(store_root, model, dataset)
         check_head_fits_store(head_config, model, store.attrs["fingerprint"], store.path)
+        store.check(sorted({p for m, p, _ in head_config["inputs"] if m == model}))   # what the head learnt from is intact
         extract = with_legacy_defaults(store.attrs["fingerprint"])["extract"]
         fallback = {key.split("/")[1] for key in store.attrs.get("dtype_fallback", {})}
         uses[model] = ModelUse(model, models_root / model, store.attrs["fingerprint"]["model"]["weights_sha256"],

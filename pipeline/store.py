@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,7 +32,7 @@ from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
 
 from pipeline import location
 from pipeline.attention import TRANSFORMERS_DEFAULT
-from pipeline.errors import StoreIncompleteError, StoreMismatchError
+from pipeline.errors import StoreDamagedError, StoreIncompleteError, StoreMismatchError, StoreMissingError
 from pipeline.fingerprint import differences
 
 FORMAT = "layerfuse.embeddings/1"
@@ -69,6 +70,26 @@ LEGACY_EXTRACT = {"attention": TRANSFORMERS_DEFAULT, "token_budget": 1024}
 """What stores written before a key entered the fingerprint ran with: transformers' default attention,
 and params.yaml's token_budget since the commit that made it 1024 (the value is not recorded anywhere
 reliable: a store resumed with another budget was accepted and its `runs` name only the last one)."""
+
+
+def interleaved_digest(layers: Sequence[np.ndarray], algorithm: str = DIGEST) -> int:
+    """block_digest of np.stack(layers, axis=1) [rows, L, D] without building it: a few rows at a time
+    go through one small buffer, so verifying a block read layer by layer costs no block-sized copy."""
+    if algorithm == DIGEST:
+        hasher = xxhash.xxh3_64()
+    elif algorithm == LEGACY_DIGEST:
+        hasher = hashlib.blake2b(digest_size=8)
+    else:
+        raise ValueError(f"unknown block digest {algorithm!r}")
+    rows, row_bytes = len(layers[0]), len(layers) * layers[0][:1].nbytes
+    slab = max(1, 2**21 // max(row_bytes, 1))                   # ~2 MB: stays in cache
+    buffer = np.empty((min(slab, rows), len(layers)) + layers[0].shape[1:], dtype=layers[0].dtype)
+    for first in range(0, rows, slab):
+        part = buffer[:min(slab, rows - first)]
+        for index, layer in enumerate(layers):
+            part[:, index] = layer[first:first + len(part)]
+        hasher.update(memoryview(part).cast("B"))
+    return hasher.intdigest() if algorithm == DIGEST else int.from_bytes(hasher.digest(), "little")
 
 
 def with_legacy_defaults(fingerprint: dict[str, Any]) -> dict[str, Any]:
@@ -277,16 +298,61 @@ class StoreWriter:
         self.root.attrs["runs"] = list(self.root.attrs.get("runs", [])) + [run]
 
 
-class EmbeddingStore:
-    """Read-only view of a finished store: layers as float32 arrays, labels and metadata."""
+def repair_hint(path) -> str:
+    """What to run when a block is damaged: verify names every damaged block and marks it for re-extraction."""
+    return (f"run `python -m pipeline verify --repair {location.display(path)}`, then rerun the extraction "
+            f"(`dvc repro`, or python -m stages.extract) to rebuild exactly the damaged blocks")
 
-    def __init__(self, path: str | Path, allow_incomplete: bool = False):
+
+def open_root(path) -> tuple[zarr.Group, dict[str, Any]]:
+    """The root group and its attributes, or a clear error: no store (StoreMissingError) or a damaged
+    root zarr.json (StoreDamagedError), not a misleading 'run dvc repro'."""
+    try:
+        root = zarr.open_group(location.zarr_store(path, read_only=True), mode="r")
+        attrs = root.attrs.asdict()
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        raise StoreMissingError(f"no embeddings store at {path}: run `dvc repro` (stage extract) first") from None
+    except Exception as error:      # zarr.json that no longer parses: JSONDecodeError, UnicodeDecodeError, ...
+        raise StoreDamagedError(f"{path}: the store's root metadata (zarr.json) is damaged and cannot be read "
+                                f"({type(error).__name__}: {error}); rebuild the store with "
+                                f"`python -m stages.extract --model M --dataset D --rebuild`") from error
+    if attrs.get("format") == FORMAT:
+        return root, attrs
+    if any(key in attrs for key in ("fingerprint", "poolings", "splits")):
+        raise StoreDamagedError(f"{path}: the store's root metadata (zarr.json) is damaged: it holds store attributes "
+                                f"but not format {FORMAT!r}; rebuild the store with "
+                                f"`python -m stages.extract --model M --dataset D --rebuild`")
+    raise StoreMissingError(f"no embeddings store at {path} (its zarr.json has no store attributes: creation was "
+                            f"interrupted, or it is something else): run `dvc repro` (stage extract) first")
+
+
+_VERIFIED: set[tuple] = set()
+"""Shard files whose block digest matched in this process, by path and identity (see
+EmbeddingStore._identity): reading the block again costs one stat, and a rewritten file is checked again."""
+HELD_BYTES = 512 * 2**20
+"""Blocks decoded to check their digests are kept (one pooling at a time, up to this many bytes) and
+later one-layer reads of those blocks are sliced from them: the score stage, which reads every layer,
+then decodes each block once, not twice."""
+
+
+class EmbeddingStore:
+    """Read-only view of a finished store: layers as float32 arrays, labels and metadata.
+
+    Every read is verified: the first read of a block of a pooling checks the block's done mark and its
+    digest recorded at write time (one full decode of that block), then caches the result by the shard
+    file's identity; a missing shard or a mismatch raises StoreDamagedError naming `verify --repair`.
+    The decoded blocks of the pooling read last are held (HELD_BYTES) and serve later one-layer reads.
+    `verified=False` skips the digests (benchmarks only).
+    """
+
+    def __init__(self, path: str | Path, allow_incomplete: bool = False, verified: bool = True):
         self.path = location.as_location(path)   # a folder, or an fsspec URL such as s3://bucket/prefix
-        if not is_store(self.path):
-            raise FileNotFoundError(f"no embeddings store at {self.path}: run `dvc repro` (stage extract) first")
-        self.root = zarr.open_group(location.zarr_store(self.path, read_only=True), mode="r")
-        self.attrs = self.root.attrs.asdict()
+        self.root, self.attrs = open_root(self.path)
         self.allow_incomplete = allow_incomplete
+        self.verified = verified
+        self._fs = None      # a remote store's fsspec filesystem, for shard identities
+        self._held: dict[tuple[str, int], tuple[tuple, list[np.ndarray]]] = {}   # (split, block) -> (identity, layers)
+        self._held_pooling: str | None = None
 
     @property
     def num_layers(self) -> int:
@@ -314,12 +380,25 @@ class EmbeddingStore:
 
     def completion(self, split: str) -> tuple[int, int]:
         """(blocks done, blocks in all) for a split."""
-        done = self.root[split]["_done"][:]
+        done = self._node(split, "_done")[:]
         return int(done.sum()), int(done.shape[0])
 
     def is_complete(self, split: str) -> bool:
         done, total = self.completion(split)
         return done == total
+
+    def _damaged(self, split: str, name: str, block: int | None, what: str) -> StoreDamagedError:
+        where = f"{split}/{name}" + ("" if block is None else f" block {block}")
+        return StoreDamagedError(f"{self.path}: {where} is damaged: {what}; {repair_hint(self.path)}")
+
+    def _node(self, split: str, name: str | None = None):
+        """A split group or one of its arrays; a missing or unreadable one is damage, not an empty read."""
+        try:
+            group = self.root[split]
+            return group if name is None else group[name]
+        except Exception as error:
+            what = "missing" if isinstance(error, KeyError) else f"unreadable ({type(error).__name__}: {error})"
+            raise self._damaged(split, name or "(group)", None, f"its metadata is {what}") from error
 
     def _group(self, split: str) -> zarr.Group:
         if split not in self.attrs.get("splits", {}):
@@ -328,33 +407,211 @@ class EmbeddingStore:
             done, total = self.completion(split)
             raise StoreIncompleteError(f"{self.path}/{split} is incomplete ({done}/{total} blocks): "
                                        f"finish the extraction (rerun `dvc repro`) before reading it")
-        return self.root[split]
+        return self._node(split)
 
     def _pooling(self, split: str, pooling: str) -> zarr.Array:
         if pooling not in self.poolings:
             raise KeyError(f"{self.path} has no pooling {pooling!r}; it has {self.poolings}")
-        return self._group(split)[pooling]
+        self._group(split)
+        return self._node(split, pooling)
 
+    # -- verified reads -------------------------------------------------------------------------
+    def _identity(self, array: zarr.Array, block: int) -> tuple | None:
+        """(shard path, what changes when it is rewritten), or None when the shard file is missing.
+
+        Local files: (inode, size, mtime_ns, ctime_ns); ctime also catches a copy that restores mtime.
+        Remote objects: (size, ETag), else (size, last modified); neither known: not cached (checked on
+        every read).
+        """
+        key = f"{array.path}/{array.metadata.encode_chunk_key((block,) + (0,) * (array.ndim - 1))}"
+        if not location.is_url(self.path):
+            file = os.path.join(self.path, key)
+            try:
+                stat = os.stat(file)
+            except FileNotFoundError:
+                return None
+            return file, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
+        if self._fs is None:
+            self._fs = location.filesystem(str(self.path))
+        fs, inner = self._fs
+        try:
+            info = fs.info(f"{inner}/{key}")
+        except FileNotFoundError:
+            return None
+        tag = info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime")
+        return (f"{self.path}/{key}", info.get("size"), str(tag)) if tag is not None else (f"{self.path}/{key}", None)
+
+    def _verify_rows(self, split: str, pooling: str, array: zarr.Array, rows: slice,
+                     hold: bool = True) -> list[list[np.ndarray]] | None:
+        """Check each block that `rows` touches, the first time it is read (cached by shard identity).
+        Returns the touched blocks (a [rows, D] array per layer) when every one is held, else None."""
+        start, stop, _ = rows.indices(array.shape[0])
+        if not self.verified or stop <= start:
+            return None
+        block_rows = int(self.attrs["block_rows"])
+        touched = range(start // block_rows, (stop - 1) // block_rows + 1)
+        done, held, unchecked = None, {}, {}
+        for block in touched:
+            identity = self._identity(array, block)
+            kept = self._held.get((split, block)) if self._held_pooling == pooling else None
+            if kept is not None and kept[0] == identity:
+                held[block] = kept[1]
+                continue
+            if identity in _VERIFIED:
+                continue
+            if done is None:
+                done = self._node(split, "_done")[:]
+            if not done[block]:          # only with allow_incomplete: nothing recorded to check against
+                continue
+            if identity is None:
+                raise self._damaged(split, pooling, block, "its shard file is missing (it would read back as zeros)")
+            unchecked[block] = identity
+        room = HELD_BYTES - (self._held_bytes() if pooling == self._held_pooling else 0)
+        for block, values in self._verify_blocks(split, pooling, array, list(unchecked), max(room, 0)):
+            if unchecked[block][-1] is not None:
+                _VERIFIED.add(unchecked[block])
+            if hold and self._hold(split, pooling, block, unchecked[block], values):
+                held[block] = values
+        return [held[b] for b in touched] if len(held) == len(touched) else None
+
+    def _verify_blocks(self, split: str, pooling: str, array: zarr.Array, blocks: list[int], room: int):
+        """Yield (block, its layers: a [rows, D] array each) after checking each block's digest against the
+        one recorded at write time. Blocks are decoded layer by layer over runs of consecutive blocks, as
+        one-layer reads decode them (zarr's whole-shard read costs over twice the CPU); the first run fills
+        `room` (bytes still free for held blocks), the others hold a block at a time."""
+        block_rows, rows = int(self.attrs["block_rows"]), array.shape[0]
+        per_block = block_rows * array.shape[1] * array.shape[2] * array.dtype.itemsize
+        runs: list[list[int]] = []
+        for block in blocks:
+            if runs and block == runs[-1][-1] + 1 and len(runs) == 1 and (len(runs[-1]) + 1) * per_block <= room:
+                runs[-1].append(block)
+            else:
+                runs.append([block])
+        for run in runs:
+            first, last = run[0] * block_rows, min((run[-1] + 1) * block_rows, rows)
+            try:
+                layers = [array[first:last, layer, :] for layer in range(array.shape[1])]
+            except Exception as error:
+                for block in run:                 # name the block that does not decode
+                    self._verify_block(split, pooling, array, block)
+                raise self._damaged(split, pooling, run[0], f"blocks {run[0]}-{run[-1]} cannot be decoded "
+                                                            f"({type(error).__name__}: {error})") from error
+            recorded = self._recorded_digests(split, pooling, slice(run[0], run[-1] + 1))
+            for block, expected in zip(run, recorded):
+                part = slice(block * block_rows - first, min((block + 1) * block_rows, rows) - first)
+                values = [layer[part] for layer in layers]
+                self._check_digest(split, pooling, block, interleaved_digest(values, store_digest(self.attrs)),
+                                   int(expected))
+                yield block, values
+
+    def _hold(self, split: str, pooling: str, block: int, identity: tuple, values: list[np.ndarray]) -> bool:
+        """Keep a verified block for later reads: one pooling at a time, the first HELD_BYTES of it (score
+        reads layer after layer over all blocks, so evicting would only thrash)."""
+        if pooling != self._held_pooling:
+            self.release()
+            self._held_pooling = pooling
+        if self._held_bytes() + sum(layer.nbytes for layer in values) > HELD_BYTES:
+            return False
+        self._held[(split, block)] = (identity, values)
+        return True
+
+    def _held_bytes(self) -> int:
+        return sum(layer.nbytes for _, layers in self._held.values() for layer in layers)
+
+    def release(self) -> None:
+        """Drop the held decoded blocks (a reader done with this store's vectors frees their memory)."""
+        self._held, self._held_pooling = {}, None
+
+    def _verify_block(self, split: str, pooling: str, array: zarr.Array, block: int) -> None:
+        """Decode one whole block (zarr's own read path), naming it when its shard does not decode."""
+        block_rows = int(self.attrs["block_rows"])
+        first, last = block * block_rows, min((block + 1) * block_rows, array.shape[0])
+        try:
+            values = array[first:last]
+        except Exception as error:  # codecs raise many types for corrupt bytes (zstd, blosc, crc32c, index)
+            raise self._damaged(split, pooling, block, f"its shard cannot be decoded "
+                                                       f"({type(error).__name__}: {error})") from error
+        expected = int(self._recorded_digests(split, pooling, slice(block, block + 1))[0])
+        self._check_digest(split, pooling, block, block_digest(values, store_digest(self.attrs)), expected)
+
+    def _recorded_digests(self, split: str, pooling: str, blocks: slice) -> np.ndarray:
+        """The digests written with these blocks of one pooling (one read of `_digest`)."""
+        try:
+            return self._node(split, "_digest")[blocks, self.poolings.index(pooling)]
+        except StoreDamagedError:
+            raise
+        except Exception as error:
+            raise self._damaged(split, "_digest", blocks.start, f"cannot be decoded ({type(error).__name__})") from error
+
+    def _check_digest(self, split: str, pooling: str, block: int, actual: int, expected: int) -> None:
+        """A block's digest as read against the one recorded when it was written."""
+        if actual != expected:
+            raise self._damaged(split, pooling, block, f"its digest {actual:016x} differs from {expected:016x} "
+                                                       f"recorded at write time")
+
+    def _verified_meta(self, split: str, name: str) -> np.ndarray:
+        """A row-metadata array, checked against the checksum recorded when the split was created."""
+        array = self._node(split, name)
+        try:
+            values = array[:]
+        except Exception as error:
+            raise self._damaged(split, name, None, f"it cannot be decoded ({type(error).__name__})") from error
+        recorded = self.attrs.get("meta_digest", {}).get(split, {}).get(name)
+        if self.verified and recorded is not None and meta_digest(values) != recorded:
+            raise self._damaged(split, name, None, f"its checksum {meta_digest(values)} differs from {recorded} "
+                                                   f"recorded at write time")
+        return values
+
+    def check(self, poolings: Iterable[str], splits: Iterable[str] | None = None) -> None:
+        """Verify every block of these poolings, for readers that rely on a store without reading its
+        vectors (predict: the head was trained on them)."""
+        for split in splits or self.splits:
+            for pooling in poolings:
+                self._verify_rows(split, pooling, self._pooling(split, pooling), slice(None), hold=False)
+
+    # -- reads ----------------------------------------------------------------------------------
     def layer(self, split: str, pooling: str, layer: int, rows: slice = slice(None)) -> np.ndarray:
         """One layer as float32 [N, D]; negative indices count from the last layer."""
         index = range(self.num_layers)[layer]
-        return np.asarray(self._pooling(split, pooling)[rows, index, :], dtype=np.float32)
+        array = self._pooling(split, pooling)
+        held = self._verify_rows(split, pooling, array, rows)
+        if held is None:
+            return np.asarray(array[rows, index, :], dtype=np.float32)
+        return self._from_held(held, index, rows.indices(array.shape[0]))
+
+    def _from_held(self, held: list[list[np.ndarray]], index: int, span: tuple[int, int, int]) -> np.ndarray:
+        """One layer's rows sliced from held blocks, converted to float32 in one pass as zarr's read is."""
+        start, stop, step = span
+        base = start - start % int(self.attrs["block_rows"])
+        if step != 1 or len(held) == 1:
+            values = held[0][index] if len(held) == 1 else np.concatenate([block[index] for block in held])
+            return np.asarray(values[start - base:stop - base:step], dtype=np.float32)
+        out = np.empty((stop - start,) + held[0][index].shape[1:], dtype=np.float32)
+        first = base
+        for block in held:
+            part = block[index][max(start - first, 0):stop - first]
+            out[max(first - start, 0):max(first - start, 0) + len(part)] = part
+            first += len(block[index])
+        return out
 
     def layers(self, split: str, pooling: str, layers: Iterable[int] | None = None,
                rows: slice = slice(None)) -> np.ndarray:
         """Several layers as float32 [N, len(layers), D], reading only those layers' chunks."""
         array = self._pooling(split, pooling)
+        self._verify_rows(split, pooling, array, rows, hold=False)
         wanted = list(range(self.num_layers)) if layers is None else [range(self.num_layers)[i] for i in layers]
         if wanted == list(range(self.num_layers)):
             return np.asarray(array[rows], dtype=np.float32)
         return np.stack([np.asarray(array[rows, i, :], dtype=np.float32) for i in wanted], axis=1)
 
     def labels(self, split: str) -> np.ndarray:
-        return self._group(split)["labels"][:].astype(np.int64)
+        self._group(split)
+        return self._verified_meta(split, "labels").astype(np.int64)
 
     def meta(self, split: str, name: str) -> np.ndarray:
         """Row metadata: text_id, source_index, token_count or truncated."""
-        return self._group(split)[name][:]
+        self._group(split)
+        return self._verified_meta(split, name)
 
     def stored_digests(self, split: str) -> np.ndarray:
         return self.root[split]["_digest"][:]
