@@ -168,9 +168,9 @@ def metrics(pred: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, num_c
 
 def resampled_metric(pred: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, num_classes: int,
                      metric: str) -> torch.Tensor:
-    """The metric on each bootstrap resample given as per-row counts [B, n]: a [B] vector. Resamples
-    shared by two candidates make their difference a paired bootstrap (pipeline/selection.py)."""
-    n = counts.sum(1)
+    """The metric on each bootstrap resample given as per-row counts [B, n], each resample n rows: a [B]
+    vector. Resamples shared by two candidates make their difference a paired bootstrap (selection.py)."""
+    n = counts.shape[1]
     if metric == "accuracy":
         return counts @ (pred == y).float() / n
     classes = torch.arange(num_classes)[:, None]

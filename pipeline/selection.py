@@ -17,15 +17,26 @@ ways round, over several seeded splits.
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable
 
 import numpy as np
 import torch
 
-from pipeline.probe import ALPHA_INDEX, PREDICTIONS, accuracy_f1, resampled_metric
+from pipeline.probe import ALPHA_INDEX, PREDICTIONS, accuracy_f1, resampled_metric, single_thread
 
 RULES = ("best", "one_se")
+
+
+def one_thread(function):
+    """Many small tensor ops: intra-op threads only wait on each other (10x slower on a busy 2-core machine)."""
+    @functools.wraps(function)
+    def wrapped(*args, **kwargs):
+        with single_thread():
+            return function(*args, **kwargs)
+    return wrapped
 
 
 def bootstrap_counts(n: int, resamples: int, seed: int) -> torch.Tensor:
@@ -58,6 +69,7 @@ class Evidence:
         self.predictions: dict[Hashable, torch.Tensor] = {}     # key -> [alphas, rows]
         self.alpha: dict[Hashable, int] = {}
         self._samples: dict[Hashable, torch.Tensor] = {}
+        self._values: dict[Hashable, float] = {}
 
     def add(self, key: Hashable, result: dict[str, Any]) -> dict[str, Any]:
         """Take a probe result's predictions (popped: they never reach JSON); returns the result."""
@@ -71,13 +83,19 @@ class Evidence:
         return self.predictions[key][self.alpha[key]].long()
 
     def value(self, key: Hashable) -> float:
-        acc, f1 = accuracy_f1(self.pred(key), self.y, self.num_classes)
-        return float(acc if self.metric == "accuracy" else f1)
+        if key not in self._values:
+            acc, f1 = accuracy_f1(self.pred(key), self.y, self.num_classes)
+            self._values[key] = float(acc if self.metric == "accuracy" else f1)
+        return self._values[key]
 
     def samples(self, key: Hashable) -> torch.Tensor:
         if key not in self._samples:
             self._samples[key] = resampled_metric(self.pred(key), self.y, self.counts, self.num_classes, self.metric)
         return self._samples[key]
+
+    def se(self, a: Hashable, b: Hashable) -> float:
+        """The paired bootstrap standard error of metric(a) - metric(b)."""
+        return 0.0 if a == b else float((self.samples(a) - self.samples(b)).std())
 
     def compare(self, a: Hashable, b: Hashable) -> Comparison:
         if a == b:
@@ -105,6 +123,7 @@ def simplicity(row: dict[str, Any]) -> tuple:
     return len(flat), len(row["models"]), row["width"], max(flat), -row["score"]
 
 
+@one_thread
 def choose(rows: list[dict[str, Any]], key: Callable[[dict[str, Any]], Hashable], evidence: Evidence,
            rule: str, score: Callable[[dict[str, Any]], float] | None = None) -> dict[str, Any]:
     """The row the rule picks. `score` defaults to the row's probe score; the paired standard error to
@@ -116,10 +135,11 @@ def choose(rows: list[dict[str, Any]], key: Callable[[dict[str, Any]], Hashable]
     if rule == "best":
         return leader
     top = score(leader)
-    within = [r for r in rows if top - score(r) <= evidence.compare(key(leader), key(r)).se]
+    within = [r for r in rows if top - score(r) <= evidence.se(key(leader), key(r))]
     return min(within, key=simplicity)
 
 
+@one_thread
 def annotate(rows: list[dict[str, Any]], key: Callable[[dict[str, Any]], Hashable], evidence: Evidence,
              reference: Callable[[dict[str, Any]], Hashable], leader: dict[str, Any]) -> None:
     """Add to each row its paired difference to its reference (with 95% interval) and to the leader."""
@@ -139,6 +159,7 @@ def stratified_halves(y: torch.Tensor, seed: int) -> tuple[np.ndarray, np.ndarra
     return np.sort(np.concatenate(first)), np.sort(np.concatenate(second))
 
 
+@one_thread
 def optimism(selections: dict[str, tuple[list[dict[str, Any]], str]], key: Callable[[dict[str, Any]], Hashable],
              evidence: Evidence, splits: int = 5, seed: int = 0) -> dict[str, dict[str, Any]]:
     """For each named selection (its candidate rows, its rule): the mean score of the choice on the half of

@@ -1,50 +1,69 @@
 """`make study`: every selected model x corpus of a params profile (default study.yaml), stage by stage.
 
 The same stage entry points as dvc.yaml, run in its order, each in its own process: prepare the models
-and corpora, extract (resumes block by block after a kill; a complete store is skipped in a second),
-then score, fuse, train, the selection audit and the study report. Stage 2 reruns each time (minutes).
+and corpora, extract model by model (resumes block by block after a kill; a complete store is skipped
+in a second), then per corpus score, fuse, train and the selection audit (`--jobs` corpora at once:
+Stage 2 runs on one thread per process), then the report and the study report. Stage 2 reruns each time.
 """
 
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from pipeline.config import load_params
 from stages import run_stage, stage_parser
 
 STEPS = ("prepare", "extract", "score", "fuse", "train", "audit", "report")
+PER_CORPUS = ("score", "fuse", "train", "audit")
+
+
+class StepFailed(Exception):
+    pass
 
 
 def run(args: list[str], params: str) -> None:
     command = [sys.executable, "-m", *args, "--params", params]
     print("study:", " ".join(command[2:]), flush=True)
     if subprocess.run(command).returncode != 0:
-        sys.exit(f"study: {' '.join(command[2:])} failed; fix it and rerun `make study` (finished work is kept)")
+        raise StepFailed(" ".join(command[2:]))
+
+
+def run_all(commands: list[list[str]], params: str) -> None:
+    for command in commands:
+        run(command, params)
 
 
 def main() -> None:
     parser = stage_parser(__doc__)
     parser.set_defaults(params="study.yaml")
     parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS), help="run only these steps")
+    parser.add_argument("--jobs", type=int, default=2, help="corpora whose Stage 2 runs at once (default 2)")
     args = parser.parse_args()
     params = load_params(args.params)
     models, datasets = params.selected_models, params.selected_datasets
     started = time.perf_counter()
-    plan = {
-        "prepare": [["stages.prepare_model", "--model", m] for m in models]
-                   + [["stages.prepare_data", "--dataset", d] for d in datasets],
-        "extract": [["stages.extract", "--model", m, "--dataset", d, "--no-progress"]
-                    for m in models for d in datasets],     # model by model: every corpus gets each model in turn
-        "score": [["stages.score", "--model", m, "--dataset", d] for d in datasets for m in models],
-        "fuse": [["stages.fuse", "--dataset", d] for d in datasets],
-        "train": [["stages.train", "--dataset", d] for d in datasets],
-        "audit": [["stages.audit", "--dataset", d] for d in datasets],
-        "report": [["stages.report"], ["stages.study_report"]],
+    per_corpus = {
+        "score": lambda d: [["stages.score", "--model", m, "--dataset", d] for m in models],
+        "fuse": lambda d: [["stages.fuse", "--dataset", d]],
+        "train": lambda d: [["stages.train", "--dataset", d]],
+        "audit": lambda d: [["stages.audit", "--dataset", d]],
     }
-    for step in STEPS:
-        if step in args.steps:
-            for command in plan[step]:
-                run(command, args.params)
+    try:
+        if "prepare" in args.steps:
+            run_all([["stages.prepare_model", "--model", m] for m in models]
+                    + [["stages.prepare_data", "--dataset", d] for d in datasets], args.params)
+        if "extract" in args.steps:              # model by model: every corpus gets each model in turn
+            run_all([["stages.extract", "--model", m, "--dataset", d, "--no-progress"]
+                     for m in models for d in datasets], args.params)
+        chains = {d: [c for step in PER_CORPUS if step in args.steps for c in per_corpus[step](d)] for d in datasets}
+        with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+            for future in [pool.submit(run_all, chain, args.params) for chain in chains.values()]:
+                future.result()
+        if "report" in args.steps:
+            run_all([["stages.report"], ["stages.study_report"]], args.params)
+    except StepFailed as failed:
+        sys.exit(f"study: {failed} failed; fix it and rerun `make study` (finished work is kept)")
     print(f"study: {len(models)} models x {len(datasets)} corpora, steps {args.steps}, "
           f"{time.perf_counter() - started:.0f}s", flush=True)
 
