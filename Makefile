@@ -1,10 +1,11 @@
 # `make run`: set up .venv and run the whole pipeline (dvc repro) on the selection in params.yaml.
 # `make test`: set up .venv and run the test suite.
+# `make study`: also install MPNet and Gemma, then run the cross-corpus study (study.yaml, resumable).
 VENV := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test setup inspect stress-distributed
+.PHONY: run test setup inspect study stress-distributed
 
 $(VENV)/.installed: pyproject.toml setup.sh
 	bash setup.sh
@@ -21,6 +22,13 @@ test: setup
 
 inspect: setup
 	python -m pipeline inspect
+
+$(VENV)/.all_models: $(VENV)/.installed
+	ALL_MODELS=1 bash setup.sh
+	touch $@
+
+study: $(VENV)/.all_models
+	python -m stages.study --params study.yaml
 
 # The multi-process extraction tests RUNS times in a row beside a busy-looping CPU hog (issue 11 item 10:
 # a slow rank used to deal blocks to nobody). Not part of `make test`: about 4 minutes a run on 2 cores.
