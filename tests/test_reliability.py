@@ -571,14 +571,8 @@ ALLOWED_WRITES = {   # (file, kind): why it cannot leave half a file that a late
     ("pipeline/models.py", "shutil.copy"): "into materialise's temporary build folder, renamed whole",
     ("pipeline/export.py", "shutil.copy"): "into the export's temporary .partial folder, renamed whole",
     ("pipeline/report.py", "savefig"): "into an in-memory buffer, then write_bytes_atomic",
-    # developer benchmarks, not stages: they write throwaway projects and print/write their own figures
-    ("pipeline/scale_bench.py", "write_text"): "benchmark tool: a throwaway project in a temporary folder",
-    ("pipeline/scale_bench.py", "yaml.dump"): "benchmark tool: a throwaway project in a temporary folder",
-    ("pipeline/remote_bench.py", "write_text"): "benchmark tool: its --json figures, not a pipeline output",
 }
 SUBPROCESS_ALLOWED = {   # argv lists, never a shell: sys.executable -m <module> with fixed flags
-    "pipeline/scale_bench.py": "runs stages.prepare_*/extract on a throwaway project",
-    "pipeline/remote_bench.py": "starts moto's S3 server on loopback",
 }
 
 

@@ -21,7 +21,7 @@ from pipeline import location
 from pipeline.config import load_params
 from pipeline.errors import ConfigError
 from pipeline.extract import extract
-from pipeline.remote_bench import start_moto_server
+from pipeline.bench.s3_server import start_moto_server
 from pipeline.store import EmbeddingStore
 from test_extract import prepare
 

@@ -233,7 +233,7 @@ def test_remote_stores_are_verified_and_cached_by_etag(tmp_path, monkeypatch):
     verified blocks are cached by (key, size, ETag)."""
     import boto3
     import uuid
-    from pipeline.remote_bench import start_moto_server
+    from pipeline.bench.s3_server import start_moto_server
     server, endpoint = start_moto_server()
     try:
         for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",

@@ -1,6 +1,6 @@
 """Extraction throughput on 1 process (all cores as threads) against N processes (cores split between them).
 
-    python -m pipeline.scale_bench --model minilm-l6 --rows 1024 --processes 1 2
+    python -m pipeline.bench.scale_bench --model minilm-l6 --rows 1024 --processes 1 2
 
 Builds a throwaway project in a temporary folder (--rows evenly spaced train rows of a corpus from
 paths.data_mirror, the model prepared from params.yaml's registry), runs `python -m stages.extract`
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def main(argv: list[str] | None = None) -> int:

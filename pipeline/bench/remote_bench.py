@@ -1,7 +1,7 @@
 """One-layer read throughput: a store on S3 (an S3-compatible server) against the same store on local disk.
 
-    python -m pipeline.remote_bench                      # starts moto's S3 server on loopback itself
-    python -m pipeline.remote_bench --endpoint URL --bucket B   # a real endpoint (credentials from AWS_* env)
+    python -m pipeline.bench.remote_bench                      # starts moto's S3 server on loopback itself
+    python -m pipeline.bench.remote_bench --endpoint URL --bucket B   # a real endpoint (credentials from AWS_* env)
 
 Writes one store-shaped array ([rows, layers, dim] float16, one shard per block of rows, inner chunks
 (rows, 1, dim), blosc lz4 as in params.yaml) to a local folder and to s3://bucket/..., then reads one
@@ -25,6 +25,7 @@ import numpy as np
 import zarr
 
 from pipeline import location
+from pipeline.bench.s3_server import start_moto_server
 from pipeline.store import compressors_for
 
 
@@ -111,29 +112,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
-
-
-def start_moto_server(port: int | None = None):
-    """moto's S3 server in its own process on 127.0.0.1; (process, endpoint URL) once it answers."""
-    import socket
-    import subprocess
-    if port is None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return server, f"http://127.0.0.1:{port}"
-        except OSError:
-            if server.poll() is not None:
-                raise RuntimeError("moto_server exited; install it with pip install 'moto[server]'")
-            time.sleep(0.1)
-    server.kill()
-    raise RuntimeError("moto_server did not start within 60 s")
 
 
 if __name__ == "__main__":
