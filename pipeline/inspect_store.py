@@ -8,11 +8,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.resources import store_bytes
 from pipeline.store import EmbeddingStore, with_legacy_defaults
-
-
-def disk_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
 def summarise(path: str | Path, console: Console | None = None) -> dict:
@@ -34,12 +31,7 @@ def summarise(path: str | Path, console: Console | None = None) -> dict:
         table.add_row(split, f"{store.num_rows(split):,}", f"{done}/{total}" + (" ✓" if done == total else ""),
                       ",".join(store.poolings), "x".join(map(str, shape)), ",".join(dtypes))
     console.print(table)
-    if "://" in str(path):   # a remote store (pipeline/location.py): bytes of its objects
-        from pipeline.location import filesystem
-        fs, inner = filesystem(str(path))
-        size = int(fs.du(inner))
-    else:
-        size = disk_bytes(Path(path))
+    size = store_bytes(path)   # a folder, or the objects under an s3://... prefix
     model, extract, dataset = fingerprint["model"], fingerprint["extract"], fingerprint["dataset"]
     console.print(f"model {model['name']} ({store.attrs['info'].get('model_type')}, "
                   f"{'decoder' if store.attrs['info'].get('decoder') else 'encoder'}), "

@@ -1,100 +1,19 @@
-"""Figures, tables and the Markdown report, readable offline (PNG + Markdown, no CDN).
+"""The Markdown report and its figures, readable offline (PNG + Markdown, no CDN).
 
 Layer curves are drawn against relative depth (layer / last layer) so that models of different
 depth share one axis. The report reads only the stages' result files: it computes nothing new.
+The drawing itself lives in pipeline/plots.py, which the score stage uses too.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from pipeline.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic  # noqa: E402
-from pipeline.significance import verdict  # noqa: E402
-
-
-def _save(fig, path: Path) -> None:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    write_bytes_atomic(path, buffer.getvalue())
-
-
-def write_layer_csv(path: Path, result: dict[str, Any]) -> None:
-    """Wide table for `dvc plots`: one row per layer; `score` is the best pooling's, then one column per pooling."""
-    poolings = list(dict.fromkeys(r["pooling"] for r in result["rows"]))
-    table: dict[int, dict[str, Any]] = {}
-    for row in result["rows"]:
-        entry = table.setdefault(row["layer"], {"layer": row["layer"], "relative_depth": row["relative_depth"]})
-        entry[row["pooling"]] = round(row["score"], 5)
-    buffer = io.StringIO()
-    for entry in table.values():
-        entry["score"] = entry[result["best_pooling"]]
-    writer = csv.DictWriter(buffer, ["layer", "relative_depth", "score", *poolings], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(table[k] for k in sorted(table))
-    write_text_atomic(path, buffer.getvalue())
-
-
-def plot_layer_scores(path: Path, results: dict[str, dict[str, Any]], title: str, best_pooling_only: bool = False) -> None:
-    """Score against relative depth: one line per pooling (one model) or per model (overlay)."""
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for model, result in results.items():
-        poolings = [result["best_pooling"]] if best_pooling_only else list(dict.fromkeys(r["pooling"] for r in result["rows"]))
-        for pooling in poolings:
-            rows = sorted((r for r in result["rows"] if r["pooling"] == pooling), key=lambda r: r["layer"])
-            label = f"{model} ({pooling})" if best_pooling_only else pooling
-            ax.plot([r["relative_depth"] for r in rows], [r["score"] for r in rows], marker="o", ms=3, label=label)
-        best = result["best"]
-        ax.scatter([best["relative_depth"]], [best["score"]], s=80, facecolors="none", edgecolors="black", zorder=5)
-    metric = next(iter(results.values()))["metric"]
-    ax.set_xlabel("relative depth (0 = embeddings, 1 = last layer)")
-    ax.set_ylabel(f"probe {metric} ({next(iter(results.values()))['protocol']['name']})")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(fig, path)
-
-
-def plot_layer_weights(path: Path, weights: dict[str, tuple[list[float], list[float]]], title: str) -> None:
-    """The scalar-mix head's learned layer weights (mean ± std over seeds), per model."""
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    for model, (mean, std) in weights.items():
-        depth = [i / max(len(mean) - 1, 1) for i in range(len(mean))]
-        ax.errorbar(depth, mean, yerr=std, marker="o", ms=3, capsize=2, label=model)
-    ax.set_xlabel("relative depth")
-    ax.set_ylabel("softmax weight")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(fig, path)
-
-
-def folder_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-
-
-def resources_of(store_root: Path, dataset: str, models: list[str]) -> dict[str, Any]:
-    """Extraction cost and store size per model, from the store's own attributes."""
-    from pipeline.store import open_store
-    out = {}
-    for model in models:
-        store = open_store(store_root, model, dataset)
-        runs = store.attrs.get("runs", [])
-        last = runs[-1] if runs else {}
-        out[model] = {"extraction_seconds": round(sum(r.get("seconds", 0) for r in runs), 1),
-                      "tokens_per_s": last.get("tokens_per_s"), "peak_rss_mb": last.get("peak_rss_mb"),
-                      "device": last.get("device"), "store_bytes": folder_bytes(store.path),
-                      "layers": store.num_layers, "dim": store.dim}
-    return out
+from pipeline.atomic import write_json_atomic, write_text_atomic
+from pipeline.plots import plot_layer_scores, plot_layer_weights
+from pipeline.significance import verdict
 
 
 def _pm(mean: float | None, std: float | None, digits: int = 4) -> str:

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.audit import summarise_audits
-from pipeline.bench.common import cpu_isa, cpu_model
-from pipeline.report import _save, plt
+from pipeline.machine import cpu_isa, cpu_model
+from pipeline.plots import _save, plt
 from pipeline.significance import verdict
 
 HEAD = "linear"           # the cross-corpus table's head: the simplest, so differences are the inputs'

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pipeline.atomic import staged_folder, write_json_atomic
 from pipeline.config import load_params
-from pipeline.report import resources_of
+from pipeline.resources import resources_of
 from pipeline.training import quiet_lightning, train_dataset, train_settings
 from stages import run_stage, stage_parser
 

@@ -570,7 +570,7 @@ ALLOWED_WRITES = {   # (file, kind): why it cannot leave half a file that a late
     ("pipeline/models.py", "save_pretrained"): "into materialise's temporary build folder, renamed whole",
     ("pipeline/models.py", "shutil.copy"): "into materialise's temporary build folder, renamed whole",
     ("pipeline/export.py", "shutil.copy"): "into the export's temporary .partial folder, renamed whole",
-    ("pipeline/report.py", "savefig"): "into an in-memory buffer, then write_bytes_atomic",
+    ("pipeline/plots.py", "savefig"): "into an in-memory buffer, then write_bytes_atomic",
 }
 SUBPROCESS_ALLOWED = {   # argv lists, never a shell: sys.executable -m <module> with fixed flags
 }

@@ -1,0 +1,28 @@
+"""The machine a run happened on, in words, for reports and benchmarks alike."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_isa() -> str:
+    """The CPU's matmul-relevant instruction sets (AMX, AVX512-BF16, AVX2): timings mean little without it."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    found = [name for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX512"),
+                                     ("avx2", "AVX2")) if flag in flags]
+    return ", ".join(found) or platform.machine()
