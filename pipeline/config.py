@@ -110,6 +110,8 @@ class ScoreSettings:
     bootstrap: int = 200
     seed: int = 0
     select_rule: str = "one_se"      # best | one_se (the simplest candidate within one paired SE of the top)
+    geometry_rows: int = 1000        # train rows of the label-free layer scores (0: off)
+    importance_rows: int = 8192      # train rows fitting the gradient-importance head (0: off)
 
 
 @dataclass(frozen=True)
@@ -361,7 +363,9 @@ def _parse_score(problems: _Problems, value: Any) -> ScoreSettings:
     return ScoreSettings(protocol=section.choice("protocol", SCORE_PROTOCOLS), folds=section.integer("folds", 2),
                          alphas=tuple(numbers), rank=rank, pca_rows=pca_rows,
                          metric=section.choice("metric", SCORE_METRICS), bootstrap=section.integer("bootstrap", 0),
-                         seed=section.integer("seed", 0), select_rule=section.choice("select_rule", SELECT_RULES))
+                         seed=section.integer("seed", 0), select_rule=section.choice("select_rule", SELECT_RULES),
+                         geometry_rows=section.integer("geometry_rows", 0),
+                         importance_rows=section.integer("importance_rows", 0))
 
 
 def _parse_fuse(problems: _Problems, value: Any, poolings: tuple[str, ...]) -> FuseSettings:

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.layer_agreement import layer_scores
+from pipeline.layer_geometry import sample_rows
 from pipeline.probe import (Folds, Protocol, evaluate_features, held_out_labels, make_folds, single_thread,
                             standardise_stats)
 from pipeline.selection import RULES, Evidence, annotate, choose, optimism
@@ -45,10 +47,12 @@ class LayerBank:
     Z: torch.Tensor | None = None     # [N, len(layers), D] standardised, float16 (for max)
     seconds: dict[str, float] = field(default_factory=dict)
     bytes_read: int = 0
+    samples: list[np.ndarray] | None = None   # raw train rows `sample` of each layer (label-free scores)
 
 
 def load_bank(store: EmbeddingStore, pooling: str, protocol: Protocol, layers: list[int] | None = None,
-              keep_standardised: bool = False, model: str = "", judge_on_test: bool = False) -> LayerBank:
+              keep_standardised: bool = False, model: str = "", judge_on_test: bool = False,
+              sample: np.ndarray | None = None) -> LayerBank:
     """Read the layers (probe splits only), standardise, fit the shared basis, project.
 
     Probe rows follow `folds` (under CV: train rows grouped by fold). Each layer is read once; the
@@ -75,10 +79,12 @@ def load_bank(store: EmbeddingStore, pooling: str, protocol: Protocol, layers: l
     sub_t = torch.as_tensor(sub)
     order = None if folds.order is None else torch.as_tensor(folds.order)
     cov = torch.zeros((d, d), dtype=torch.float64)
-    bytes_read = 0
+    bytes_read, samples = 0, None if sample is None else []
     for j, layer in enumerate(layers):
         parts = [store.layer(split, pooling, layer) for split in splits]
         bytes_read += sum(p.nbytes for p in parts)
+        if samples is not None:                   # raw train rows, before the in-place standardisation
+            samples.append(parts[0][sample])
         means[j], stds[j] = standardise_stats(parts[0])
         z = torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts))
         del parts
@@ -99,19 +105,20 @@ def load_bank(store: EmbeddingStore, pooling: str, protocol: Protocol, layers: l
         F[:, j] = Z[:, j].float() @ basis
     seconds = {"read": read_s, "project": time.perf_counter() - start - read_s}
     return LayerBank(model, pooling, layers, store.num_layers, means, stds, basis, F, folds,
-                     Z if keep_standardised else None, seconds, bytes_read)
+                     Z if keep_standardised else None, seconds, bytes_read, samples)
 
 
 def relative_depth(layer: int, num_layers: int) -> float:
     return layer / max(num_layers - 1, 1)
 
 
-def probe_layers(store: EmbeddingStore, protocol: Protocol, model: str,
-                 poolings: list[str] | None = None) -> tuple[list[dict[str, Any]], Evidence, int]:
-    """The probe's score of every pooling x layer, the held-out predictions behind them, bytes read."""
-    rows, evidence, bytes_read = [], None, 0
+def probe_layers(store: EmbeddingStore, protocol: Protocol, model: str, poolings: list[str] | None = None,
+                 sample: np.ndarray | None = None) -> tuple[list[dict[str, Any]], Evidence, int, LayerBank]:
+    """The probe's score of every pooling x layer, the held-out predictions behind them, bytes read, and the
+    bank of the pooling with the top score (kept for the layer scores of pipeline/layer_agreement.py)."""
+    rows, evidence, bytes_read, kept, top = [], None, 0, None, -np.inf
     for pooling in poolings or store.poolings:
-        bank = load_bank(store, pooling, protocol, model=model)
+        bank = load_bank(store, pooling, protocol, model=model, sample=sample)
         bytes_read += bank.bytes_read
         if evidence is None:
             evidence = Evidence(held_out_labels(bank.folds), len(store.label_names), protocol.metric,
@@ -122,20 +129,24 @@ def probe_layers(store: EmbeddingStore, protocol: Protocol, model: str,
             rows.append({"model": model, "pooling": pooling, "layer": layer, "layers": [layer], "models": [model],
                          "width": store.dim, "relative_depth": round(relative_depth(layer, store.num_layers), 4),
                          **result, "seconds": round(time.perf_counter() - t, 4)})
+        if max(r["score"] for r in rows if r["pooling"] == pooling) > top:
+            kept, top = bank, max(r["score"] for r in rows if r["pooling"] == pooling)
         del bank
-    return rows, evidence, bytes_read
+    return rows, evidence, bytes_read, kept
 
 
 def layer_key(row: dict[str, Any]) -> tuple[str, int]:
     return row["pooling"], row["layer"]
 
 
-def score_layers(store: EmbeddingStore, protocol: Protocol, model: str,
-                 poolings: list[str] | None = None) -> dict[str, Any]:
+def score_layers(store: EmbeddingStore, protocol: Protocol, model: str, poolings: list[str] | None = None,
+                 geometry_rows: int = 1000, importance_rows: int = 8192) -> dict[str, Any]:
     """Every pooling x layer scored, each against the last layer (its best pooling) with a paired 95%
-    interval; the best pooling, the ranking of its layers, and the layer the selection rule picks."""
+    interval; the best pooling, the ranking of its layers, and the layer the selection rule picks; for the
+    best pooling, label-free and gradient layer scores and their agreement with the probe (0 rows: off)."""
     start = time.perf_counter()
-    rows, evidence, bytes_read = probe_layers(store, protocol, model, poolings)
+    sample = sample_rows(store.num_rows("train"), geometry_rows, protocol.seed) if geometry_rows else None
+    rows, evidence, bytes_read, bank = probe_layers(store, protocol, model, poolings, sample)
     by_pooling = {}
     for row in rows:
         best = by_pooling.get(row["pooling"])
@@ -157,5 +168,7 @@ def score_layers(store: EmbeddingStore, protocol: Protocol, model: str,
         "ranking": [r["layer"] for r in ranking], "best": ranking[0], "last": last, "reference": reference,
         "select_rule": rule, "chosen": chosen,
         "optimism": optimism({f"best layer ({r})": (ranking, r) for r in RULES}, layer_key, evidence, seed=protocol.seed),
-        "rows": rows, "bytes_read": bytes_read, "seconds": round(time.perf_counter() - start, 3),
+        "rows": rows, "bytes_read": bytes_read,
+        **layer_scores(bank, [r for r in rows if r["pooling"] == best_pooling], importance_rows, protocol.seed),
+        "seconds": round(time.perf_counter() - start, 3),
     }

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pipeline.config import load_params
 from pipeline.probe import protocol_from_params
-from pipeline.plots import plot_layer_scores, write_layer_csv
+from pipeline.report import plot_layer_scores, write_layer_csv
 from pipeline.scoring import score_layers
 from pipeline.store import open_store
 from pipeline.atomic import staged_folder, write_json_atomic
@@ -24,7 +24,8 @@ def main() -> None:
     params = load_params(args.params, models=[args.model], datasets=[args.dataset])
     protocol = protocol_from_params(params.score)
     store = open_store(params.store, args.model, args.dataset)
-    result = score_layers(store, protocol, args.model)
+    result = score_layers(store, protocol, args.model, geometry_rows=params.score.geometry_rows,
+                          importance_rows=params.score.importance_rows)
     out = Path(params.store) / "scores" / args.dataset / args.model
     result["dataset"] = args.dataset
     result["stage_seconds"] = round(time.perf_counter() - start, 3)
