@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pipeline.config import load_params
 from pipeline.probe import protocol_from_params
-from pipeline.report import plot_layer_scores, write_layer_csv
+from pipeline.plots import plot_layer_scores, write_layer_csv
 from pipeline.scoring import score_layers
 from pipeline.store import open_store
 from pipeline.atomic import staged_folder, write_json_atomic
