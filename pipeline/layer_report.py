@@ -6,18 +6,13 @@ They read the score stage's `layer_agreement`, `geometry`, `importance` and `lay
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from pipeline.atomic import write_bytes_atomic  # noqa: E402
-from pipeline.layer_agreement import ORIENTATION, summarise  # noqa: E402
+from pipeline.layer_agreement import ORIENTATION, summarise
+from pipeline.plots import _save, plt
 
 EXPLAINED = ("Label-free scores on a seeded sample of train rows of the best pooling (dataset entropy and effective "
              "rank: higher read as better; anisotropy: lower read as better), gradient scores from one linear head over "
@@ -31,13 +26,6 @@ def _minmax(values) -> np.ndarray:
     values = np.asarray(values, float)
     span = values.max() - values.min()
     return np.zeros_like(values) if span == 0 else (values - values.min()) / span
-
-
-def _save(fig, path: Path) -> None:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    write_bytes_atomic(path, buffer.getvalue())
 
 
 def plot_scores_over_depth(path: Path, result: dict[str, Any], title: str) -> None:

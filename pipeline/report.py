@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.atomic import write_json_atomic, write_text_atomic
+from pipeline.layer_report import layer_scores_section
 from pipeline.plots import plot_layer_scores, plot_layer_weights
 from pipeline.significance import verdict
 
@@ -130,6 +131,7 @@ def write_report(params, out: Path) -> Path:
                 "llmembed_recipe_score": round(info["llmembed"]["score"], 4)}
         lines += ["", f"![layer scores, all models]({figures.name}/{dataset}_layers_all_models.png)", ""]
         lines += [f"![{m}]({figures.name}/{dataset}_{m}_layers.png)" for m in scores] + [""]
+        lines += layer_scores_section(scores, dataset, figures)
         lines += ["### Fusion search (probe, top 10)", "", chosen.get("note", ""), "",
                   f"| rank | candidate | operator | width | {metric} | std |", "|---|---|---|---|---|---|"]
         for rank, row in enumerate(leaderboard[:10], 1):

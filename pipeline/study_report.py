@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.audit import summarise_audits
+from pipeline.layer_report import study_layer_scores
 from pipeline.machine import cpu_isa, cpu_model
 from pipeline.plots import _save, plt
 from pipeline.significance import verdict
@@ -199,8 +200,10 @@ def write_study_report(params, out: Path, uncapped_store: Path | None = None) ->
     complementary, answers = complementary_models(study)
     audit_lines, summary = selection_audit(study, params.score.protocol, params.score.select_rule)
     lines += complementary + audit_lines + cap_effect(study, models, uncapped_store)
+    score_lines, layer_summary = study_layer_scores(study, models)
+    lines += score_lines
     from pipeline.atomic import write_json_atomic, write_text_atomic
-    write_json_atomic(out / "study.json", {"complementary": answers, "audit": summary,
+    write_json_atomic(out / "study.json", {"complementary": answers, "audit": summary, "layer_scores": layer_summary,
                                            "best_layers": {d: {m: (p["chosen"] or {}).get("models", {}).get(m, {}).get("best_layer", {}).get("layers")
                                                                for m in models} for d, p in study.items()}})
     write_text_atomic(out / "study.md", "\n".join(lines))
