@@ -44,6 +44,12 @@ def cmd_verify(args) -> int:
                   f"split(s) to recreate {done['splits']}, {done['temporary_files_removed']} temporary file(s) "
                   f"removed; rerun the extraction (dvc repro, or python -m stages.extract --model M --dataset D) "
                   f"to rebuild exactly those")
+            if done["cache_objects_removed"]:
+                print(f"  the damaged files were linked into the DVC cache: {len(done['cache_objects_removed'])} "
+                      f"damaged cache object(s) deleted, so DVC cannot link them back")
+            if done["links_not_found"]:
+                print(f"  warning: {done['links_not_found']} other hard link(s) of the damaged files were not found "
+                      f"(a DVC cache outside .dvc/cache?); delete them, or DVC may link the damaged bytes back")
         elif serious:
             print("  rerun with --repair to mark the damaged blocks for re-extraction")
     return status

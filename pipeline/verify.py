@@ -18,6 +18,7 @@ the space still needed) and `check_head_inputs` (a head config's inputs against 
 from __future__ import annotations
 
 import errno
+import hashlib
 import resource
 import shutil
 from dataclasses import asdict, dataclass
@@ -220,7 +221,82 @@ def repair(path: str | Path, problems: Iterable[Problem]) -> dict[str, Any]:
             splits = {s: n for s, n in root.attrs["splits"].items() if s not in whole}
             root.attrs["splits"] = splits
         removed = remove_leftovers(path)
-    return {"blocks": sorted(blocks), "splits": sorted(whole), "temporary_files_removed": removed}
+        cache = remove_cache_twins(path, damaged_files(path, problems))
+    return {"blocks": sorted(blocks), "splits": sorted(whole), "temporary_files_removed": removed,
+            "cache_objects_removed": cache["removed"], "links_not_found": cache["not_found"]}
+
+
+def damaged_files(path: Path, problems: Iterable[Problem]) -> list[Path]:
+    """The chunk/shard files of the damaged arrays: of the named block, or all of an array's."""
+    files: list[Path] = []
+    for problem in problems:
+        if problem.split and problem.array:
+            folder = path / problem.split / problem.array / "c"
+            if problem.block is not None:
+                folder = folder / str(problem.block)
+            candidates = folder.rglob("*") if folder.is_dir() else [folder] if folder.exists() else []
+            files += [f for f in candidates if f.is_symlink() or f.is_file()]
+    return files
+
+
+def dvc_cache_dir(path: Path) -> Path | None:
+    """The DVC cache of the repository holding `path` (`.dvc/cache`, or cache.dir in .dvc/config)."""
+    import configparser
+    for folder in Path(path).resolve().parents:
+        if (folder / ".dvc").is_dir():
+            config = configparser.ConfigParser()
+            config.read([folder / ".dvc" / "config", folder / ".dvc" / "config.local"])
+            configured = config.get("cache", "dir", fallback=None)
+            return (folder / ".dvc" / configured).resolve() if configured else folder / ".dvc" / "cache"
+    return None
+
+
+def remove_cache_twins(path: Path, files: list[Path]) -> dict[str, Any]:
+    """A DVC-tracked store's files can be hard links or symlinks into DVC's cache (cache.type hardlink or
+    symlink): damage to such a file is damage to the cache object, and once DVC has committed the damaged
+    file (by copy) that object is no longer linked to it. DVC trusts its read-only objects, so after the
+    re-extraction writes the original bytes it would link the damaged object back. Delete the damaged
+    files, every cache object that is the same file, and every object of the same size whose content no
+    longer matches its md5 name: the re-extracted bytes then go into the cache afresh."""
+    removed: list[str] = []
+    inodes: dict[tuple[int, int], int] = {}            # (device, inode) -> other links still to find
+    sizes = {f.stat().st_size for f in files if f.exists()}
+    for file in files:
+        if file.is_symlink():
+            target = file.resolve()
+            if target.is_file():
+                target.unlink()
+                removed.append(str(target))
+            file.unlink()
+        elif file.stat().st_nlink > 1:
+            stat = file.stat()
+            inodes[(stat.st_dev, stat.st_ino)] = stat.st_nlink - 1
+            file.unlink()
+    cache = dvc_cache_dir(path) if files else None
+    if cache is not None and cache.is_dir():
+        for item in cache.rglob("*"):
+            stat = item.lstat()
+            if not item.is_file() or item.is_symlink():
+                continue
+            twin = (stat.st_dev, stat.st_ino) in inodes
+            if twin or (stat.st_size in sizes and _misnamed(item)):
+                item.unlink()
+                removed.append(str(item))
+                if twin:
+                    inodes[(stat.st_dev, stat.st_ino)] -= 1
+    return {"removed": removed, "not_found": sum(inodes.values())}
+
+
+def _misnamed(item: Path) -> bool:
+    """A DVC cache object (files/md5/ab/cdef...) whose bytes no longer hash to its name."""
+    name = item.parent.name + item.name
+    if len(name) != 32 or any(c not in "0123456789abcdef" for c in name):
+        return False                                  # a .dir manifest or not an object
+    digest = hashlib.md5()
+    with open(item, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest() != name
 
 
 def remove_leftovers(path: str | Path) -> int:

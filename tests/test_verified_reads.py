@@ -179,6 +179,43 @@ def test_damaged_row_metadata_and_digests_are_named(tmp_path):
         EmbeddingStore(path).layer("validation", "mean", 0)
 
 
+def test_repair_deletes_damaged_dvc_cache_objects_linked_to_the_store(tmp_path):
+    """Under DVC (cache.type hardlink or symlink) a store file and its cache object are one file: a flipped
+    byte damages both, and once DVC commits the damaged file (by copy) the damaged object named by the
+    original md5 is linked to nothing. DVC trusts it and would link it back after re-extraction; repair
+    deletes it, the objects linked to the damaged files, and nothing else."""
+    import hashlib
+    from pipeline.verify import repair, verify_store
+    path = make_store(tmp_path / "repo" / "store", MODEL, DATASET, dtype="float16", compressor=ZSTD)
+    cache = tmp_path / "repo" / ".dvc" / "cache" / "files" / "md5"
+
+    def obj(name: str) -> Path:
+        (cache / name[:2]).mkdir(parents=True, exist_ok=True)
+        return cache / name[:2] / name[2:]
+
+    shard, labels = _shard(path, "train", "mean", 1), path / "test" / "labels" / "c" / "0"
+    original = hashlib.md5(shard.read_bytes()).hexdigest()
+    os.link(shard, obj("ab" + "0" * 30))                           # hardlinked to the store file
+    intact = obj(hashlib.md5(_shard(path, "train", "mean", 0).read_bytes()).hexdigest())
+    os.link(_shard(path, "train", "mean", 0), intact)              # an intact block: left alone
+    (link_target := obj("cd" + "1" * 30)).write_bytes(labels.read_bytes())
+    labels.unlink()
+    labels.symlink_to(link_target)                                 # cache.type symlink
+    _flip(shard)
+    _flip(labels, 0.6)
+    orphan = obj(original)
+    orphan.write_bytes(shard.read_bytes())       # the damaged bytes under the original name, linked to nothing
+    committed = obj(hashlib.md5(shard.read_bytes()).hexdigest())
+    committed.write_bytes(shard.read_bytes())    # the damaged version committed under its own md5: consistent
+    problems = [p for p in verify_store(path) if p.serious]
+    assert {(p.split, p.array, p.block) for p in problems} == {("train", "mean", 1), ("test", "labels", None)}
+    done = repair(path, problems)
+    assert sorted(done["cache_objects_removed"]) == sorted(str(p) for p in (obj("ab" + "0" * 30), orphan, link_target))
+    assert done["links_not_found"] == 0
+    assert not shard.exists() and not labels.exists() and intact.exists() and committed.exists()
+    assert {p.kind for p in verify_store(path)} == {"incomplete"}    # left for the extraction to rebuild
+
+
 def test_a_damaged_root_zarr_json_is_named_not_taken_for_a_missing_store(project, monkeypatch, capsys):
     from pipeline.cli import main as cli
     params, store = project
@@ -222,6 +259,7 @@ def test_dvc_repro_stops_at_the_first_reader_of_a_damaged_store(tmp_path, mr_sli
     repair = subprocess.run([sys.executable, "-m", "pipeline", "verify", "--repair", str(store)], cwd=repo, env=env,
                             capture_output=True, text=True)
     assert "1 block(s) marked not done [('train', 2)]" in repair.stdout, repair.stdout + repair.stderr
+    assert "damaged cache object(s) deleted" in repair.stdout     # this repo's DVC cache links files (hardlink)
     again = run(["dvc", "repro"], repo)                      # re-extracts the one block, then scores again
     assert "Running stage 'score@minilm-l6-mrslice'" in again
     after = json.loads(scores.read_text())
