@@ -12,6 +12,18 @@ from pipeline.resources import store_bytes
 from pipeline.store import EmbeddingStore, with_legacy_defaults
 
 
+def origins(info: dict) -> dict[str, str]:
+    """Where the model and the corpus came from: a hub id and revision, or package/local files."""
+    model, data = info.get("model_origin") or {}, info.get("dataset_source") or {}
+    model_from = (f"hub {model['hub_id']}@{model.get('revision') or 'main'}" if model.get("hub_id")
+                  else ", ".join(model.get("files", [])) or "unknown")
+    if data.get("kind") == "hub":
+        data_from = f"hub {data['path']}@{data.get('revision') or 'main'}"
+    else:
+        data_from = ", ".join(map(str, (data.get("files") or {}).values())) or "unknown"
+    return {"model": model_from, "dataset": data_from}
+
+
 def summarise(path: str | Path, console: Console | None = None) -> dict:
     """Print one store's summary and return it as a dict (used by tests and the report)."""
     console = console or Console()
@@ -37,6 +49,8 @@ def summarise(path: str | Path, console: Console | None = None) -> dict:
                   f"{'decoder' if store.attrs['info'].get('decoder') else 'encoder'}), "
                   f"{store.num_layers} layers x {store.dim}, weights sha256 {model['weights_sha256'][:16]}…")
     console.print(f"dataset {dataset['name']}: {len(dataset['label_names'])} labels, carve {dataset['carve']}")
+    origin = origins(store.attrs["info"])
+    console.print(f"model from {origin['model']}; dataset from {origin['dataset']}")
     console.print(f"max_len {extract['max_len']}, stored {extract['dtype']}, computed {extract['compute_dtype']} "
                   f"(attention {extract['attention']}), "
                   f"block_rows {extract['block_rows']}; {size / 2**20:,.1f} MiB on disk")
@@ -52,4 +66,4 @@ def summarise(path: str | Path, console: Console | None = None) -> dict:
     complete = all(s["done"] == s["blocks"] for s in splits.values())
     console.print("complete" if complete else "[red]incomplete[/]: rerun the extraction to finish it")
     return {"path": os.fspath(path), "splits": splits, "bytes": size, "complete": complete,
-            "num_layers": store.num_layers, "dim": store.dim, "poolings": store.poolings}
+            "num_layers": store.num_layers, "dim": store.dim, "poolings": store.poolings, "origin": origin}
