@@ -23,6 +23,16 @@ def _save(fig, path: Path) -> None:
     write_bytes_atomic(path, buffer.getvalue())
 
 
+def finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, legend_size: int = 8) -> None:
+    """Every figure's common ending: labels, title, light grid, legend, then the atomic PNG write."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    _save(fig, path)
+
+
 def write_layer_csv(path: Path, result: dict[str, Any]) -> None:
     """Wide table for `dvc plots`: one row per layer; `score` is the best pooling's, then one column per pooling."""
     poolings = list(dict.fromkeys(r["pooling"] for r in result["rows"]))
@@ -51,12 +61,8 @@ def plot_layer_scores(path: Path, results: dict[str, dict[str, Any]], title: str
         best = result["best"]
         ax.scatter([best["relative_depth"]], [best["score"]], s=80, facecolors="none", edgecolors="black", zorder=5)
     metric = next(iter(results.values()))["metric"]
-    ax.set_xlabel("relative depth (0 = embeddings, 1 = last layer)")
-    ax.set_ylabel(f"probe {metric} ({next(iter(results.values()))['protocol']['name']})")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(fig, path)
+    finish(fig, ax, path, "relative depth (0 = embeddings, 1 = last layer)",
+           f"probe {metric} ({next(iter(results.values()))['protocol']['name']})", title)
 
 
 def plot_layer_weights(path: Path, weights: dict[str, tuple[list[float], list[float]]], title: str) -> None:
@@ -65,9 +71,4 @@ def plot_layer_weights(path: Path, weights: dict[str, tuple[list[float], list[fl
     for model, (mean, std) in weights.items():
         depth = [i / max(len(mean) - 1, 1) for i in range(len(mean))]
         ax.errorbar(depth, mean, yerr=std, marker="o", ms=3, capsize=2, label=model)
-    ax.set_xlabel("relative depth")
-    ax.set_ylabel("softmax weight")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(fig, path)
+    finish(fig, ax, path, "relative depth", "softmax weight", title)
