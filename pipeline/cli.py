@@ -6,12 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from pipeline import location
 from pipeline.errors import PipelineError
 
 
 def _store_paths(args) -> list[Path]:
     if args.paths:
-        return [p if "://" in p else Path(p) for p in args.paths]   # folders or URLs (s3://...)
+        return [location.as_location(p) for p in args.paths]   # folders, or URLs (s3://...) kept as strings
     from pipeline.config import load_params
     params = load_params(args.params)
     return [params.embeddings_path(m, d) for d in params.selected_datasets for m in params.selected_models]
