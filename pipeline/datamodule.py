@@ -117,19 +117,6 @@ class LayerCache:
         return torch.as_tensor(self.store(model).labels(split), dtype=torch.long)
 
 
-class RowBatches(Dataset):
-    """Indexing with a list of rows returns that whole batch."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor):
-        self.x, self.y = x, y
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, rows):
-        return self.x[rows], self.y[rows]
-
-
 class FusedRows(Dataset):
     """Rows of several inputs concatenated, gathered per batch from the cache's tensors (no full copy).
 
@@ -222,6 +209,3 @@ class LayerDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("validation", False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -287,10 +286,3 @@ def _check(record_id: str, text: Any) -> dict[str, Any]:
     if not text.strip():
         return {"id": record_id, "error": "empty or whitespace-only text"}
     return {"id": record_id, "text": text}
-
-
-def throughput(predictor: Predictor, texts: list[str]) -> float:
-    """texts/s of predict_proba on `texts` (for the benchmark comparing with full extraction)."""
-    started = time.perf_counter()
-    predictor.predict_proba(texts)
-    return len(texts) / (time.perf_counter() - started)

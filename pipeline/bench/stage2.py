@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
 from pipeline.bench.common import REPO, r
 
@@ -115,11 +116,23 @@ def run_fusion(params, model: str, dataset: str, sample: int, baseline: int, rep
 
 
 # -- heads ------------------------------------------------------------------------------------------
+class RowBatches(Dataset):
+    """Indexing with a list of rows returns that whole batch (the heads benchmark's plain loader)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, rows):
+        return self.x[rows], self.y[rows]
+
+
 def run_heads(rows: int, val_rows: int, dim: int, epochs: int, repeats: int, batch_size: int = 512) -> dict[str, Any]:
     import lightning as L
     from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
-    from pipeline.datamodule import RowBatches
     from pipeline.heads import HeadModule, mlp
     try:
         from pipeline.training import quiet_lightning
