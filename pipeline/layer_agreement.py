@@ -78,10 +78,11 @@ def layer_scores(bank, probe_rows: list[dict[str, Any]], importance_rows: int, s
         raise ValueError(f"layer scores of pooling {bank.pooling} against probe rows of another pooling")
     probe = {r["layer"]: r["score"] for r in probe_rows}
     geometry = layer_geometry(bank.samples, seed) if bank.samples else {}
+    geometry_s = time.perf_counter() - start
     importance = layer_importance(bank.F, bank.folds, importance_rows, seed) if importance_rows else {}
     return {"geometry": geometry, "importance": importance,
             "layer_agreement": compare([probe[layer] for layer in bank.layers], bank.layers, {**geometry, **importance}),
             "layer_scores": {"pooling": bank.pooling, "layers": bank.layers,
                              "geometry_rows": len(bank.samples[0]) if bank.samples else 0,
                              "importance_rows": importance_rows, "orientation": ORIENTATION, "left_out": LEFT_OUT,
-                             "seconds": round(time.perf_counter() - start, 3)}}
+                             "geometry_seconds": round(geometry_s, 3), "seconds": round(time.perf_counter() - start, 3)}}
