@@ -23,10 +23,9 @@ class StepFailed(Exception):
 
 
 def run(args: list[str], params: str) -> None:
-    command = [sys.executable, "-m", *args, "--params", params]
-    print("study:", " ".join(command[2:]), flush=True)
-    if subprocess.run(command).returncode != 0:
-        raise StepFailed(" ".join(command[2:]))
+    print("study:", " ".join([*args, "--params", params]), flush=True)
+    if subprocess.run([sys.executable, "-m", *args, "--params", params]).returncode != 0:
+        raise StepFailed(" ".join(args))
 
 
 def run_all(commands: list[list[str]], params: str) -> None:

@@ -573,6 +573,7 @@ ALLOWED_WRITES = {   # (file, kind): why it cannot leave half a file that a late
     ("pipeline/plots.py", "savefig"): "into an in-memory buffer, then write_bytes_atomic",
 }
 SUBPROCESS_ALLOWED = {   # argv lists, never a shell: sys.executable -m <module> with fixed flags
+    "stages/study.py",       # runs the stage modules in order, as dvc.yaml's commands do
 }
 
 
