@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.layer_agreement import ORIENTATION, summarise
-from pipeline.plots import _save, plt
+from pipeline.plots import finish, plt
 
 EXPLAINED = ("Label-free scores on a seeded sample of train rows of the best pooling (dataset entropy and effective "
              "rank: higher read as better; anisotropy: lower read as better), gradient scores from one linear head over "
@@ -39,12 +39,8 @@ def plot_scores_over_depth(path: Path, result: dict[str, Any], title: str) -> No
     for name, values in {**result.get("geometry", {}), **result.get("importance", {})}.items():
         sign = ORIENTATION.get(name, 1)
         ax.plot(depth, _minmax(sign * np.asarray(values)), marker=".", label=name + (" (negated)" if sign < 0 else ""))
-    ax.set_xlabel("relative depth (0 = embeddings, 1 = last layer)")
-    ax.set_ylabel("min-max normalised (up: better)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    _save(fig, path)
+    finish(fig, ax, path, "relative depth (0 = embeddings, 1 = last layer)", "min-max normalised (up: better)", title,
+           legend_size=7)
 
 
 def layer_scores_section(scores: dict[str, dict[str, Any]], dataset: str, figures: Path) -> list[str]:
