@@ -73,7 +73,7 @@ def _check_sha256(path: Path, expected: str | None, what: str) -> str:
 def _fetch_hub(spec: ModelSpec, workdir: Path) -> Path:
     from huggingface_hub import snapshot_download
     try:
-        return Path(snapshot_download(spec.hub_id, revision=spec.revision, local_dir=workdir / "hub",
+        return Path(snapshot_download(spec.hub_id, revision=spec.revision,   # the hub cache: offline too
                                       allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
     except Exception as error:
         raise ModelSourceError(f"model {spec.name!r}: cannot download {spec.hub_id}@{spec.revision} ({error}). "

@@ -302,9 +302,9 @@ def _misnamed(item: Path) -> bool:
 def remove_leftovers(path: str | Path) -> int:
     """Delete Zarr's `*.partial` temporary files that killed writes left in a local store; only while
     holding the run lock (a live writer's temporary files look the same)."""
-    path = Path(path)
-    if "://" in str(path) or not path.is_dir():
+    if location.is_url(path) or not Path(path).is_dir():
         return 0
+    path = Path(path)
     removed = 0
     for leftover in path.rglob("*.partial"):
         leftover.unlink(missing_ok=True)

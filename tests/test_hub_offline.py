@@ -103,9 +103,6 @@ def test_without_the_cache_the_hub_dataset_is_named_offline(tmp_path, hub_projec
     assert f"cannot load dataset 'rt-hub' from the hub ({DATASET_ID})" in failed.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline/models.py _fetch_hub passes local_dir= to snapshot_download, "
-                                       "which offline never serves from the hub cache; the fix (drop local_dir, "
-                                       "read the cached snapshot) waits until Stage 1's extraction is done")
 def test_a_hub_model_and_dataset_extract_offline_and_inspect_names_the_hub(hf_home, hub_project):
     params = ["--params", str(hub_project)]
     for args in (["stages.prepare_model", "--model", "minilm-hub"], ["stages.prepare_data", "--dataset", "rt-hub"],

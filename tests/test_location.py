@@ -24,8 +24,6 @@ def test_cli_keeps_urls_as_strings_and_folders_as_paths():
     assert paths == ["s3://bucket/emb", Path("store/embeddings/mr/minilm-l6")]
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline/verify.py remove_leftovers calls Path() before its '://' check, "
-                                       "so the check never matches; fixed with location.is_url once Stage 1 is done")
 def test_remove_leftovers_never_takes_a_url_for_a_local_folder(tmp_path, monkeypatch):
     """A local folder that happens to be named like the URL after Path() ("s3:/bucket/emb") is not the store."""
     monkeypatch.chdir(tmp_path)
