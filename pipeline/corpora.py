@@ -48,13 +48,23 @@ class Corpus:
     meta: dict[str, Any]
 
 
-def _first_bad_utf8_line(path: Path) -> tuple[int, str] | None:
+def _first_bad_jsonl_line(path: Path) -> tuple[int, str] | None:
+    """(line number, what is wrong) of the first line of a JSONL file that is not UTF-8 or not one JSON
+    object, so the error names the place; pyarrow's own messages name neither."""
     with open(path, "rb") as handle:
-        for number, line in enumerate(handle, start=1):
+        for number, raw in enumerate(handle, start=1):
             try:
-                line.decode("utf-8")
+                line = raw.decode("utf-8")
             except UnicodeDecodeError as error:
-                return number, str(error)
+                return number, f"is not valid UTF-8 ({error}): fix or re-encode the file (e.g. iconv -f latin1 -t utf-8)"
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as error:
+                return number, f"is not valid JSON ({error.msg} at column {error.colno}): {line.strip()[:80]!r}"
+            if not isinstance(value, dict):
+                return number, f"holds a JSON {type(value).__name__}, not an object with the text and label columns"
     return None
 
 
@@ -66,9 +76,11 @@ def _load_local(spec: DatasetSpec, mirror: Path) -> tuple[dict[str, Any], dict[s
     if len(formats) != 1:
         raise ConfigError(f"datasets.{spec.name}.local mixes file types {sorted(formats)}: use one per dataset")
     for split, path in files.items():
-        if formats == {"json"} and (bad := _first_bad_utf8_line(path)):
-            raise DataError(f"{path} line {bad[0]} is not valid UTF-8 ({bad[1]}): fix or re-encode the file "
-                            f"(e.g. iconv -f latin1 -t utf-8); nothing was extracted")
+        if path.stat().st_size == 0 or not path.read_bytes().strip():
+            raise DataError(f"{path} (datasets.{spec.name}.local.{split}) is empty: it holds no rows; "
+                            f"nothing was extracted")
+        if formats == {"json"} and (bad := _first_bad_jsonl_line(path)):
+            raise DataError(f"{path} line {bad[0]} {bad[1]}; nothing was extracted")
     try:
         loaded = datasets.load_dataset(formats.pop(), data_files={s: str(p) for s, p in files.items()})
     except Exception as error:  # pyarrow and datasets raise many types for malformed files

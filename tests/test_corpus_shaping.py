@@ -111,3 +111,18 @@ def test_a_profile_overrides_its_base(tmp_path, make_params):
     profile.write_text(yaml.safe_dump({"base": "study.yaml"}))
     with pytest.raises(ConfigError, match="base 'study.yaml' must name another params file"):
         load_params(profile)
+
+
+def test_an_empty_file_and_a_malformed_jsonl_line_are_named_with_their_place(tmp_path, make_params):
+    params, mirror = corpus_with(tmp_path, make_params, base_rows(10))
+    train = mirror / "odd" / "train.jsonl"
+    lines = train.read_text().split("\n")
+    train.write_text("\n".join(lines[:4] + ['{"text": "cut off", "label": '] + lines[4:]))
+    with pytest.raises(DataError, match=r"train.jsonl line 5 is not valid JSON \(Expecting value at column 30\)"):
+        build(params)
+    train.write_text("\n".join(lines[:2] + ['["a", "list"]'] + lines[2:]))
+    with pytest.raises(DataError, match=r"train.jsonl line 3 holds a JSON list, not an object"):
+        build(params)
+    train.write_text("\n\n")
+    with pytest.raises(DataError, match=r"train.jsonl \(datasets.odd.local.train\) is empty"):
+        build(params)
