@@ -101,7 +101,7 @@ def _plain(settings: Any) -> dict[str, Any]:
 @dataclass(frozen=True)
 class ScoreSettings:
     """`score:` the probe shared by score and fuse (pipeline.probe.Protocol is built from it)."""
-    protocol: str = "validation"     # validation | cv
+    protocol: str = "cv"             # cv | validation (the study's audit, README)
     folds: int = 5
     alphas: tuple[float, ...] = (0.001, 0.01, 0.1, 1.0)
     rank: int = 128                  # 0: full width
@@ -109,7 +109,7 @@ class ScoreSettings:
     metric: str = "accuracy"
     bootstrap: int = 200
     seed: int = 0
-    select_rule: str = "one_se"      # best | one_se (the simplest candidate within one paired SE of the top)
+    select_rule: str = "best"        # best | one_se (the simplest candidate within one paired SE of the top)
     geometry_rows: int = 1000        # train rows of the label-free layer scores (0: off)
     importance_rows: int = 8192      # train rows fitting the gradient-importance head (0: off)
 

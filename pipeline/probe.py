@@ -27,7 +27,7 @@ PREDICTIONS, ALPHA_INDEX = "_predictions", "_alpha_index"   # per-row held-out e
 @dataclass(frozen=True)
 class Protocol:
     """How a probe is fitted and scored (params.yaml `score:`)."""
-    name: str = "validation"          # validation | cv
+    name: str = "cv"                  # validation | cv
     folds: int = 5
     alphas: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)   # relative to the mean eigenvalue of X^T X
     metric: str = "accuracy"
@@ -35,7 +35,7 @@ class Protocol:
     pca_rows: int = 2048
     bootstrap: int = 200              # validation protocol: std over bootstrap resamples of validation
     seed: int = 0
-    select_rule: str = "one_se"       # best | one_se (pipeline/selection.py)
+    select_rule: str = "best"         # best | one_se (pipeline/selection.py)
 
 
 def protocol_from_params(score: ScoreSettings) -> Protocol:

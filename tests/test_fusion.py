@@ -31,7 +31,7 @@ def test_candidate_space_is_exhaustive_and_without_duplicates():
     assert {c.operator for c in singles} == {"mean"}
 
 
-@pytest.mark.parametrize("protocol", [Protocol(rank=8), Protocol(name="cv", folds=3, rank=8)], ids=["val", "cv"])
+@pytest.mark.parametrize("protocol", [Protocol(name="validation", rank=8), Protocol(name="cv", folds=3, rank=8)], ids=["val", "cv"])
 def test_block_statistics_equal_explicit_features(tmp_path, protocol):
     make_store(tmp_path, "toy-enc")
     store = open_store(tmp_path, "toy-enc", "toy")
@@ -59,7 +59,7 @@ def test_search_across_models_without_reading_test(tmp_path):
     b = make_store(tmp_path, "dec-b", num_layers=7, best_layer=3, signal_dims=slice(2, 4), seed=2, decoder=True)
     for path in (a, b):
         remove_test_split(path)
-    protocol = Protocol(rank=8)
+    protocol = Protocol(name="validation", rank=8)
     scores = {m: score_layers(open_store(tmp_path, m, "toy"), protocol, m) for m in ("enc-a", "dec-b")}
     settings = fuse_settings(FuseSettings(top_k=3))
     result = search_dataset(tmp_path, "toy", ["enc-a", "dec-b"], scores, protocol, settings)

@@ -16,7 +16,7 @@ def test_ridge_matches_a_direct_solve():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(300, 12)).astype(np.float32)
     y = (X[:, 0] + 0.5 * rng.normal(size=300) > 0).astype(np.int64)
-    protocol = Protocol(alphas=(0.1,), bootstrap=0)
+    protocol = Protocol(name="validation", alphas=(0.1,), bootstrap=0)
     folds = make_folds(y[:200], y[200:], protocol, 2)
     result = evaluate_features(torch.from_numpy(X), folds, protocol)
     # textbook ridge with intercept on one-hot targets, same penalty
@@ -46,7 +46,7 @@ def test_scores_find_the_planted_layer_and_never_read_test(tmp_path):
     store = open_store(tmp_path, "toy-enc", "toy")
     with pytest.raises(Exception):
         store.layer("test", "mean", 0)
-    for protocol in (Protocol(rank=8), Protocol(name="cv", folds=4, rank=8)):
+    for protocol in (Protocol(name="validation", rank=8), Protocol(name="cv", folds=4, rank=8)):
         result = score_layers(store, protocol, "toy-enc")
         assert result["best"]["layer"] == 2, result["ranking"]
         assert result["splits_read"] == (["train", "validation"] if protocol.name == "validation" else ["train"])

@@ -118,7 +118,7 @@ def test_s3_store_killed_resumed_read_verified_and_scored(s3_bucket, mr_slice, m
                                   EmbeddingStore(local_path).layer("train", "mean", 2))
     assert verify_store(url) == []
 
-    protocol = Protocol(rank=16, pca_rows=256, bootstrap=10)                 # Stage 2 straight from S3
+    protocol = Protocol(name="validation", rank=16, pca_rows=256, bootstrap=10)                 # Stage 2 straight from S3
     on_s3 = score_layers(remote, protocol, "tiny-llama", poolings=["mean"])
     on_disk = score_layers(EmbeddingStore(local_path), protocol, "tiny-llama", poolings=["mean"])
     assert [r["score"] for r in on_s3["rows"]] == [r["score"] for r in on_disk["rows"]]

@@ -121,7 +121,7 @@ def test_one_se_on_a_store_with_a_planted_near_tie(tmp_path):
     path = planted_store(tmp_path)
     results = {}
     for rule in ("best", "one_se"):
-        protocol = Protocol(rank=0, bootstrap=500, select_rule=rule)
+        protocol = Protocol(name="validation", rank=0, bootstrap=500, select_rule=rule)
         scores = {"toy": score_layers(EmbeddingStore(path), protocol, "toy")}
         results[rule] = (scores["toy"], search_dataset(tmp_path, "tie", ["toy"], scores, protocol,
                                                        fuse_settings(FuseSettings(top_k=3))))

@@ -120,7 +120,7 @@ def verify_cost(path: Path, repeats: int, protocol=None) -> dict[str, Any]:
     from pipeline.probe import Protocol
     from pipeline.scoring import score_layers
     from pipeline.store import _VERIFIED, EmbeddingStore
-    protocol = protocol or Protocol()
+    protocol = protocol or Protocol(name="validation")
 
     def score(store) -> None:
         score_layers(store, protocol, "bench")
