@@ -258,6 +258,7 @@ def search_dataset(store_root, dataset: str, models: list[str], scores: dict[str
     leaderboard, chosen, timing = [], {}, {}
     contributions: dict[str, list[tuple[dict[str, Any], torch.Tensor]]] = {}
     folds, reference_ids, bytes_read, evidence = None, None, 0, None
+    per_model: dict[str, dict[str, tuple[list[dict[str, Any]], str]]] = {}
     rule = protocol.select_rule
     for model in models:
         score = scores[model]
@@ -295,8 +296,7 @@ def search_dataset(store_root, dataset: str, models: list[str], scores: dict[str
                 "best_layer": choose(singles, candidate_key, evidence, rule),
                 "best_fusion": choose(fusions, candidate_key, evidence, rule),
                 "llmembed": next(r for r in rows if r["layers"] == last_layers and r["operator"] == "mean")}
-        info["optimism"] = optimism({"best layer": (singles, rule), "best fusion": (fusions, rule)}, candidate_key,
-                                    evidence, seed=protocol.seed)
+        per_model[model] = {"best layer": (singles, rule), "best fusion": (fusions, rule)}
         chosen[model] = info
         by_name = {c.name: c for c in candidates}
         contributions[model] = []
@@ -321,12 +321,15 @@ def search_dataset(store_root, dataset: str, models: list[str], scores: dict[str
     best_multi = choose(multi, candidate_key, evidence, rule) if multi else None
     overall = choose(leaderboard, candidate_key, evidence, rule)
     selections = {"overall": (leaderboard, rule), **({"multi-model": (multi, rule)} if multi else {}),
-                  **{f"overall ({other})": (leaderboard, other) for other in ("best", "one_se") if other != rule}}
+                  **{f"overall ({other})": (leaderboard, other) for other in ("best", "one_se") if other != rule},
+                  **{f"{m}: {label}": pair for m, sets in per_model.items() for label, pair in sets.items()}}
+    drops = optimism(selections, candidate_key, evidence, seed=protocol.seed)   # one pass of halvings for all
+    for model, sets in per_model.items():
+        chosen[model]["optimism"] = {label: drops.pop(f"{model}: {label}") for label in sets}
     return {"dataset": dataset, "metric": protocol.metric, "protocol": protocol.name, "select_rule": rule,
             "reference": {"models": references, "multi-model": references[strongest]},
             "models": chosen, "best_multi": best_multi, "chosen": overall, "leader": leaderboard[0],
-            "optimism": optimism(selections, candidate_key, evidence, seed=protocol.seed),
-            "leaderboard": leaderboard, "timing": timing, "bytes_read": bytes_read, EVIDENCE: evidence}
+            "optimism": drops, "leaderboard": leaderboard, "timing": timing, "bytes_read": bytes_read, EVIDENCE: evidence}
 
 
 def load_bank_for(store, pooling: str, protocol: Protocol, keep_standardised: bool, model: str) -> LayerBank:
