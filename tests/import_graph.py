@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 # lowest first; a module may import only modules listed before it
 LAYERS = (
-    "errors", "atomic", "location", "fingerprint",
+    "errors", "records", "atomic", "location", "fingerprint",
     "attention", "pooling", "layer_tap", "batching",
     "config", "devices", "machine",
     "corpora", "models",
