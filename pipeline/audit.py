@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
-from pipeline.fusion import EVIDENCE, BlockScorer, Candidate, candidate_key, search_dataset
+from pipeline.fusion import BlockScorer, Candidate, SearchResult, candidate_key, search_dataset
 from pipeline.probe import Protocol, evaluate_features
+from pipeline.records import LeaderboardRow
 from pipeline.scoring import LayerBank, load_bank, score_layers
 from pipeline.selection import RULES, choose
 from pipeline.store import open_store
@@ -49,11 +50,11 @@ class TestJudge:
         operator = group["operator"] if len(group["layers"]) > 1 else "mean"
         return scorer.features(Candidate(tuple(group["layers"]), operator, "judged"))
 
-    def score(self, row: dict[str, Any]) -> dict[str, float]:
+    def score(self, row: LeaderboardRow) -> dict[str, float]:
         """Test accuracy and macro-F1 of a leaderboard row (cached by candidate name)."""
-        name = row["candidate"]
+        name = row.candidate
         if name not in self.cache:
-            groups = row["groups"]
+            groups = row.groups
             X = torch.cat([self.features(g) for g in groups], dim=1)
             bank, _ = self._scorer(groups[0]["model"], groups[0]["pooling"])
             result = evaluate_features(X, bank.folds, self.protocol)
@@ -62,23 +63,23 @@ class TestJudge:
         return self.cache[name]
 
 
-def _selections(search: dict[str, Any], models: list[str]) -> dict[str, list[dict[str, Any]]]:
+def _selections(search: SearchResult, models: list[str]) -> dict[str, list[LeaderboardRow]]:
     """The candidate sets each choice is made from, as in the fuse stage."""
-    board = search["leaderboard"]
+    board = search.leaderboard
     sets = {}
     for model in models:
-        mine = [r for r in board if r["models"] == [model]]
-        sets[f"{model}: best layer"] = [r for r in mine if len(r["layers"]) == 1]
-        sets[f"{model}: best fusion"] = [r for r in mine if len(r["layers"]) > 1] or sets[f"{model}: best layer"]
-    multi = [r for r in board if r["family"] == "multi-model"]
+        mine = [r for r in board if r.models == [model]]
+        sets[f"{model}: best layer"] = [r for r in mine if len(r.layers) == 1]
+        sets[f"{model}: best fusion"] = [r for r in mine if len(r.layers) > 1] or sets[f"{model}: best layer"]
+    multi = [r for r in board if r.family == "multi-model"]
     if multi:
         sets["multi-model"] = multi
     sets["overall"] = board
     return sets
 
 
-def _brief(row: dict[str, Any]) -> dict[str, Any]:
-    return {"candidate": row["candidate"], "layers": row["layers"], "score": round(row["score"], 5)}
+def _brief(row: LeaderboardRow) -> dict[str, Any]:
+    return {"candidate": row.candidate, "layers": row.layers, "score": round(row.score, 5)}
 
 
 def audit_dataset(store_root, dataset: str, models: list[str], protocol: Protocol,
@@ -93,20 +94,20 @@ def audit_dataset(store_root, dataset: str, models: list[str], protocol: Protoco
         scores = {m: score_layers(open_store(store_root, m, dataset), chosen_protocol, m) for m in models}
         search = search_dataset(store_root, dataset, models, scores, chosen_protocol, fuse)
         seconds = time.perf_counter() - start
-        evidence = search.pop(EVIDENCE)
+        evidence = search.evidence
         sets = _selections(search, models)
         choices = {rule: {} for rule in RULES}
         for rule in RULES:
             for label, rows in sets.items():
                 row = choose(rows, candidate_key, evidence, rule)
                 choices[rule][label] = {**_brief(row), **judge.score(row)}
-        top = {label: max(judge.score(r)["test_accuracy"] for r in sorted(rows, key=lambda r: -r["score"])[:TOP])
+        top = {label: max(judge.score(r)["test_accuracy"] for r in sorted(rows, key=lambda r: -r.score)[:TOP])
                for label, rows in sets.items()}
         regret = {rule: {label: round(top[label] - choice["test_accuracy"], 5) for label, choice in picks.items()}
                   for rule, picks in choices.items()}
-        layers = {m: {"pooling": search["models"][m]["pooling"],
+        layers = {m: {"pooling": search.chosen.models[m].pooling,
                       "test_by_layer": [judge.score(r)["test_accuracy"]
-                                        for r in sorted(sets[f"{m}: best layer"], key=lambda r: r["layers"][0])]}
+                                        for r in sorted(sets[f"{m}: best layer"], key=lambda r: r.layers[0])]}
                   for m in models}
         out["protocols"][name] = {"seconds": round(seconds, 2), "choices": choices, "top_test_accuracy": top,
                                   "regret": regret, "layers": layers,

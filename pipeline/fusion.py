@@ -30,6 +30,7 @@ import torch
 from pipeline.config import FuseSettings
 from pipeline.probe import (ALPHA_INDEX, PREDICTIONS, FitStats, Protocol, evaluate_features, fit_stats, held_out_labels,
                             single_thread, solve_and_score)
+from pipeline.records import ChosenFusion, LeaderboardRow, ModelChoice
 from pipeline.selection import Evidence, annotate, choose, optimism
 from pipeline.scoring import LayerBank, load_bank
 
@@ -173,7 +174,7 @@ def _take(A: torch.Tensor, rows: torch.Tensor | slice, idx: list[int]) -> torch.
 
 
 def score_candidates(bank: LayerBank, candidates: list[Candidate], protocol: Protocol,
-                     scorer: BlockScorer | None = None, evidence: Evidence | None = None) -> list[dict[str, Any]]:
+                     scorer: BlockScorer | None = None, evidence: Evidence | None = None) -> list[LeaderboardRow]:
     """Every candidate's probe score (accuracy, macro-F1, their std, alpha) and seconds; `evidence`
     keeps each one's held-out predictions (by candidate name) for paired comparisons."""
     scorer = scorer or BlockScorer(bank, protocol)
@@ -185,21 +186,17 @@ def score_candidates(bank: LayerBank, candidates: list[Candidate], protocol: Pro
         result = evidence.add(name, result) if evidence is not None else strip_evidence(result)
         d = bank.Z.shape[2] if bank.Z is not None else bank.basis.shape[0]
         width = d * len(candidate.layers) if candidate.operator == "concat" else d
-        rows.append({"candidate": name, "family": candidate.family,
-                     "operator": candidate.operator, "layers": list(candidate.layers), "models": [bank.model],
-                     "pooling": bank.pooling, "width": width, **result,
-                     "seconds": round(time.perf_counter() - start, 5)})
+        group = {"model": bank.model, "pooling": bank.pooling, "layers": list(candidate.layers),
+                 "operator": candidate.operator}                             # the head's input group
+        rows.append(LeaderboardRow(candidate=name, family=candidate.family, operator=candidate.operator,
+                                   layers=list(candidate.layers), models=[bank.model], pooling=bank.pooling,
+                                   width=width, **result, seconds=round(time.perf_counter() - start, 5),
+                                   groups=[group]))
     return rows
 
 
-def group_of(row: dict[str, Any]) -> dict[str, Any]:
-    """A leaderboard row of one model as a head input group (model, pooling, layers, operator)."""
-    return {"model": row["models"][0], "pooling": row["pooling"], "layers": list(row["layers"]),
-            "operator": row["operator"]}
-
-
-def score_multi_model(contributions: dict[str, list[tuple[dict[str, Any], torch.Tensor]]], folds,
-                      protocol: Protocol, evidence: Evidence | None = None) -> list[dict[str, Any]]:
+def score_multi_model(contributions: dict[str, list[tuple[LeaderboardRow, torch.Tensor]]], folds,
+                      protocol: Protocol, evidence: Evidence | None = None) -> list[LeaderboardRow]:
     """Every subset (size >= 2) of models x every choice of each model's contribution, concatenated.
 
     `contributions[model]` lists (leaderboard row, probe features [N, w]) pairs: the model's best
@@ -213,18 +210,15 @@ def score_multi_model(contributions: dict[str, list[tuple[dict[str, Any], torch.
                 start = time.perf_counter()
                 X = torch.cat([features for _, features in choice], dim=1)
                 result = evaluate_features(X, folds, protocol)
-                name = " + ".join(row["candidate"] for row, _ in choice)
+                name = " + ".join(row.candidate for row, _ in choice)
                 result = evidence.add(name, result) if evidence is not None else strip_evidence(result)
-                rows.append({"candidate": name, "family": "multi-model",
-                             "operator": "concat", "layers": [row["layers"] for row, _ in choice],
-                             "models": list(subset), "pooling": [row["pooling"] for row, _ in choice],
-                             "width": int(sum(row["width"] for row, _ in choice)), **result,
-                             "groups": [group_of(row) for row, _ in choice],
-                             "seconds": round(time.perf_counter() - start, 5)})
+                rows.append(LeaderboardRow(candidate=name, family="multi-model", operator="concat",
+                                           layers=[row.layers for row, _ in choice], models=list(subset),
+                                           pooling=[row.pooling for row, _ in choice],
+                                           width=int(sum(row.width for row, _ in choice)), **result,
+                                           seconds=round(time.perf_counter() - start, 5),
+                                           groups=[row.groups[0] for row, _ in choice]))
     return rows
-
-
-EVIDENCE = "_evidence"       # search_dataset's held-out predictions (pipeline/audit.py); never written
 
 
 def strip_evidence(result: dict[str, Any]) -> dict[str, Any]:
@@ -232,13 +226,22 @@ def strip_evidence(result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if k not in (PREDICTIONS, ALPHA_INDEX)}
 
 
-def candidate_key(row: dict[str, Any]) -> str:
-    return row["candidate"]
+def candidate_key(row: LeaderboardRow) -> str:
+    return row.candidate
 
 
-def sort_leaderboard(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def sort_leaderboard(rows: list[LeaderboardRow]) -> list[LeaderboardRow]:
     """Best first; ties go to the narrower, then the simpler candidate."""
-    return sorted(rows, key=lambda r: (-r["score"], r["width"], len(str(r["layers"]))))
+    return sorted(rows, key=lambda r: (-r.score, r.width, len(str(r.layers))))
+
+
+@dataclass
+class SearchResult:
+    """A dataset's search: what it chose (chosen.json), the whole leaderboard (leaderboard.json), and the
+    held-out predictions behind every score (pipeline/audit.py compares choices with them; never written)."""
+    chosen: ChosenFusion
+    leaderboard: list[LeaderboardRow]
+    evidence: Evidence
 
 
 def aligned(ids_a: np.ndarray, ids_b: np.ndarray) -> bool:
@@ -246,25 +249,24 @@ def aligned(ids_a: np.ndarray, ids_b: np.ndarray) -> bool:
 
 
 def search_dataset(store_root, dataset: str, models: list[str], scores: dict[str, dict[str, Any]],
-                   protocol: Protocol, settings: dict[str, Any]) -> dict[str, Any]:
+                   protocol: Protocol, settings: dict[str, Any]) -> SearchResult:
     """The whole search for one dataset: each model's space on its pooling, then across models.
 
-    `scores[model]` is the score stage's output for that model (best pooling and layer ranking).
-    Returns the leaderboard (best first), the chosen fusions, and timings.
+    `scores[model]` is the score stage's output for that model (best pooling and its ScoreRow rows).
+    Returns the leaderboard (best first), the chosen fusions with timings, and the evidence.
     """
     from pipeline.store import open_store
     from pipeline.errors import StoreMismatchError
 
     leaderboard, chosen, timing = [], {}, {}
-    contributions: dict[str, list[tuple[dict[str, Any], torch.Tensor]]] = {}
+    contributions: dict[str, list[tuple[LeaderboardRow, torch.Tensor]]] = {}
     folds, reference_ids, bytes_read, evidence = None, None, 0, None
-    per_model: dict[str, dict[str, tuple[list[dict[str, Any]], str]]] = {}
+    per_model: dict[str, dict[str, tuple[list[LeaderboardRow], str]]] = {}
     rule = protocol.select_rule
     for model in models:
         score = scores[model]
         pooling = score["best_pooling"] if settings["pooling"] == "best" else settings["pooling"]
-        ranking = [r["layer"] for r in sorted((r for r in score["rows"] if r["pooling"] == pooling),
-                                              key=lambda r: -r["score"])]
+        ranking = [r.layer for r in sorted((r for r in score["rows"] if r.pooling == pooling), key=lambda r: -r.score)]
         store = open_store(store_root, model, dataset)
         ids = np.concatenate([store.meta(split, "text_id") for split in ("train", "validation") if split in store.splits])
         if reference_ids is not None and not aligned(ids, reference_ids):
@@ -285,25 +287,23 @@ def search_dataset(store_root, dataset: str, models: list[str], scores: dict[str
         blocks_seconds = time.perf_counter() - start
         rows = score_candidates(bank, candidates, protocol, scorer, evidence)
         search_seconds = time.perf_counter() - start
-        for row in rows:
-            row["groups"] = [group_of(row)]
         last_layers = list(range(max(store.num_layers - settings["last_n"], 0), store.num_layers))
-        singles = [r for r in rows if len(r["layers"]) == 1]
-        fusions = [r for r in rows if len(r["layers"]) > 1] or singles
-        info = {"pooling": pooling, "num_layers": store.num_layers, "dim": store.dim,
-                "decoder": bool(store.attrs["info"].get("decoder")),
-                "last": next(r for r in singles if r["layers"] == [store.num_layers - 1]),
-                "best_layer": choose(singles, candidate_key, evidence, rule),
-                "best_fusion": choose(fusions, candidate_key, evidence, rule),
-                "llmembed": next(r for r in rows if r["layers"] == last_layers and r["operator"] == "mean")}
+        singles = [r for r in rows if len(r.layers) == 1]
+        fusions = [r for r in rows if len(r.layers) > 1] or singles
+        info = ModelChoice(pooling=pooling, num_layers=store.num_layers, dim=store.dim,
+                           decoder=bool(store.attrs["info"].get("decoder")),
+                           last=next(r for r in singles if r.layers == [store.num_layers - 1]),
+                           best_layer=choose(singles, candidate_key, evidence, rule),
+                           best_fusion=choose(fusions, candidate_key, evidence, rule),
+                           llmembed=next(r for r in rows if r.layers == last_layers and r.operator == "mean"))
         per_model[model] = {"best layer": (singles, rule), "best fusion": (fusions, rule)}
         chosen[model] = info
         by_name = {c.name: c for c in candidates}
         contributions[model] = []
-        for key in ("best_layer", "best_fusion"):
-            candidate = by_name[info[key]["candidate"].split(":", 1)[1]]
-            if not any(r is info[key] for r, _ in contributions[model]):
-                contributions[model].append((info[key], scorer.features(candidate)))
+        for pick in (info.best_layer, info.best_fusion):
+            candidate = by_name[pick.candidate.split(":", 1)[1]]
+            if not any(r is pick for r, _ in contributions[model]):
+                contributions[model].append((pick, scorer.features(candidate)))
         folds = bank.folds
         timing[model] = {"candidates": len(rows), "load_seconds": round(load_seconds, 3),
                          "blocks_seconds": round(blocks_seconds, 3), "search_seconds": round(search_seconds, 3),
@@ -313,10 +313,10 @@ def search_dataset(store_root, dataset: str, models: list[str], scores: dict[str
     multi = (score_multi_model(contributions, folds, protocol, evidence)
              if settings["multi_model"] and len(models) > 1 else [])
     leaderboard = sort_leaderboard(leaderboard + multi)
-    strongest = max(models, key=lambda m: chosen[m]["last"]["score"])
-    references = {m: chosen[m]["last"]["candidate"] for m in models}
+    strongest = max(models, key=lambda m: chosen[m].last.score)
+    references = {m: chosen[m].last.candidate for m in models}
     annotate(leaderboard, candidate_key, evidence,
-             lambda row: references[row["models"][0]] if len(row["models"]) == 1 else references[strongest],
+             lambda row: references[row.models[0]] if len(row.models) == 1 else references[strongest],
              leaderboard[0])
     best_multi = choose(multi, candidate_key, evidence, rule) if multi else None
     overall = choose(leaderboard, candidate_key, evidence, rule)
@@ -325,11 +325,12 @@ def search_dataset(store_root, dataset: str, models: list[str], scores: dict[str
                   **{f"{m}: {label}": pair for m, sets in per_model.items() for label, pair in sets.items()}}
     drops = optimism(selections, candidate_key, evidence, seed=protocol.seed)   # one pass of halvings for all
     for model, sets in per_model.items():
-        chosen[model]["optimism"] = {label: drops.pop(f"{model}: {label}") for label in sets}
-    return {"dataset": dataset, "metric": protocol.metric, "protocol": protocol.name, "select_rule": rule,
-            "reference": {"models": references, "multi-model": references[strongest]},
-            "models": chosen, "best_multi": best_multi, "chosen": overall, "leader": leaderboard[0],
-            "optimism": drops, "leaderboard": leaderboard, "timing": timing, "bytes_read": bytes_read, EVIDENCE: evidence}
+        chosen[model].optimism = {label: drops.pop(f"{model}: {label}") for label in sets}
+    result = ChosenFusion(dataset=dataset, metric=protocol.metric, protocol=protocol.name, select_rule=rule,
+                          reference={"models": references, "multi-model": references[strongest]}, models=chosen,
+                          best_multi=best_multi, chosen=overall, leader=leaderboard[0], optimism=drops, timing=timing,
+                          bytes_read=bytes_read)
+    return SearchResult(result, leaderboard, evidence)
 
 
 def load_bank_for(store, pooling: str, protocol: Protocol, keep_standardised: bool, model: str) -> LayerBank:

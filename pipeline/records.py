@@ -1,8 +1,8 @@
 """Typed result records: what the score, fuse and train stages write and the report reads.
 
-Each record is a dataclass whose fields are exactly the keys of its JSON object on disk (same names,
-same order), so `to_json` writes the files the stages always wrote and `from_json` reads them back,
-refusing a missing or unknown key with a ResultFileError that names the file, the place in it and the key.
+Each record is a dataclass whose fields are exactly the keys of its JSON object on disk, so `to_json` writes
+the keys the stages always wrote and `from_json` reads them back, refusing a missing or unknown key with a
+ResultFileError that names the file, the place in it and the key.
 Nested records (a leaderboard row inside the chosen fusion) are converted by their field types.
 
 Fields that only some rows carry (the scalar-mix head's layer weights) are `optional`: left out of the
@@ -130,26 +130,19 @@ def read_records(path: Path, cls: type[R]) -> list[R]:
     return [cls.from_json(row, f"{path}[{i}]") for i, row in enumerate(data)]
 
 
-# -- score stage: store/scores/<dataset>/<model>/scores.json -----------------------------------------------
-@dataclass
-class ScoreRow(Record):
-    """The probe on one pooling x layer of one model (an entry of scores.json's `rows`)."""
-    model: str
-    pooling: str
-    layer: int
-    layers: list[int]
-    models: list[str]
-    width: int
-    relative_depth: float
+# -- probe rows: the score stage's layers and the fuse stage's candidates -----------------------------------
+@dataclass(kw_only=True)
+class ProbeRow(Record):
+    """The probe's figures of one candidate (a layer, or a fusion of layers) and its paired comparisons."""
     accuracy: float
     accuracy_std: float
     macro_f1: float
     macro_f1_std: float
     alpha: float
-    score: float
+    score: float                                # the metric the rules choose by (accuracy or macro_f1)
     std: float
     seconds: float
-    vs_reference: float | None = None           # pipeline.selection.annotate: against the last layer
+    vs_reference: float | None = None           # pipeline.selection.annotate: against the reference
     vs_reference_se: float | None = None
     vs_reference_low: float | None = None
     vs_reference_high: float | None = None
@@ -158,6 +151,20 @@ class ScoreRow(Record):
     vs_leader_low: float | None = None
     vs_leader_high: float | None = None
     within_one_se: bool | None = None
+
+
+# -- score stage: store/scores/<dataset>/<model>/scores.json -----------------------------------------------
+@dataclass(kw_only=True)
+class ScoreRow(ProbeRow):
+    """The probe on one pooling x layer of one model (an entry of scores.json's `rows`); its reference is the
+    last layer."""
+    model: str
+    pooling: str
+    layer: int
+    layers: list[int]
+    models: list[str]
+    width: int
+    relative_depth: float
 
 
 ROW_ENTRIES = ("best", "last", "reference", "chosen")      # scores.json entries that are one ScoreRow
@@ -186,10 +193,11 @@ def read_scores(path: Path) -> dict[str, Any]:
 
 
 # -- fuse stage: store/fusion/<dataset>/{leaderboard,chosen}.json --------------------------------------------
-@dataclass
-class LeaderboardRow(Record):
+@dataclass(kw_only=True)
+class LeaderboardRow(ProbeRow):
     """One fusion candidate's probe score. Within one model: `layers` a list of layers, `pooling` one pooling;
-    across models (family multi-model): one list of layers and one pooling per model."""
+    across models (family multi-model): one list of layers and one pooling per model. Its reference is the
+    model's last layer (multi-model: the strongest model's)."""
     candidate: str
     family: str
     operator: str
@@ -197,24 +205,7 @@ class LeaderboardRow(Record):
     models: list[str]
     pooling: Any
     width: int
-    accuracy: float
-    accuracy_std: float
-    macro_f1: float
-    macro_f1_std: float
-    alpha: float
-    score: float
-    std: float
-    seconds: float
     groups: list[dict[str, Any]]                # head input groups: model, pooling, layers, operator
-    vs_reference: float | None = None           # against the model's last layer (multi-model: the strongest's)
-    vs_reference_se: float | None = None
-    vs_reference_low: float | None = None
-    vs_reference_high: float | None = None
-    vs_leader: float | None = None              # against the top of the leaderboard
-    vs_leader_se: float | None = None
-    vs_leader_low: float | None = None
-    vs_leader_high: float | None = None
-    within_one_se: bool | None = None
 
 
 @dataclass

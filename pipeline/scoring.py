@@ -21,6 +21,7 @@ from pipeline.layer_agreement import layer_scores
 from pipeline.layer_geometry import sample_rows
 from pipeline.probe import (Folds, Protocol, evaluate_features, held_out_labels, make_folds, single_thread,
                             standardise_stats)
+from pipeline.records import ScoreRow
 from pipeline.selection import RULES, Evidence, annotate, choose, optimism
 from pipeline.store import EmbeddingStore
 
@@ -113,7 +114,7 @@ def relative_depth(layer: int, num_layers: int) -> float:
 
 
 def probe_layers(store: EmbeddingStore, protocol: Protocol, model: str, poolings: list[str] | None = None,
-                 sample: np.ndarray | None = None) -> tuple[list[dict[str, Any]], Evidence, int, LayerBank]:
+                 sample: np.ndarray | None = None) -> tuple[list[ScoreRow], Evidence, int, LayerBank]:
     """The probe's score of every pooling x layer, the held-out predictions behind them, bytes read, and the
     bank of the pooling with the top score (kept for the layer scores of pipeline/layer_agreement.py)."""
     rows, evidence, bytes_read, kept, top = [], None, 0, None, -np.inf
@@ -126,37 +127,38 @@ def probe_layers(store: EmbeddingStore, protocol: Protocol, model: str, poolings
         for j, layer in enumerate(bank.layers):
             t = time.perf_counter()
             result = evidence.add((pooling, layer), evaluate_features(bank.F[:, j], bank.folds, protocol))
-            rows.append({"model": model, "pooling": pooling, "layer": layer, "layers": [layer], "models": [model],
-                         "width": store.dim, "relative_depth": round(relative_depth(layer, store.num_layers), 4),
-                         **result, "seconds": round(time.perf_counter() - t, 4)})
-        if max(r["score"] for r in rows if r["pooling"] == pooling) > top:
-            kept, top = bank, max(r["score"] for r in rows if r["pooling"] == pooling)
+            rows.append(ScoreRow(model=model, pooling=pooling, layer=layer, layers=[layer], models=[model],
+                                 width=store.dim, relative_depth=round(relative_depth(layer, store.num_layers), 4),
+                                 **result, seconds=round(time.perf_counter() - t, 4)))
+        if max(r.score for r in rows if r.pooling == pooling) > top:
+            kept, top = bank, max(r.score for r in rows if r.pooling == pooling)
         del bank
     return rows, evidence, bytes_read, kept
 
 
-def layer_key(row: dict[str, Any]) -> tuple[str, int]:
-    return row["pooling"], row["layer"]
+def layer_key(row: ScoreRow) -> tuple[str, int]:
+    return row.pooling, row.layer
 
 
 def score_layers(store: EmbeddingStore, protocol: Protocol, model: str, poolings: list[str] | None = None,
                  geometry_rows: int = 1000, importance_rows: int = 8192) -> dict[str, Any]:
     """Every pooling x layer scored, each against the last layer (its best pooling) with a paired 95%
     interval; the best pooling, the ranking of its layers, and the layer the selection rule picks; for the
-    best pooling, label-free and gradient layer scores and their agreement with the probe (0 rows: off)."""
+    best pooling, label-free and gradient layer scores and their agreement with the probe (0 rows: off).
+    Rows are ScoreRow records (records.scores_to_json gives the JSON of scores.json)."""
     start = time.perf_counter()
     sample = sample_rows(store.num_rows("train"), geometry_rows, protocol.seed) if geometry_rows else None
     rows, evidence, bytes_read, bank = probe_layers(store, protocol, model, poolings, sample)
     by_pooling = {}
     for row in rows:
-        best = by_pooling.get(row["pooling"])
-        if best is None or row["score"] > best["score"]:
-            by_pooling[row["pooling"]] = row
-    best_pooling = max(by_pooling, key=lambda p: by_pooling[p]["score"])
-    ranking = sorted((r for r in rows if r["pooling"] == best_pooling), key=lambda r: -r["score"])
+        best = by_pooling.get(row.pooling)
+        if best is None or row.score > best.score:
+            by_pooling[row.pooling] = row
+    best_pooling = max(by_pooling, key=lambda p: by_pooling[p].score)
+    ranking = sorted((r for r in rows if r.pooling == best_pooling), key=lambda r: -r.score)
     last_layer = store.num_layers - 1
-    last = next(r for r in rows if r["pooling"] == best_pooling and r["layer"] == last_layer)
-    reference = max((r for r in rows if r["layer"] == last_layer), key=lambda r: r["score"])
+    last = next(r for r in rows if r.pooling == best_pooling and r.layer == last_layer)
+    reference = max((r for r in rows if r.layer == last_layer), key=lambda r: r.score)
     annotate(rows, layer_key, evidence, lambda _: layer_key(reference), ranking[0])
     rule = protocol.select_rule
     chosen = choose(ranking, layer_key, evidence, rule)
@@ -164,11 +166,11 @@ def score_layers(store: EmbeddingStore, protocol: Protocol, model: str, poolings
         "model": model, "num_layers": store.num_layers, "dim": store.dim, "decoder": bool(store.attrs["info"].get("decoder")),
         "protocol": protocol.__dict__ | {"alphas": list(protocol.alphas)}, "splits_read": list(probe_splits(protocol)),
         "metric": protocol.metric, "best_pooling": best_pooling,
-        "best_layer_per_pooling": {p: r["layer"] for p, r in by_pooling.items()},
-        "ranking": [r["layer"] for r in ranking], "best": ranking[0], "last": last, "reference": reference,
+        "best_layer_per_pooling": {p: r.layer for p, r in by_pooling.items()},
+        "ranking": [r.layer for r in ranking], "best": ranking[0], "last": last, "reference": reference,
         "select_rule": rule, "chosen": chosen,
         "optimism": optimism({f"best layer ({r})": (ranking, r) for r in RULES}, layer_key, evidence, seed=protocol.seed),
         "rows": rows, "bytes_read": bytes_read,
-        **layer_scores(bank, [r for r in rows if r["pooling"] == best_pooling], importance_rows, protocol.seed),
+        **layer_scores(bank, [r for r in rows if r.pooling == best_pooling], importance_rows, protocol.seed),
         "seconds": round(time.perf_counter() - start, 3),
     }

@@ -20,14 +20,17 @@ from __future__ import annotations
 import functools
 
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable
+from typing import Any, Callable, Hashable, TypeVar
 
 import numpy as np
 import torch
 
 from pipeline.probe import ALPHA_INDEX, PREDICTIONS, accuracy_f1, resampled_metric, single_thread
+from pipeline.records import LeaderboardRow, ScoreRow
 
 RULES = ("best", "one_se")
+ChoosableRow = ScoreRow | LeaderboardRow     # rows the rules choose among: a layer, or a fusion candidate
+C = TypeVar("C", ScoreRow, LeaderboardRow)
 
 
 def one_thread(function):
@@ -116,22 +119,22 @@ class Evidence:
         return sub
 
 
-def simplicity(row: dict[str, Any]) -> tuple:
+def simplicity(row: ChoosableRow) -> tuple:
     """Sort key of the one-SE rule: fewer layers, fewer models, narrower, then better."""
-    layers = row["layers"]
+    layers = row.layers
     flat = [l for part in layers for l in part] if layers and isinstance(layers[0], list) else list(layers)
-    return len(flat), len(row["models"]), row["width"], -row["score"]
+    return len(flat), len(row.models), row.width, -row.score
 
 
 @one_thread
-def choose(rows: list[dict[str, Any]], key: Callable[[dict[str, Any]], Hashable], evidence: Evidence,
-           rule: str, score: Callable[[dict[str, Any]], float] | None = None) -> dict[str, Any]:
+def choose(rows: list[C], key: Callable[[C], Hashable], evidence: Evidence,
+           rule: str, score: Callable[[C], float] | None = None) -> C:
     """The row the rule picks. `score` defaults to the row's probe score; the paired standard error to
     the leader decides who is within reach of it."""
     if rule not in RULES:
         raise ValueError(f"unknown selection rule {rule!r}; rules are {list(RULES)}")
-    score = score or (lambda row: row["score"])
-    leader = min(rows, key=lambda r: (-score(r), r["width"], len(str(r["layers"]))))
+    score = score or (lambda row: row.score)
+    leader = min(rows, key=lambda r: (-score(r), r.width, len(str(r.layers))))
     if rule == "best":
         return leader
     top = score(leader)
@@ -140,13 +143,14 @@ def choose(rows: list[dict[str, Any]], key: Callable[[dict[str, Any]], Hashable]
 
 
 @one_thread
-def annotate(rows: list[dict[str, Any]], key: Callable[[dict[str, Any]], Hashable], evidence: Evidence,
-             reference: Callable[[dict[str, Any]], Hashable], leader: dict[str, Any]) -> None:
-    """Add to each row its paired difference to its reference (with 95% interval) and to the leader."""
+def annotate(rows: list[C], key: Callable[[C], Hashable], evidence: Evidence,
+             reference: Callable[[C], Hashable], leader: C) -> None:
+    """Fill in each row's paired difference to its reference (with 95% interval) and to the leader."""
     for row in rows:
-        row.update(evidence.compare(key(row), reference(row)).as_dict("vs_reference"))
-        row.update(evidence.compare(key(row), key(leader)).as_dict("vs_leader"))
-        row["within_one_se"] = bool(-row["vs_leader"] <= row["vs_leader_se"])
+        for name, value in {**evidence.compare(key(row), reference(row)).as_dict("vs_reference"),
+                            **evidence.compare(key(row), key(leader)).as_dict("vs_leader")}.items():
+            setattr(row, name, value)
+        row.within_one_se = bool(-row.vs_leader <= row.vs_leader_se)
 
 
 def stratified_halves(y: torch.Tensor, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -160,7 +164,7 @@ def stratified_halves(y: torch.Tensor, seed: int) -> tuple[np.ndarray, np.ndarra
 
 
 @one_thread
-def optimism(selections: dict[str, tuple[list[dict[str, Any]], str]], key: Callable[[dict[str, Any]], Hashable],
+def optimism(selections: dict[str, tuple[list[C], str]], key: Callable[[C], Hashable],
              evidence: Evidence, splits: int = 5, seed: int = 0) -> dict[str, dict[str, Any]]:
     """For each named selection (its candidate rows, its rule): the mean score of the choice on the half of
     the rows that chose it, on the fresh half, and the drop, over `splits` seeded halvings both ways round."""

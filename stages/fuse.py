@@ -11,8 +11,9 @@ from pathlib import Path
 
 from pipeline.atomic import staged_folder, write_json_atomic, write_text_atomic
 from pipeline.config import load_params
-from pipeline.fusion import EVIDENCE, fuse_settings, search_dataset
+from pipeline.fusion import fuse_settings, search_dataset
 from pipeline.probe import protocol_from_params
+from pipeline.records import LeaderboardRow, read_scores
 from stages import run_stage, stage_parser
 
 COLUMNS = ["rank", "candidate", "family", "operator", "layers", "models", "pooling", "width", "score", "std",
@@ -20,15 +21,16 @@ COLUMNS = ["rank", "candidate", "family", "operator", "layers", "models", "pooli
            "vs_reference_high", "vs_leader", "vs_leader_se", "within_one_se", "alpha", "seconds"]
 
 
-def leaderboard_csv(rows) -> str:
+def leaderboard_csv(rows: list[LeaderboardRow]) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for rank, row in enumerate(rows, 1):
-        writer.writerow({**row, "rank": rank, "layers": json.dumps(row["layers"]), "models": "+".join(row["models"]),
-                         "pooling": json.dumps(row["pooling"]) if isinstance(row["pooling"], list) else row["pooling"],
-                         **{k: round(row[k], 5) for k in ("score", "std", "accuracy", "accuracy_std", "macro_f1",
-                                                          "macro_f1_std")}})
+        fields = row.to_json()
+        writer.writerow({**fields, "rank": rank, "layers": json.dumps(row.layers), "models": "+".join(row.models),
+                         "pooling": json.dumps(row.pooling) if isinstance(row.pooling, list) else row.pooling,
+                         **{k: round(fields[k], 5) for k in ("score", "std", "accuracy", "accuracy_std", "macro_f1",
+                                                             "macro_f1_std")}})
     return buffer.getvalue()
 
 
@@ -39,24 +41,24 @@ def main() -> None:
     start = time.perf_counter()
     params = load_params(args.params, datasets=[args.dataset])
     protocol, settings = protocol_from_params(params.score), fuse_settings(params.fuse)
-    scores = {m: json.loads((Path(params.store) / "scores" / args.dataset / m / "scores.json").read_text())
+    scores = {m: read_scores(Path(params.store) / "scores" / args.dataset / m / "scores.json")
               for m in params.selected_models}
-    result = search_dataset(params.store, args.dataset, params.selected_models, scores, protocol, settings)
+    search = search_dataset(params.store, args.dataset, params.selected_models, scores, protocol, settings)
     out = Path(params.store) / "fusion" / args.dataset
-    result["stage_seconds"] = round(time.perf_counter() - start, 3)
-    result["note"] = ("within-model candidates use each model's best pooling on validation "
-                      "(score stage); scores are the probe's, on " +
-                      ("validation" if protocol.name == "validation" else f"{protocol.folds}-fold CV of train"))
+    result = search.chosen
+    result.stage_seconds = round(time.perf_counter() - start, 3)
+    result.note = ("within-model candidates use each model's best pooling on validation "
+                   "(score stage); scores are the probe's, on " +
+                   ("validation" if protocol.name == "validation" else f"{protocol.folds}-fold CV of train"))
     with staged_folder(out) as staged:      # leaderboard and choice replace the old ones in one step
-        write_text_atomic(staged / "leaderboard.csv", leaderboard_csv(result["leaderboard"]))
-        write_json_atomic(staged / "leaderboard.json", result["leaderboard"])
-        write_json_atomic(staged / "chosen.json", {k: v for k, v in result.items() if k not in ("leaderboard", EVIDENCE)})
-    for model, t in result["timing"].items():
+        write_text_atomic(staged / "leaderboard.csv", leaderboard_csv(search.leaderboard))
+        write_json_atomic(staged / "leaderboard.json", [row.to_json() for row in search.leaderboard])
+        write_json_atomic(staged / "chosen.json", result.to_json())
+    for model, t in result.timing.items():
         print(f"fuse {args.dataset} x {model}: {t['candidates']} candidates in {t['search_seconds']:.1f}s "
               f"= {t['candidates_per_s']:.1f} candidates/s")
-    chosen = result["chosen"]
-    print(f"fuse {args.dataset}: chosen {chosen['candidate']} ({protocol.metric} {chosen['score']:.4f}); "
-          f"stage {result['stage_seconds']:.1f}s")
+    print(f"fuse {args.dataset}: chosen {result.chosen.candidate} ({protocol.metric} {result.chosen.score:.4f}); "
+          f"stage {result.stage_seconds:.1f}s")
 
 
 if __name__ == "__main__":

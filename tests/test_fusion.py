@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from pipeline.config import FuseSettings
 from pipeline.fusion import (BlockScorer, Candidate, build_candidates, fuse_settings,
                              search_dataset)
 from pipeline.probe import Protocol, evaluate_features
+from pipeline.records import ChosenFusion, LeaderboardRow
 from pipeline.scoring import load_bank, score_layers
 from pipeline.store import open_store
 
@@ -45,8 +48,8 @@ def test_block_statistics_equal_explicit_features(tmp_path, protocol):
         assert blocks["alpha"] == explicit["alpha"]
     # the single-layer candidate reproduces the score stage's number exactly
     scores = score_layers(store, protocol, "toy-enc", poolings=["mean"])
-    row = next(r for r in scores["rows"] if r["layer"] == 3)
-    assert scorer.score(Candidate((3,), "mean", "single"))["score"] == pytest.approx(row["score"])
+    row = next(r for r in scores["rows"] if r.layer == 3)
+    assert scorer.score(Candidate((3,), "mean", "single"))["score"] == pytest.approx(row.score)
     # max of standardised layers really is an elementwise max
     Z = bank.Z.float()
     assert torch.allclose(scorer.features(Candidate((2, 3), "max", "pair")),
@@ -62,12 +65,17 @@ def test_search_across_models_without_reading_test(tmp_path):
     protocol = Protocol(name="validation", rank=8)
     scores = {m: score_layers(open_store(tmp_path, m, "toy"), protocol, m) for m in ("enc-a", "dec-b")}
     settings = fuse_settings(FuseSettings(top_k=3))
-    result = search_dataset(tmp_path, "toy", ["enc-a", "dec-b"], scores, protocol, settings)
-    board = result["leaderboard"]
-    assert [r["score"] for r in board] == sorted((r["score"] for r in board), reverse=True)
-    multi = [r for r in board if r["family"] == "multi-model"]
+    search = search_dataset(tmp_path, "toy", ["enc-a", "dec-b"], scores, protocol, settings)
+    board, result = search.leaderboard, search.chosen
+    assert [r.score for r in board] == sorted((r.score for r in board), reverse=True)
+    multi = [r for r in board if r.family == "multi-model"]
     assert len(multi) == 4                                             # 2 x 2 contribution choices
-    assert result["best_multi"]["score"] >= max(result["models"][m]["best_layer"]["score"] for m in scores)
-    assert result["models"]["dec-b"]["decoder"] is True
-    assert result["models"]["dec-b"]["llmembed"]["layers"] == [2, 3, 4, 5, 6]
-    assert all(t["candidates_per_s"] > 0 for t in result["timing"].values())
+    assert multi[0].groups == [result.models[m].best_layer.groups[0] if len(layers) == 1 else
+                               result.models[m].best_fusion.groups[0] for m, layers in zip(multi[0].models, multi[0].layers)]
+    assert result.best_multi.score >= max(result.models[m].best_layer.score for m in scores)
+    assert result.models["dec-b"].decoder is True
+    assert result.models["dec-b"].llmembed.layers == [2, 3, 4, 5, 6]
+    assert all(t["candidates_per_s"] > 0 for t in result.timing.values())
+    # chosen.json and leaderboard.json round-trip through their records
+    assert ChosenFusion.from_json(json.loads(json.dumps(result.to_json()))) == result
+    assert [LeaderboardRow.from_json(r.to_json()) for r in board] == board

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from _stage2_store import make_store, remove_test_split
 from pipeline.probe import Protocol, evaluate_features, make_folds, metrics
+from pipeline.records import ScoreRow, scores_from_json, scores_to_json
 from pipeline.scoring import score_layers
 from pipeline.store import open_store
 
@@ -48,11 +51,12 @@ def test_scores_find_the_planted_layer_and_never_read_test(tmp_path):
         store.layer("test", "mean", 0)
     for protocol in (Protocol(name="validation", rank=8), Protocol(name="cv", folds=4, rank=8)):
         result = score_layers(store, protocol, "toy-enc")
-        assert result["best"]["layer"] == 2, result["ranking"]
+        assert result["best"].layer == 2, result["ranking"]
         assert result["splits_read"] == (["train", "validation"] if protocol.name == "validation" else ["train"])
-        assert len(result["rows"]) == 2 * 6
-        assert result["best"]["score"] > result["last"]["score"]
-        assert 0 < result["best"]["std"] < 0.2
+        assert len(result["rows"]) == 2 * 6 and all(isinstance(r, ScoreRow) for r in result["rows"])
+        assert result["best"].score > result["last"].score
+        assert 0 < result["best"].std < 0.2
+        assert scores_from_json(json.loads(json.dumps(scores_to_json(result))), "scores.json") == result
 
 
 def test_cv_solver_matches_a_direct_solve_per_fold():

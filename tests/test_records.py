@@ -35,7 +35,8 @@ def head_result(**extra) -> HeadResult:
 
 
 def test_records_round_trip_through_json_text():
-    score = ScoreRow("m", "mean", 3, [3], ["m"], 16, 0.6, **PROBE, seconds=0.01, vs_reference=0.05,
+    score = ScoreRow(model="m", pooling="mean", layer=3, layers=[3], models=["m"], width=16, relative_depth=0.6,
+                     **PROBE, seconds=0.01, vs_reference=0.05,
                      vs_reference_se=0.01, vs_reference_low=0.03, vs_reference_high=0.07, vs_leader=0.0,
                      vs_leader_se=0.0, vs_leader_low=0.0, vs_leader_high=0.0, within_one_se=True)
     results = HeadResults("toy", [head_result(), head_result(layer_weights=[0.5, 0.5], layer_weights_std=[0.0, 0.0])],
@@ -64,7 +65,7 @@ def test_a_missing_or_unknown_key_is_refused_naming_the_file_and_key(tmp_path):
         read_record(path, ChosenFusion)
     board = tmp_path / "leaderboard.json"
     board.write_text(json.dumps([leaderboard_row("L3", [3]).to_json(), {"candidate": "m:L1"}]))
-    with pytest.raises(ResultFileError, match=r"leaderboard\.json\[1\]: missing key 'family'"):
+    with pytest.raises(ResultFileError, match=r"leaderboard\.json\[1\]: missing key 'accuracy'"):
         read_records(board, LeaderboardRow)
 
 

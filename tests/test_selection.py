@@ -12,6 +12,7 @@ import torch
 from sklearn.metrics import f1_score
 
 from pipeline.probe import Protocol, resampled_metric
+from pipeline.records import LeaderboardRow
 from pipeline.scoring import score_layers
 from pipeline.selection import Evidence, choose, stratified_halves
 from pipeline.significance import TestRows, add_test_uncertainty
@@ -126,20 +127,28 @@ def test_one_se_on_a_store_with_a_planted_near_tie(tmp_path):
         results[rule] = (scores["toy"], search_dataset(tmp_path, "tie", ["toy"], scores, protocol,
                                                        fuse_settings(FuseSettings(top_k=3))))
     layers, search = results["one_se"]
-    rows = {r["layer"]: r for r in layers["rows"]}
-    assert rows[1]["within_one_se"] and rows[4]["within_one_se"]                      # the planted near-tie
-    assert not rows[2]["within_one_se"] and not rows[0]["within_one_se"]
-    assert {layers["chosen"]["layer"], results["best"][0]["chosen"]["layer"]} == {layers["best"]["layer"]}
-    assert rows[4]["vs_reference_low"] > 0                                            # beats the last layer (5)
-    board = search["leaderboard"]
-    leader, pick = board[0], search["chosen"]
-    assert results["best"][1]["chosen"]["candidate"] == leader["candidate"]
-    within = [r for r in board if r["within_one_se"]]
+    rows = {r.layer: r for r in layers["rows"]}
+    assert rows[1].within_one_se and rows[4].within_one_se                            # the planted near-tie
+    assert not rows[2].within_one_se and not rows[0].within_one_se
+    assert {layers["chosen"].layer, results["best"][0]["chosen"].layer} == {layers["best"].layer}
+    assert rows[4].vs_reference_low > 0                                              # beats the last layer (5)
+    board = search.leaderboard
+    leader, pick = board[0], search.chosen.chosen
+    assert results["best"][1].chosen.chosen.candidate == leader.candidate
+    within = [r for r in board if r.within_one_se]
     assert pick in within and simplicity(pick) == min(simplicity(r) for r in within)
     assert len(within) > 1 and simplicity(pick) < simplicity(leader)                 # a simpler near-tie exists
-    best_half, se_half = search["optimism"]["overall (best)"], search["optimism"]["overall"]
+    best_half, se_half = search.chosen.optimism["overall (best)"], search.chosen.optimism["overall"]
     assert best_half["score_choosing_half"] >= se_half["score_choosing_half"]      # best maximises that half
     assert best_half["drop"] == pytest.approx(best_half["score_choosing_half"] - best_half["score_fresh_half"], abs=2e-5)
+
+
+def board_row(name: str, score: float, layers: list[int], model: str = "m") -> LeaderboardRow:
+    """A leaderboard row of one model's mean pooling with the given score (other probe figures zero)."""
+    return LeaderboardRow(candidate=name, family="single", operator="mean", layers=layers, models=[model],
+                          pooling="mean", width=8 * len(layers), accuracy=score, accuracy_std=0.0, macro_f1=score,
+                          macro_f1_std=0.0, alpha=1.0, score=score, std=0.0, seconds=0.0,
+                          groups=[{"model": model, "pooling": "mean", "layers": layers, "operator": "mean"}])
 
 
 def test_one_se_takes_the_simpler_candidate_within_one_paired_se():
@@ -156,19 +165,18 @@ def test_one_se_takes_the_simpler_candidate_within_one_paired_se():
     rows = []
     for name, pred, layers in (("pair", leader, [1, 4]), ("near", near, [4]), ("weak", weak, [2])):
         evidence.add(name, {"_predictions": pred[None].to(torch.int16), "_alpha_index": 0})
-        rows.append({"candidate": name, "score": evidence.value(name), "width": 8 * len(layers), "layers": layers,
-                     "models": ["m"]})
-    key = lambda r: r["candidate"]                             # noqa: E731
+        rows.append(board_row(name, evidence.value(name), layers))
+    key = lambda r: r.candidate                                # noqa: E731
     assert evidence.se("pair", "near") == pytest.approx(0.0145, abs=0.002)
-    assert choose(rows, key, evidence, "best")["candidate"] == "pair"
-    assert choose(rows, key, evidence, "one_se")["candidate"] == "near"
-    assert choose([rows[0], rows[2]], key, evidence, "one_se")["candidate"] == "pair"      # 10 points: outside
+    assert choose(rows, key, evidence, "best").candidate == "pair"
+    assert choose(rows, key, evidence, "one_se").candidate == "near"
+    assert choose([rows[0], rows[2]], key, evidence, "one_se").candidate == "pair"      # 10 points: outside
 
 
 def test_choose_refuses_an_unknown_rule():
     evidence = Evidence(torch.from_numpy(Y), 3, "accuracy")
     with pytest.raises(ValueError, match="unknown selection rule"):
-        choose([{"score": 1.0, "width": 1, "layers": [0], "models": ["m"]}], lambda r: "k", evidence, "median")
+        choose([board_row("k", 1.0, [0])], lambda r: "k", evidence, "median")
 
 
 def test_multi_model_rows_are_tested_against_the_best_single_model():
@@ -216,7 +224,7 @@ def test_the_audit_judges_both_protocols_and_rules_on_test(tmp_path):
     # the judge's test score of a single layer is the probe fitted on train and scored on test, by hand
     store = open_store(tmp_path, "enc-a", "toy")
     judge = TestJudge(tmp_path, "toy", protocol)
-    row = {"candidate": "enc-a:L4", "groups": [{"model": "enc-a", "pooling": "mean", "layers": [4], "operator": "mean"}]}
+    row = board_row("enc-a:L4", 0.0, [4], model="enc-a")
     bank, _ = judge._scorer("enc-a", "mean")
     folds = make_folds(store.labels("train"), store.labels("test"), dataclasses.replace(protocol, name="validation"), 2)
     assert torch.equal(bank.folds.y, folds.y)
