@@ -82,6 +82,11 @@ def _dump(value: Any) -> Any:
     return value
 
 
+def as_json(value: Any) -> Any:
+    """A value holding records (scores.json's dict of ScoreRow, a list of rows) as plain JSON values."""
+    return _dump(value)
+
+
 def _record_type(hint: Any) -> type[Record] | None:
     return hint if isinstance(hint, type) and issubclass(hint, Record) else None
 
@@ -170,9 +175,6 @@ class ScoreRow(ProbeRow):
 ROW_ENTRIES = ("best", "last", "reference", "chosen")      # scores.json entries that are one ScoreRow
 
 
-def scores_to_json(result: dict[str, Any]) -> dict[str, Any]:
-    """The score stage's result (its rows as records) as the JSON of scores.json."""
-    return _dump(result)
 
 
 def scores_from_json(data: Any, source: str) -> dict[str, Any]:

@@ -145,7 +145,7 @@ def score_layers(store: EmbeddingStore, protocol: Protocol, model: str, poolings
     """Every pooling x layer scored, each against the last layer (its best pooling) with a paired 95%
     interval; the best pooling, the ranking of its layers, and the layer the selection rule picks; for the
     best pooling, label-free and gradient layer scores and their agreement with the probe (0 rows: off).
-    Rows are ScoreRow records (records.scores_to_json gives the JSON of scores.json)."""
+    Rows are ScoreRow records (records.as_json gives the JSON of scores.json)."""
     start = time.perf_counter()
     sample = sample_rows(store.num_rows("train"), geometry_rows, protocol.seed) if geometry_rows else None
     rows, evidence, bytes_read, bank = probe_layers(store, protocol, model, poolings, sample)

@@ -12,7 +12,7 @@ from pipeline.plots import plot_layer_scores, write_layer_csv
 from pipeline.scoring import score_layers
 from pipeline.store import open_store
 from pipeline.atomic import staged_folder, write_json_atomic
-from pipeline.records import scores_to_json
+from pipeline.records import as_json
 from stages import run_stage, stage_parser
 
 
@@ -33,7 +33,7 @@ def main() -> None:
     with staged_folder(out) as staged:      # the three files replace the old three in one step
         write_layer_csv(staged / "layers.csv", result)
         plot_layer_scores(staged / "layers.png", {args.model: result}, title=f"{args.model} on {args.dataset}")
-        write_json_atomic(staged / "scores.json", scores_to_json(result))
+        write_json_atomic(staged / "scores.json", as_json(result))
     best, last = result["best"], result["last"]
     print(f"score {args.model} x {args.dataset}: best pooling {result['best_pooling']}, best layer {best.layer} "
           f"({protocol.metric} {best.score:.4f}) vs last layer {last.layer} ({last.score:.4f}); "

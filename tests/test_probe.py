@@ -10,7 +10,7 @@ import torch
 
 from _stage2_store import make_store, remove_test_split
 from pipeline.probe import Protocol, evaluate_features, make_folds, metrics
-from pipeline.records import ScoreRow, scores_from_json, scores_to_json
+from pipeline.records import ScoreRow, scores_from_json, as_json
 from pipeline.scoring import score_layers
 from pipeline.store import open_store
 
@@ -56,7 +56,7 @@ def test_scores_find_the_planted_layer_and_never_read_test(tmp_path):
         assert len(result["rows"]) == 2 * 6 and all(isinstance(r, ScoreRow) for r in result["rows"])
         assert result["best"].score > result["last"].score
         assert 0 < result["best"].std < 0.2
-        assert scores_from_json(json.loads(json.dumps(scores_to_json(result))), "scores.json") == result
+        assert scores_from_json(json.loads(json.dumps(as_json(result))), "scores.json") == result
 
 
 def test_cv_solver_matches_a_direct_solve_per_fold():

@@ -1,0 +1,118 @@
+"""The report from a small real Stage 2 run (score, fuse, train on synthetic stores): built from per-section
+functions over the result records, it shows every head's test figures and the choices; a damaged result
+file is refused by name."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from _stage2_store import make_store
+from pipeline.atomic import write_json_atomic
+from pipeline.config import FuseSettings, TrainSettings
+from pipeline.fusion import fuse_settings, search_dataset
+from pipeline.probe import Protocol
+from pipeline.records import ChosenFusion, HeadResults, ResultFileError, as_json, read_record
+from pipeline.report import heads_section, load_dataset, write_report
+from pipeline.resources import resources_of
+from pipeline.scoring import score_layers
+from pipeline.store import open_store
+from pipeline.training import quiet_lightning, train_dataset, train_settings
+
+MODELS = ["enc-a", "dec-b"]
+
+
+@pytest.fixture(scope="module")
+def stage2(tmp_path_factory) -> Path:
+    """store/{scores,fusion,heads}/toy as the stages write them: two models, linear and scalar-mix heads."""
+    root = tmp_path_factory.mktemp("report") / "store"
+    make_store(root, "enc-a", num_layers=4, best_layer=2, signal_dims=slice(0, 2), seed=1)
+    make_store(root, "dec-b", num_layers=5, best_layer=3, signal_dims=slice(2, 4), seed=2, decoder=True)
+    protocol = Protocol(name="validation", rank=8, bootstrap=100)
+    scores = {}
+    for model in MODELS:
+        scores[model] = score_layers(open_store(root, model, "toy"), protocol, model, geometry_rows=100,
+                                     importance_rows=200) | {"dataset": "toy", "stage_seconds": 1.5}
+        write_json_atomic(root / "scores" / "toy" / model / "scores.json", as_json(scores[model]))
+    search = search_dataset(root, "toy", MODELS, scores, protocol, fuse_settings(FuseSettings(top_k=3)))
+    search.chosen.stage_seconds, search.chosen.note = 2.5, "a note on the search"
+    write_json_atomic(root / "fusion" / "toy" / "leaderboard.json", as_json(search.leaderboard))
+    write_json_atomic(root / "fusion" / "toy" / "chosen.json", search.chosen.to_json())
+    quiet_lightning()
+    settings = train_settings(TrainSettings(seeds=(0, 1), max_epochs=2, patience=1, batch_size=64,
+                                            heads=("linear", "scalar_mix")))
+    chosen = json.loads((root / "fusion" / "toy" / "chosen.json").read_text())
+    heads = train_dataset(root, "toy", chosen, settings, root / "heads" / "toy")
+    heads = as_json(heads)
+    heads["stage_seconds"] = 3.5
+    write_json_atomic(root / "heads" / "toy" / "results.json", heads)
+    write_json_atomic(root / "heads" / "toy" / "resources.json", resources_of(root, "toy", MODELS))
+    return root
+
+
+def render(store: Path, out: Path) -> tuple[str, dict]:
+    params = SimpleNamespace(store=str(store), selected_datasets=["toy"], selected_models=MODELS)
+    path = write_report(params, out)
+    return path.read_text(), json.loads((out / "metrics.json").read_text())
+
+
+def test_the_report_shows_every_head_and_every_choice(stage2, tmp_path):
+    text, metrics = render(stage2, tmp_path / "reports")
+    data = load_dataset(stage2, "toy", MODELS)
+    results = data.heads.results
+    assert {r.kind for r in results} >= {"last", "best_layer", "best_fusion", "llmembed", "all_layers", "best_multi"}
+    for row in results:                                     # one table line per head, with its test figures
+        line = next(l for l in text.splitlines() if l.startswith(f"| {row.row} | {row.head} |"))
+        assert f"{row.test_accuracy:.4f} ± {row.test_accuracy_std:.4f}" in line
+        assert f"{row.test_accuracy_low:.4f} – {row.test_accuracy_high:.4f}" in line
+        assert f"{row.test_macro_f1:.4f} ± {row.test_macro_f1_std:.4f}" in line
+    headings = [l for l in text.splitlines() if l.startswith("#")]
+    assert headings == ["# Layer scores, fusions and heads", "## toy", "### Heads on test (read once, after training)",
+                        "### Selection", "### Layers (probe)",
+                        "### Label-free and gradient layer scores against the probe",
+                        "### Fusion search (probe, top 10)", "### Resources", "## Stage wall time"]
+    chosen = data.chosen
+    assert f"| overall | {chosen.chosen.candidate} | {chosen.chosen.score:.4f} |" in text
+    for model in MODELS:
+        best = data.scores[model]["best"]
+        assert f"| {model} | {data.scores[model]['best_pooling']} | {best.layer} of " in text
+        assert f"best within-model fusion {chosen.models[model].best_fusion.candidate}" in text
+        assert f"| score {model} x toy | 1.5 |" in text
+    assert "| fuse toy | 2.5 |" in text and "| train toy | 3.5 |" in text and "a note on the search" in text
+    assert "![scalar mix weights](figures/toy_scalar_mix_weights.png)" in text
+    assert (tmp_path / "reports" / "figures" / "toy_scalar_mix_weights.png").stat().st_size > 1000
+    top = data.leaderboard[0]
+    assert f"| 1 | {top.candidate} | {top.operator} | {top.width} | {top.score:.4f} |" in text
+    best_head = max(results, key=lambda r: r.validation_accuracy)
+    assert metrics["toy"]["test_accuracy"] == round(best_head.test_accuracy, 4)
+    assert metrics["toy"]["head_chosen_on_validation"] == f"{best_head.row} / {best_head.head}"
+    assert metrics["toy"]["chosen_fusion"] == chosen.chosen.candidate
+
+
+def test_the_plain_words_name_each_paired_test(stage2):
+    results = read_record(stage2 / "heads" / "toy" / "results.json", HeadResults).results
+    lines = heads_section(results, "accuracy")
+    tests = [(r, against) for r in results if r.kind != "last" for against in r.paired_tests]
+    assert tests and sum(l.startswith("- ") for l in lines) == len(tests)
+    for row, against in tests:
+        assert any(l.startswith(f"- {row.row} ({row.head}): ") and f"vs {against} (" in l for l in lines)
+
+
+def test_results_files_round_trip_and_a_damaged_one_is_named(stage2, tmp_path):
+    for path, cls in ((stage2 / "heads" / "toy" / "results.json", HeadResults),
+                      (stage2 / "fusion" / "toy" / "chosen.json", ChosenFusion)):
+        record = read_record(path, cls)
+        assert record.to_json() == json.loads(path.read_text()) and cls.from_json(record.to_json()) == record
+    broken = tmp_path / "store"
+    shutil.copytree(stage2, broken)
+    results = broken / "heads" / "toy" / "results.json"
+    raw = json.loads(results.read_text())
+    del raw["results"][2]["test_accuracy"]
+    results.write_text(json.dumps(raw))
+    with pytest.raises(ResultFileError, match=r"results\.json\.results\[2\]: missing key 'test_accuracy'"):
+        render(broken, tmp_path / "reports")
+    assert not (tmp_path / "reports" / "report.md").exists()
