@@ -8,9 +8,8 @@ whether complementary models help, and how the selection protocols and rules far
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 
@@ -18,24 +17,36 @@ from pipeline.audit import summarise_audits
 from pipeline.layer_report import study_layer_scores
 from pipeline.machine import cpu_isa, cpu_model
 from pipeline.plots import _save, plt
+from pipeline.records import ChosenFusion, HeadResult, HeadResults, read_json, read_record, read_scores
 from pipeline.significance import verdict
+
+T = TypeVar("T")
 
 HEAD = "linear"           # the cross-corpus table's head: the simplest, so differences are the inputs'
 
 
-def _read(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.is_file() else None
+def _read(path: Path, reader: Callable[[Path], T] = read_json) -> T | None:
+    """A stage's result file through its reader (records: a damaged file is named), None where it has not run."""
+    return reader(path) if path.is_file() else None
 
 
-def _row(results: list[dict[str, Any]], row: str, head: str = HEAD) -> dict[str, Any] | None:
-    return next((r for r in results if r["row"] == row and r["head"] == head), None)
+def _chosen(path: Path) -> ChosenFusion:
+    return read_record(path, ChosenFusion)
 
 
-def _test_cell(row: dict[str, Any] | None, against: str | None = None) -> str:
+def _heads(path: Path) -> HeadResults:
+    return read_record(path, HeadResults)
+
+
+def _row(heads: HeadResults | None, row: str, head: str = HEAD) -> HeadResult | None:
+    return next((r for r in (heads.results if heads else []) if r.row == row and r.head == head), None)
+
+
+def _test_cell(row: HeadResult | None, against: str | None = None) -> str:
     if row is None:
         return "–"
-    cell = f"{row['test_accuracy']:.3f} [{row['test_accuracy_low']:.3f}, {row['test_accuracy_high']:.3f}]"
-    test = row.get("paired_tests", {}).get(against) if against else None
+    cell = f"{row.test_accuracy:.3f} [{row.test_accuracy_low:.3f}, {row.test_accuracy_high:.3f}]"
+    test = row.paired_tests.get(against) if against else None
     if test is not None:
         cell += f" {100 * test['diff']:+.1f}{'*' if test['significant'] else ''}"
     return cell
@@ -47,9 +58,9 @@ def load_study(store: Path, models: list[str], datasets: list[str]) -> dict[str,
     for dataset in datasets:
         out[dataset] = {
             "meta": _read(store / "data" / dataset / "meta.json"),
-            "scores": {m: _read(store / "scores" / dataset / m / "scores.json") for m in models},
-            "chosen": _read(store / "fusion" / dataset / "chosen.json"),
-            "heads": _read(store / "heads" / dataset / "results.json"),
+            "scores": {m: _read(store / "scores" / dataset / m / "scores.json", read_scores) for m in models},
+            "chosen": _read(store / "fusion" / dataset / "chosen.json", _chosen),
+            "heads": _read(store / "heads" / dataset / "results.json", _heads),
             "audit": _read(store / "audit" / dataset / "audit.json"),
         }
     return out
@@ -63,16 +74,15 @@ def cross_corpus_table(study: dict[str, Any], models: list[str]) -> list[str]:
              "| corpus | model | best layer (depth) | last layer | best layer | chosen within-model fusion | "
              "multi-model fusion |", "|---|---|---|---|---|---|---|"]
     for dataset, parts in study.items():
-        heads = (parts["heads"] or {}).get("results", [])
-        chosen = parts["chosen"] or {}
+        heads, chosen = parts["heads"], parts["chosen"]
         multi = _row(heads, "multi-model: best fusion")
         for i, model in enumerate(models):
-            info = chosen.get("models", {}).get(model)
+            info = chosen.models.get(model) if chosen else None
             if info is None:
                 continue
-            layer = info["best_layer"]["layers"][0]
-            depth = layer / max(info["num_layers"] - 1, 1)
-            lines.append(f"| {dataset if i == 0 else ''} | {model} | {layer} of {info['num_layers'] - 1} ({depth:.2f}) | "
+            layer = info.best_layer.layers[0]
+            depth = layer / max(info.num_layers - 1, 1)
+            lines.append(f"| {dataset if i == 0 else ''} | {model} | {layer} of {info.num_layers - 1} ({depth:.2f}) | "
                          f"{_test_cell(_row(heads, f'{model}: last layer'))} | "
                          f"{_test_cell(_row(heads, f'{model}: best single layer'), 'last layer')} | "
                          f"{_test_cell(_row(heads, f'{model}: best within-model fusion'), 'last layer')} | "
@@ -92,9 +102,9 @@ def heatmaps(study: dict[str, Any], models: list[str], figures: Path) -> list[st
             result = parts["scores"].get(model)
             if result is None:
                 continue
-            pooled = sorted((r for r in result["rows"] if r["pooling"] == result["best_pooling"]), key=lambda r: r["layer"])
-            depth = np.array([r["relative_depth"] for r in pooled])
-            score = np.array([r["score"] for r in pooled])
+            pooled = sorted((r for r in result["rows"] if r.pooling == result["best_pooling"]), key=lambda r: r.layer)
+            depth = np.array([r.relative_depth for r in pooled])
+            score = np.array([r.score for r in pooled])
             rows.append(100 * (np.interp(bins, depth, score) - score.max()))
             names.append(dataset)
         if not rows:
@@ -119,12 +129,12 @@ def complementary_models(study: dict[str, Any]) -> tuple[list[str], dict[str, An
              f"best validation accuracy), `{HEAD}` head, paired on the same test rows.", ""]
     answers = {}
     for dataset, parts in study.items():
-        multi = _row((parts["heads"] or {}).get("results", []), "multi-model: best fusion")
-        test = (multi or {}).get("paired_tests", {}).get("best single model")
+        multi = _row(parts["heads"], "multi-model: best fusion")
+        test = multi.paired_tests.get("best single model") if multi else None
         if test is None:
             continue
         answers[dataset] = test
-        lines.append(f"- **{dataset}**: {parts['chosen']['best_multi']['candidate']}: "
+        lines.append(f"- **{dataset}**: {parts['chosen'].best_multi.candidate}: "
                      f"{verdict(test, test['against'])}")
     significant = [d for d, t in answers.items() if t["significant"] and t["diff"] > 0]
     lines += ["", f"Significant gains on {len(significant)} of {len(answers)} corpora"
@@ -192,7 +202,7 @@ def write_study_report(params, out: Path, uncapped_store: Path | None = None) ->
     """study.md, figures/ and study.json under `out`."""
     store, models, datasets = Path(params.store), params.selected_models, params.selected_datasets
     study = load_study(store, models, datasets)
-    ran = [(p["chosen"]["protocol"], p["chosen"].get("select_rule", "best")) for p in study.values() if p["chosen"]]
+    ran = [(p["chosen"].protocol, p["chosen"].select_rule) for p in study.values() if p["chosen"]]
     used = ran[0] if ran else (params.score.protocol, params.score.select_rule)
     figures = out / "study_figures"   # beside the report stage's figures/, which the swap keeps
     figures.mkdir(parents=True, exist_ok=True)
@@ -209,10 +219,16 @@ def write_study_report(params, out: Path, uncapped_store: Path | None = None) ->
     lines += score_lines
     from pipeline.atomic import write_json_atomic, write_text_atomic
     write_json_atomic(out / "study.json", {"complementary": answers, "audit": summary, "layer_scores": layer_summary,
-                                           "best_layers": {d: {m: (p["chosen"] or {}).get("models", {}).get(m, {}).get("best_layer", {}).get("layers")
-                                                               for m in models} for d, p in study.items()}})
+                                           "best_layers": {d: {m: _best_layers(p["chosen"], m) for m in models}
+                                                           for d, p in study.items()}})
     write_text_atomic(out / "study.md", "\n".join(lines))
     return out / "study.md"
+
+
+def _best_layers(chosen: ChosenFusion | None, model: str) -> list[int] | None:
+    """The layers of the model's chosen best single layer, None where the fuse stage has not chosen one."""
+    info = chosen.models.get(model) if chosen else None
+    return info.best_layer.layers if info else None
 
 
 def cap_effect(study: dict[str, Any], models: list[str], uncapped_store: Path | None) -> list[str]:
@@ -226,10 +242,10 @@ def cap_effect(study: dict[str, Any], models: list[str], uncapped_store: Path | 
     found = False
     for dataset, parts in study.items():
         for model in models:
-            full = _read(uncapped_store / "scores" / dataset / model / "scores.json")
+            full = _read(uncapped_store / "scores" / dataset / model / "scores.json", read_scores)
             capped = parts["scores"].get(model)
             if full and capped:
                 found = True
-                lines.append(f"| {dataset} | {model} | {capped['best']['layer']} ({capped['best']['score']:.4f}) | "
-                             f"{full['best']['layer']} ({full['best']['score']:.4f}) |")
+                lines.append(f"| {dataset} | {model} | {capped['best'].layer} ({capped['best'].score:.4f}) | "
+                             f"{full['best'].layer} ({full['best'].score:.4f}) |")
     return lines + [""] if found else []

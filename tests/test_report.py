@@ -116,3 +116,23 @@ def test_results_files_round_trip_and_a_damaged_one_is_named(stage2, tmp_path):
     with pytest.raises(ResultFileError, match=r"results\.json\.results\[2\]: missing key 'test_accuracy'"):
         render(broken, tmp_path / "reports")
     assert not (tmp_path / "reports" / "report.md").exists()
+
+
+def test_the_study_report_reads_the_same_records(stage2, tmp_path):
+    from pipeline.study_report import write_study_report
+    params = SimpleNamespace(store=str(stage2), selected_datasets=["toy"], selected_models=MODELS,
+                             extract_for=lambda dataset: SimpleNamespace(max_len=64),
+                             score=SimpleNamespace(protocol="cv", select_rule="best"))
+    text = write_study_report(params, tmp_path / "study", uncapped_store=stage2).read_text()
+    data = load_dataset(stage2, "toy", MODELS)
+    linear = {r.row: r for r in data.heads.results if r.head == "linear"}
+    for i, model in enumerate(MODELS):
+        layer = data.chosen.models[model].best_layer.layers[0]
+        line = next(l for l in text.splitlines() if l.startswith(f"| {'toy' if i == 0 else ''} | {model} | {layer} of "))
+        for kind in ("last layer", "best single layer", "best within-model fusion"):
+            assert f"{linear[f'{model}: {kind}'].test_accuracy:.3f} [" in line
+        best = data.scores[model]["best"]
+        assert f"| toy | {model} | {best.layer} ({best.score:.4f}) | {best.layer} ({best.score:.4f}) |" in text
+    study = json.loads((tmp_path / "study" / "study.json").read_text())
+    assert study["best_layers"]["toy"] == {m: data.chosen.models[m].best_layer.layers for m in MODELS}
+    assert "- **toy**: " + data.chosen.best_multi.candidate in text
