@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 # lowest first; a module may import only modules listed before it
 LAYERS = (
     "errors", "records", "atomic", "location", "fingerprint",
-    "attention", "pooling", "layer_tap", "batching",
+    "attention", "pooling", "layer_tap", "batching", "compiled_forward",
     "config", "devices", "machine",
     "corpora", "models",
     "lock", "store", "resources", "verify", "extract", "distributed",
