@@ -28,6 +28,7 @@ from pipeline.fingerprint import differences
 from pipeline.heads import load_head, load_standardisation, read_head_config
 from pipeline.layer_tap import text_config
 from pipeline.models import folder_fingerprint, load_model
+from pipeline.records import HeadResults, read_record
 
 CHUNK_TEXTS = 2048   # texts per pass: bounds memory on huge inputs, and paces the progress bar
 
@@ -232,13 +233,13 @@ def choose_head(heads_root: Path, row: str | None, head: str | None, seed: int |
     results_path = heads_root / "results.json"
     if not results_path.is_file():
         raise PipelineError(f"no trained heads at {heads_root}: run `dvc repro` (stage train) first")
-    results = json.loads(results_path.read_text(encoding="utf-8"))["results"]
-    candidates = [r for r in results if (row is None or r["row"] == row) and (head is None or r["head"] == head)]
+    results = read_record(results_path, HeadResults).results
+    candidates = [r for r in results if (row is None or r.row == row) and (head is None or r.head == head)]
     if not candidates:
-        known = sorted({(r["row"], r["head"]) for r in results})
+        known = sorted({(r.row, r.head) for r in results})
         raise PipelineError(f"no trained head for row={row!r} head={head!r}; trained: {known}")
-    best = max(candidates, key=lambda r: r["validation_accuracy"])
-    folder = heads_root / best["folder"]
+    best = max(candidates, key=lambda r: r.validation_accuracy)
+    folder = heads_root / best.folder
     seeds = {int(p.name.removeprefix("seed")): p for p in folder.glob("seed*") if (p / "config.json").is_file()}
     if seed == "best":
         return max(seeds.values(), key=lambda p: read_head_config(p)["validation"]["accuracy"])

@@ -17,6 +17,7 @@ import yaml
 from conftest import REPO, registry
 from pipeline.config import load_params
 from pipeline.extract import extract
+from pipeline.records import HeadResult, HeadResults
 from test_extract import prepare
 
 MODEL, DATASET = "minilm-l6", "mrslice"
@@ -52,8 +53,15 @@ def project(tmp_path_factory, mr_slice, prepared_models) -> Path:
     heads = Path(params.store) / "heads" / DATASET
     config = fit_head(cache, {"row": "fusion", "groups": INPUTS}, "mlp", 0, HEAD_SETTINGS, heads / "fusion" / "mlp" / "seed0",
                       cache.store(MODEL).label_names, {MODEL: False}, folder / "lightning")
-    (heads / "results.json").write_text(json.dumps({"results": [
-        {"row": "fusion", "head": "mlp", "folder": "fusion/mlp", "validation_accuracy": config["validation"]["accuracy"]}]}))
+    validation, test = config["validation"], config["test"]
+    result = HeadResult(row="fusion", kind="best_fusion", head="mlp", groups=INPUTS, probe_score=None, probe_std=None,
+                        seeds=[0], seconds=config["seconds"], validation_accuracy=validation["accuracy"],
+                        validation_accuracy_std=0.0, validation_macro_f1=validation["macro_f1"],
+                        validation_macro_f1_std=0.0, test_accuracy=test["accuracy"], test_accuracy_std=0.0,
+                        test_macro_f1=test["macro_f1"], test_macro_f1_std=0.0, folder="fusion/mlp")
+    results = HeadResults(dataset=DATASET, results=[result], bytes_read=cache.bytes_read, seconds=config["seconds"],
+                          settings=HEAD_SETTINGS)
+    (heads / "results.json").write_text(json.dumps(results.to_json()))
     return folder
 
 
@@ -111,6 +119,16 @@ def test_a_head_without_a_store_fingerprint_is_refused(copy):
     path.write_text(json.dumps(config))
     refused(cli("predict", "--params", str(copy / "params.yaml"), "a gorgeous film"),
             "records no fingerprint of the minilm-l6 store", "retrain it")
+
+
+def test_a_damaged_results_file_is_named(copy):
+    """results.json is read as records: a row without its folder is refused by file, row and key."""
+    path = copy / "store" / "heads" / DATASET / "results.json"
+    raw = json.loads(path.read_text())
+    del raw["results"][0]["folder"]
+    path.write_text(json.dumps(raw))
+    refused(cli("predict", "--params", str(copy / "params.yaml"), "a gorgeous film"),
+            f"{path}.results[0]: missing key 'folder' in a HeadResult", "rerun its stage")
 
 
 @pytest.mark.parametrize("name, damage", [
