@@ -8,6 +8,7 @@ since a block's batches depend only on its own rows, a resumed store is bit-iden
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import sys
 import time
@@ -15,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -25,8 +26,9 @@ from pipeline.batching import token_budget_batches
 from pipeline.config import ExtractSettings, Params
 from pipeline.corpora import Corpus, read_corpus
 from pipeline.devices import resolve_device
+from pipeline.errors import PipelineError
 from pipeline.fingerprint import package_versions
-from pipeline.layer_tap import run_with_layers, text_config
+from pipeline.layer_tap import find_blocks, run_with_layers, text_config
 from pipeline.models import is_decoder, load_model, read_source
 from pipeline.pooling import LayerPooler
 from pipeline.store import Float16Overflow, SplitRows, StoreWriter
@@ -98,37 +100,71 @@ def encode(tokenizer, texts: list[str], max_len: int, padding_side: str, device:
                    content.to(device, non_blocking=True), tokens)
 
 
-def pool_batch(model, tokenizer, texts: list[str], settings: ExtractSettings, device: torch.device,
-               num_layers: int, stop_after: int | None = None, poolings=None,
-               batch: Encoded | None = None) -> tuple[dict[str, np.ndarray], int]:
-    """Pooled vectors [B, layers, D] float32 per pooling for one batch, and its real token count.
+@dataclass(frozen=True)
+class PoolingSpec:
+    """What a batch's pooled vectors depend on besides the model and the device (not how rows are
+    grouped into blocks, stored or compressed): Stage 1 and predict both pool through it."""
+    poolings: tuple[str, ...]
+    max_len: int
+    padding_side: str = "right"
 
-    `batch`: the texts already encoded (the block loop tokenises the next batch while this one runs).
-    Every layer is pooled on the device into one [poolings, B, layers, D] tensor as the forward pass
-    produces it (LayerPooler: one float32 copy per layer, no host syncs); the tensor is copied to
-    the host once per batch (pinned, asynchronous on a GPU).
+    @classmethod
+    def of(cls, settings: ExtractSettings) -> "PoolingSpec":
+        return cls(tuple(settings.poolings), settings.max_len, settings.padding_side)
+
+
+class Forward(Protocol):
+    """The compute-and-pool step, pluggable: pool layers 0..num_layers-1 of one encoded batch.
+
+    Returns [len(poolings), B, num_layers, D] float32 on the batch's device, the same numbers as
+    pooling.POOLINGS applied to each layer's states (layer 0 = embedding output, i = block i's output).
+    `eager_forward` is the default; a compiled forward that pools inside its graph plugs in here.
     """
-    poolings = list(poolings or settings.poolings)
-    if batch is None:
-        batch = encode(tokenizer, texts, settings.max_len, settings.padding_side, device)
-    layers = num_layers if stop_after is None else stop_after + 1
-    dim = text_config(model.config).hidden_size
-    out = torch.empty((len(poolings), len(texts), layers, dim), dtype=torch.float32, device=device)
 
+    def __call__(self, model, batch: Encoded, poolings: Sequence[str], num_layers: int) -> torch.Tensor: ...
+
+
+def eager_forward(model, batch: Encoded, poolings: Sequence[str], num_layers: int) -> torch.Tensor:
+    """Hooks hand each layer's states to LayerPooler as the forward pass produces them (one float32
+    copy per layer, no host syncs); blocks past the deepest wanted layer are skipped."""
+    poolings = list(poolings)
+    total = len(find_blocks(model)) + 1
+    if not 1 <= num_layers <= total:
+        raise ValueError(f"num_layers must lie in 1..{total}, got {num_layers}")
+    dim = text_config(model.config).hidden_size
+    out = torch.empty((len(poolings), batch.mask.shape[0], num_layers, dim), dtype=torch.float32,
+                      device=batch.mask.device)
     with torch.inference_mode():
         pooler = LayerPooler(batch.mask, batch.content, poolings)
 
         def on_layer(index: int, hidden: torch.Tensor) -> None:
             pooler(hidden, {name: out[i, :, index] for i, name in enumerate(poolings)})
 
-        run_with_layers(model, batch.inputs, on_layer, stop_after=stop_after)
-    if device.type == "cuda":
-        host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
-        host.copy_(out, non_blocking=True)
-        torch.cuda.current_stream(device).synchronize()
-        out = host
-    values = out.numpy()
-    return {name: values[i] for i, name in enumerate(poolings)}, batch.tokens
+        run_with_layers(model, batch.inputs, on_layer, stop_after=None if num_layers == total else num_layers - 1)
+    return out
+
+
+def to_host(values: torch.Tensor) -> np.ndarray:
+    """One copy to the host (pinned and asynchronous on a GPU, then one sync)."""
+    if values.device.type == "cuda":
+        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+        host.copy_(values, non_blocking=True)
+        torch.cuda.current_stream(values.device).synchronize()
+        values = host
+    return values.numpy() if values.device.type == "cpu" else values.cpu().numpy()
+
+
+def pool_batch(model, tokenizer, texts: list[str], spec: PoolingSpec, device: torch.device, num_layers: int,
+               batch: Encoded | None = None, forward: Forward = eager_forward) -> tuple[dict[str, np.ndarray], int]:
+    """Pooled vectors [B, num_layers, D] float32 per pooling for one batch, and its real token count.
+
+    `num_layers`: layers 0..num_layers-1 are pooled (predict stops at the deepest layer its head reads).
+    `batch`: the texts already encoded (the block loop tokenises the next batch while this one runs).
+    """
+    if batch is None:
+        batch = encode(tokenizer, texts, spec.max_len, spec.padding_side, device)
+    values = to_host(forward(model, batch, spec.poolings, num_layers))
+    return {name: values[i] for i, name in enumerate(spec.poolings)}, batch.tokens
 
 
 def fingerprint_for(params: Params, model_name: str, corpus: Corpus, source: dict[str, Any],
@@ -160,25 +196,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def extract(params: Params, model_name: str, dataset_name: str, rebuild: bool = False,
-            show_progress: bool = True, wait_for_lock: bool = False) -> dict[str, Any]:
-    """Extract every split of one model x dataset into its store; returns the run's summary.
-
-    One writer per store (pipeline/lock.py: a second one fails naming the holder, or waits with
-    `wait_for_lock`); a full disk or a file-size limit becomes a StoreSpaceError saying how much is needed.
-    """
-    from pipeline.lock import run_lock
-    from pipeline.verify import remove_leftovers, space_error
-    path = params.embeddings_path(model_name, dataset_name)
-    try:
-        with run_lock(path, wait=wait_for_lock):
-            remove_leftovers(path)   # temporary files of writes a killed run left half done
-            return _extract(params, model_name, dataset_name, rebuild, show_progress)
-    except OSError as error:
-        raise space_error(error, path, params.extract) or error
-
-
-# -- the pieces every process runs (single process here, many in pipeline/distributed.py) -------------
+# -- the pieces every process runs -------------------------------------------------------------
 @dataclass
 class Extraction:
     """Everything one process of a model x dataset extraction needs before the model is loaded."""
@@ -231,140 +249,364 @@ def pending_work(writer: StoreWriter, splits) -> list[tuple[str, int]]:
     return [(split, int(block)) for split in splits for block in np.flatnonzero(~writer.done_blocks(split))]
 
 
-def process_blocks(writer: StoreWriter, work: list[tuple[str, int]], model, tokenizer, corpus: Corpus,
-                   settings: ExtractSettings, device: torch.device, num_layers: int, dim: int,
-                   summary: dict[str, Any], bar=None, started: float | None = None,
-                   stop_on_overflow: bool = True) -> list[Float16Overflow]:
-    """Compute, write and mark done the given (split, block) pairs in the given order: the one block
-    code path of every process. A float16 overflow is returned, not handled: stop_on_overflow returns
-    at the first (single process: the caller promotes the array and redoes the split); otherwise the
-    rest of that split's blocks are skipped and the other splits go on (distributed ranks)."""
-    started = time.perf_counter() if started is None else started
-    overflows: list[Float16Overflow] = []
-    token_counts: dict[str, np.ndarray] = {}
-    summary.setdefault("store_write_seconds", 0.0)
-    # Two helper threads overlap host work with compute: one tokenises the next batch, one writes the
-    # previous block (compress + write + digest + mark done, in that order, as write_block does). At
-    # most one write is in flight and its outcome is collected before the next block is handed over,
-    # so blocks are still marked done in order, only after their data, and a crash never marks an
-    # unwritten block done. A block's numbers depend only on its own rows, as before.
-    tokenise = ThreadPoolExecutor(1, thread_name_prefix="layerfuse-tokenise")
-    store = ThreadPoolExecutor(1, thread_name_prefix="layerfuse-write")
-    in_flight: tuple[Future, str, int, int] | None = None
+def block_costs(writer: StoreWriter, work: list[tuple[str, int]], max_len: int) -> list[int]:
+    """Tokens per pending block (after truncation): what a block costs to extract."""
+    counts = {split: np.minimum(writer.root[split]["token_count"][:], max_len) for split in {s for s, _ in work}}
+    costs = []
+    for split, block in work:
+        start, stop = writer.block_range(split, block)
+        costs.append(int(counts[split][start:stop].sum()))
+    return costs
 
-    def timed_write(split: str, block: int, buffers: dict[str, np.ndarray]) -> None:
+
+class BlockLoop:
+    """Computes, writes and marks done (split, block) pairs: the one block code path of every process.
+
+    Three steps, one method each: prefetch and tokenise (a helper thread encodes the next batch while
+    this one runs), compute and pool (`forward`, the pluggable seam), write behind (a helper thread
+    compresses, writes, digests and marks done the previous block while the next one is computed).
+    At most one write is in flight and its outcome is collected before the next block is handed over,
+    so blocks are still marked done in order, only after their data, and a crash never marks an
+    unwritten block done. A block's numbers depend only on its own rows.
+    A float16 overflow is collected, not handled: the rest of that split's blocks are skipped, the
+    other splits go on, and the caller promotes the array and redoes the split.
+    """
+
+    def __init__(self, writer: StoreWriter, texts: Callable[[str], list[str]], tokenizer, model,
+                 settings: ExtractSettings, device: torch.device, forward: Forward = eager_forward):
+        self.writer, self.texts, self.tokenizer, self.model = writer, texts, tokenizer, model
+        self.settings, self.device, self.forward = settings, device, forward
+        self.texts_done, self.tokens, self.write_seconds = 0, 0, 0.0
+        self.overflows: list[Float16Overflow] = []
+        self._token_counts: dict[str, np.ndarray] = {}
+        self._in_flight: tuple[Future, int] | None = None
+
+    def run(self, work: list[tuple[str, int]], bar=None) -> list[Float16Overflow]:
+        """Do `work` in order; returns the float16 overflows met (each names a split to redo)."""
+        self.overflows = []
+        self._tokenise = ThreadPoolExecutor(1, thread_name_prefix="layerfuse-tokenise")
+        self._store = ThreadPoolExecutor(1, thread_name_prefix="layerfuse-write")
+        started = time.perf_counter()
+        try:
+            for split, block in work:
+                if self._overflowed(split):
+                    continue
+                buffers = self._compute(split, block, bar, started)
+                self._settle()
+                if self._overflowed(split):
+                    continue                  # this block is dropped unwritten: its split is redone
+                self._write_behind(split, block, buffers)
+            self._settle()
+            return self.overflows
+        finally:
+            self._tokenise.shutdown(wait=True, cancel_futures=True)
+            self._store.shutdown(wait=True)   # an error above still lets a started write finish whole
+
+    def _overflowed(self, split: str) -> bool:
+        return any(o.split == split for o in self.overflows)
+
+    # -- prefetch and tokenise ------------------------------------------------------------------
+    def _batches(self, split: str, block: int) -> tuple[int, list[tuple[np.ndarray, list[str]]]]:
+        """The block's first row and its token-budget batches: (row positions in the block, texts)."""
+        if split not in self._token_counts:
+            self._token_counts[split] = self.writer.root[split]["token_count"][:]
+        start, stop = self.writer.block_range(split, block)
+        lengths = np.minimum(self._token_counts[split][start:stop], self.settings.max_len)
+        texts = self.texts(split)
+        return start, [(rows, [texts[start + r] for r in rows])
+                       for rows in token_budget_batches(lengths, self.settings.token_budget)]
+
+    def _encode(self, texts: list[str]) -> Encoded:
+        return encode(self.tokenizer, texts, self.settings.max_len, self.settings.padding_side, self.device)
+
+    # -- compute and pool -----------------------------------------------------------------------
+    def _compute(self, split: str, block: int, bar, started: float) -> dict[str, np.ndarray]:
+        """The block's pooled vectors [rows, layers, D] per pooling; the next batch is encoded meanwhile."""
+        start, batches = self._batches(split, block)
+        stop = self.writer.block_range(split, block)[1]
+        spec = PoolingSpec.of(self.settings)
+        buffers = {p: np.empty((stop - start, self.writer.num_layers, self.writer.dim), dtype=np.float32)
+                   for p in spec.poolings}
+        upcoming = self._tokenise.submit(self._encode, batches[0][1]) if batches else None
+        for index, (rows, texts) in enumerate(batches):
+            batch = upcoming.result()
+            if index + 1 < len(batches):
+                upcoming = self._tokenise.submit(self._encode, batches[index + 1][1])
+            vectors, tokens = pool_batch(self.model, self.tokenizer, texts, spec, self.device,
+                                         self.writer.num_layers, batch=batch, forward=self.forward)
+            for name, values in vectors.items():
+                buffers[name][rows] = values
+            self.tokens += tokens
+            if bar is not None:
+                bar.update(len(rows))
+                bar.set_postfix(tok_s=f"{self.tokens / (time.perf_counter() - started):,.0f}", refresh=False)
+        return buffers
+
+    # -- write behind ---------------------------------------------------------------------------
+    def _write_behind(self, split: str, block: int, buffers: dict[str, np.ndarray]) -> None:
+        start, stop = self.writer.block_range(split, block)
+        self._in_flight = (self._store.submit(self._timed_write, split, block, buffers), stop - start)
+
+    def _timed_write(self, split: str, block: int, buffers: dict[str, np.ndarray]) -> None:
         began = time.perf_counter()
         try:
-            writer.write_block(split, block, buffers)
+            self.writer.write_block(split, block, buffers)
         finally:
-            summary["store_write_seconds"] = round(summary["store_write_seconds"] + time.perf_counter() - began, 3)
+            self.write_seconds += time.perf_counter() - began
 
-    def settle() -> bool:
-        """Collect the write in flight; False when it overflowed float16 and the caller must stop."""
-        nonlocal in_flight
-        if in_flight is None:
-            return True
-        future, split, rows, stop = in_flight
-        in_flight = None
+    def _settle(self) -> None:
+        """Collect the write in flight: count its rows, or record its float16 overflow."""
+        if self._in_flight is None:
+            return
+        future, rows = self._in_flight
+        self._in_flight = None
         try:
             future.result()
         except Float16Overflow as overflow:
-            overflows.append(overflow)
-            if bar is not None:
-                bar.total += stop   # the split is redone from its first block
-            return not stop_on_overflow
-        summary["texts"] += rows
-        return True
-
-    def encoded(texts: list[str]) -> Encoded:
-        return encode(tokenizer, texts, settings.max_len, settings.padding_side, device)
-
-    try:
-        for split, block in work:
-            if any(o.split == split for o in overflows):
-                continue
-            texts = corpus.splits[split].texts
-            if split not in token_counts:
-                token_counts[split] = writer.root[split]["token_count"][:]
-            counts = token_counts[split]
-            start, stop = writer.block_range(split, int(block))
-            lengths = np.minimum(counts[start:stop], settings.max_len)
-            buffers = {p: np.empty((stop - start, num_layers, dim), dtype=np.float32) for p in settings.poolings}
-            batches = [(rows, [texts[start + r] for r in rows])
-                       for rows in token_budget_batches(lengths, settings.token_budget)]
-            upcoming = tokenise.submit(encoded, batches[0][1]) if batches else None
-            for index, (rows, batch_texts) in enumerate(batches):
-                batch = upcoming.result()
-                upcoming = tokenise.submit(encoded, batches[index + 1][1]) if index + 1 < len(batches) else None
-                vectors, tokens = pool_batch(model, tokenizer, batch_texts, settings, device, num_layers,
-                                             batch=batch)
-                for name, values in vectors.items():
-                    buffers[name][rows] = values
-                summary["tokens"] += tokens
-                if bar is not None:
-                    bar.update(len(rows))
-                    bar.set_postfix(tok_s=f"{summary['tokens'] / (time.perf_counter() - started):,.0f}",
-                                    refresh=False)
-            if not settle():
-                return overflows            # this block is dropped unwritten: its split is redone
-            if any(o.split == split for o in overflows):
-                continue
-            in_flight = (store.submit(timed_write, split, int(block), buffers), split, stop - start, stop)
-        settle()
-        return overflows
-    finally:
-        tokenise.shutdown(wait=True, cancel_futures=True)
-        store.shutdown(wait=True)           # an error above still lets a started write finish whole
+            self.overflows.append(overflow)
+            return
+        self.texts_done += rows
 
 
-def _extract(params: Params, model_name: str, dataset_name: str, rebuild: bool = False,
-             show_progress: bool = True) -> dict[str, Any]:
+def process_blocks(writer: StoreWriter, work: list[tuple[str, int]], model, tokenizer, corpus, settings: ExtractSettings,
+                   device: torch.device, num_layers: int, dim: int, summary: dict[str, Any]) -> list[Float16Overflow]:
+    """BlockLoop over `work` with its counts added to `summary`: the entry pipeline/bench/extraction.py
+    times (num_layers and dim are the writer's)."""
+    loop = BlockLoop(writer, lambda split: corpus.splits[split].texts, tokenizer, model, settings, device)
+    overflows = loop.run(work)
+    summary["texts"] = summary.get("texts", 0) + loop.texts_done
+    summary["tokens"] = summary.get("tokens", 0) + loop.tokens
+    return overflows
+
+
+# -- the world: one process, or many (pipeline/distributed.py) -------------------------------------
+class World(Protocol):
+    """The processes of one extraction. Rank 0 creates the store, lists what is pending and records the
+    run; `share` gives each rank its blocks. A single process is a world of size 1 (LocalWorld)."""
+    rank: int
+    size: int
+    device: torch.device
+
+    def gather(self, obj: Any) -> list[Any]: ...
+    def broadcast(self, obj: Any) -> Any: ...           # rank 0's obj, on every rank
+    def barrier(self) -> None: ...
+    def share(self, work: list[tuple[str, int]], costs: list[int]) -> tuple[list[tuple[str, int]], list[int]]: ...
+    def describe(self) -> dict[str, Any]: ...           # run-record keys: world_size, num_nodes, strategy
+
+
+class LocalWorld:
+    """One process: collectives are the identity, and it takes every pending block in split then block order."""
+    rank, size = 0, 1
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def gather(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def broadcast(self, obj: Any) -> Any:
+        return obj
+
+    def barrier(self) -> None:
+        pass
+
+    def share(self, work, costs):
+        return work, [sum(costs)]
+
+    def describe(self) -> dict[str, Any]:
+        return {"world_size": 1, "num_nodes": 1, "strategy": "single"}
+
+
+def _status(error: BaseException | None):
+    if error is None:
+        return None
+    if isinstance(error, PipelineError):
+        return "pipeline", str(error)
+    return "other", f"{type(error).__name__}: {error}"
+
+
+def raise_first(statuses: list[Any]) -> None:
+    """Raise the first failed rank's error, as rank 0 saw it or naming the rank."""
+    for rank, status in enumerate(statuses):
+        if status:
+            kind, message = status
+            raise (PipelineError if kind == "pipeline" else RuntimeError)(f"rank {rank}: {message}" if rank else message)
+
+
+def agree(world: World, error: BaseException | None) -> None:
+    """Every rank learns whether any failed: a failed rank raises its own error, the others the first
+    failed rank's, so none waits forever at a collective."""
+    statuses = world.gather(_status(error))
+    if error is not None:
+        raise error
+    raise_first(statuses)
+
+
+def from_rank_zero(world: World, compute: Callable[[], Any]) -> Any:
+    """What `compute` returns on rank 0, broadcast to every rank (rank 0's error stops them all)."""
+    found, error = None, None
+    if world.rank == 0:
+        try:
+            found = compute()
+        except Exception as caught:
+            error = caught
+    found, status = world.broadcast((found, _status(error)))
+    if error is not None:
+        raise error
+    raise_first([status])
+    return found
+
+
+# -- the one driver --------------------------------------------------------------------------------
+def extract(params: Params, model_name: str, dataset_name: str, rebuild: bool = False,
+            show_progress: bool = True, wait_for_lock: bool = False) -> dict[str, Any]:
+    """Extract every split of one model x dataset into its store in this process; returns the run's summary."""
+    world = LocalWorld(resolve_device(params.extract_for(dataset_name).device))
+    return run_world(world, params, model_name, dataset_name, rebuild, show_progress, wait_for_lock)
+
+
+def run_world(world: World, params: Params, model_name: str, dataset_name: str, rebuild: bool = False,
+              show_progress: bool = True, wait_for_lock: bool = False,
+              forward: Forward = eager_forward) -> dict[str, Any] | None:
+    """Run this rank of an extraction; rank 0 returns the run's summary, the others None.
+
+    One writer per store (pipeline/lock.py: rank 0 holds the run lock for the whole run; a second writer
+    fails naming the holder, or waits with `wait_for_lock`); a full disk or a file-size limit becomes a
+    StoreSpaceError saying how much is needed.
+    """
+    from pipeline.lock import run_lock
+    from pipeline.verify import remove_leftovers, space_error
+
+    path = params.embeddings_path(model_name, dataset_name)
+    with contextlib.ExitStack() as stack:
+        error = None
+        try:
+            if world.rank == 0:
+                stack.enter_context(run_lock(path, wait=wait_for_lock))
+                remove_leftovers(path)   # temporary files of writes a killed run left half done
+        except Exception as caught:      # another writer holds the lock: every rank stops
+            error = caught
+        agree(world, error)
+        try:
+            return _drive(world, params, model_name, dataset_name, rebuild, show_progress, forward)
+        except OSError as caught:
+            raise space_error(caught, path, params.extract) or caught
+
+
+def _drive(world: World, params: Params, model_name: str, dataset_name: str, rebuild: bool,
+           show_progress: bool, forward: Forward) -> dict[str, Any] | None:
+    """Rounds of: rank 0 lists the pending blocks and broadcasts them (a rank reading the `_done` marks
+    itself could read them after a faster rank marked blocks done, deal differently and leave blocks to
+    nobody); `world.share` deals them; each rank runs BlockLoop on its share; float16 overflows are
+    gathered and rank 0 promotes those arrays, and the next round redoes their splits. The last gather
+    of every rank's counts is also the barrier after every rank's last done mark."""
     settings = params.extract_for(dataset_name)
-    device = resolve_device(settings.device)
-    job = open_extraction(params, model_name, dataset_name, device, rebuild=rebuild)
-    spec, model_dir, corpus, writer = job.spec, job.model_dir, job.corpus, job.writer
-    compute_dtype, num_layers, dim, tokenizer = job.compute_dtype, job.num_layers, job.dim, job.tokenizer
+    device, wall = world.device, time.perf_counter()
+    job, error = None, None
+    if world.rank == 0:              # creates the store, or checks its fingerprint; inits the splits
+        try:
+            job = open_extraction(params, model_name, dataset_name, device, rebuild=rebuild, create=True)
+        except Exception as caught:
+            error = caught
+    agree(world, error)
+    if world.rank != 0:
+        job = open_extraction(params, model_name, dataset_name, device, create=False)
+    writer, corpus = job.writer, job.corpus
 
-    pending = {s: np.flatnonzero(~writer.done_blocks(s)).tolist() for s in corpus.splits}
-    total_rows = sum(writer.block_range(s, b)[1] - writer.block_range(s, b)[0] for s in pending for b in pending[s])
-    summary = {"model": model_name, "dataset": dataset_name, "texts": 0, "tokens": 0, "seconds": 0.0,
-               "blocks": sum(map(len, pending.values())), "device": str(device),
-               "compute_dtype": str(compute_dtype).removeprefix("torch."), "token_budget": settings.token_budget,
-               "attention": settings.attention}
-    if total_rows == 0:
+    loop, bar, blocks, rounds, dealt_tokens, load_seconds, compute_seconds = None, None, 0, 0, 0, 0.0, 0.0
+    while True:
+        work, costs = from_rank_zero(world, lambda: _pending_with_costs(writer, corpus.splits, settings.max_len))
+        if not work:
+            break
+        rounds += 1
+        mine, loads = world.share(work, costs)
+        dealt_tokens += loads[world.rank]
+        if world.size > 1 and world.rank == 0 and rounds == 1:
+            print(f"{model_name} x {dataset_name}: {len(work)} blocks on {world.size} ranks, tokens per rank "
+                  f"{loads} (LPT deal)", file=sys.stderr)
+        overflows, error = [], None
+        try:
+            if mine and loop is None:
+                started = time.perf_counter()
+                model, _ = load_model(job.model_dir, job.spec, str(device), job.compute_dtype, settings.attention)
+                load_seconds = time.perf_counter() - started
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                loop = BlockLoop(writer, lambda split: corpus.splits[split].texts, job.tokenizer, model,
+                                 settings, device, forward)
+            if bar is None:
+                bar = tqdm(total=0, unit="text", disable=not show_progress, dynamic_ncols=True, position=world.rank,
+                           desc=(f"rank {world.rank} " if world.size > 1 else "") + f"{model_name} x {dataset_name}",
+                           mininterval=2.0, file=sys.stderr)
+            bar.total += sum(writer.block_range(s, b)[1] - writer.block_range(s, b)[0] for s, b in mine)
+            if mine:
+                started = time.perf_counter()
+                overflows = loop.run(mine, bar)
+                compute_seconds += time.perf_counter() - started
+                blocks += len(mine)
+        except Exception as caught:
+            error = caught
+        reports = world.gather({"error": _status(error), "overflows": [(o.split, o.pooling, o.peak) for o in overflows]})
+        if error is not None:
+            raise error
+        raise_first([r["error"] for r in reports])
+        found = {}
+        for report in reports:
+            for split, pooling, peak in report["overflows"]:
+                found.setdefault((split, pooling), peak)
+        if not found:
+            break
+        if world.rank == 0:
+            for (split, pooling), peak in sorted(found.items()):
+                overflow = Float16Overflow(split, pooling, peak)
+                print(f"\n{overflow}: storing {split}/{pooling} as float32 and redoing {split} "
+                      f"(recorded in the store's dtype_fallback)", file=sys.stderr)
+                writer.promote_to_float32(overflow)
+        world.barrier()
+    if bar is not None:
+        bar.close()
+    mine = {"rank": world.rank, "device": str(device), "blocks": blocks,
+            "texts": loop.texts_done if loop else 0, "tokens": loop.tokens if loop else 0,
+            "dealt_tokens": dealt_tokens, "seconds": round(compute_seconds, 3),
+            "store_write_seconds": round(loop.write_seconds if loop else 0.0, 3),
+            "model_load_seconds": round(load_seconds, 3), "peak_rss_mb": round(peak_rss_mb(), 1),
+            "peak_gpu_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None}
+    ranks = world.gather(mine)   # the barrier: every rank's blocks and done marks are written by now
+    return _record(world, writer, ranks, model_name, dataset_name, settings, job, wall) if world.rank == 0 else None
+
+
+def _pending_with_costs(writer: StoreWriter, splits, max_len: int) -> tuple[list[tuple[str, int]], list[int]]:
+    work = pending_work(writer, splits)
+    return work, block_costs(writer, work, max_len)
+
+
+def _record(world: World, writer: StoreWriter, ranks: list[dict[str, Any]], model_name: str, dataset_name: str,
+            settings: ExtractSettings, job: Extraction, wall: float) -> dict[str, Any]:
+    """The run's summary from every rank's counts; recorded in the store unless nothing was left to do."""
+    total = {k: sum(r[k] for r in ranks) for k in ("blocks", "texts", "tokens")}
+    summary = {"model": model_name, "dataset": dataset_name, **total, "seconds": 0.0, "device": str(world.device),
+               "compute_dtype": str(job.compute_dtype).removeprefix("torch."), "token_budget": settings.token_budget,
+               "attention": settings.attention, **world.describe()}
+    if total["blocks"] == 0:
         print(f"{model_name} x {dataset_name}: store complete, nothing to extract", file=sys.stderr)
         return summary
-
-    started = time.perf_counter()
-    model, _ = load_model(model_dir, spec, str(device), compute_dtype, settings.attention)
-    load_seconds = time.perf_counter() - started
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    bar = tqdm(total=total_rows, unit="text", disable=not show_progress, dynamic_ncols=True,
-               desc=f"{model_name} x {dataset_name}", mininterval=2.0, file=sys.stderr)
-    started = time.perf_counter()
-    work = pending_work(writer, corpus.splits)
-    while work:
-        overflows = process_blocks(writer, work, model, tokenizer, corpus, settings, device, num_layers, dim,
-                                   summary, bar, started)
-        if not overflows:
-            break
-        overflow = overflows[0]
-        print(f"\n{overflow}: storing {overflow.split}/{overflow.pooling} as float32 and redoing {overflow.split} "
-              f"(recorded in the store's dtype_fallback)", file=sys.stderr)
-        writer.promote_to_float32(overflow)
-        work = pending_work(writer, corpus.splits)   # that split again from its first block, then the rest
-    bar.close()
-    seconds = time.perf_counter() - started
+    seconds = max(r["seconds"] for r in ranks) or 1e-9
+    busy = [r["seconds"] for r in ranks]
+    gpu = [r["peak_gpu_mb"] for r in ranks if r["peak_gpu_mb"] is not None]
     summary.update({
-        "seconds": round(seconds, 3), "model_load_seconds": round(load_seconds, 3),
-        "texts_per_s": round(summary["texts"] / seconds, 2), "tokens_per_s": round(summary["tokens"] / seconds, 1),
-        "peak_rss_mb": round(peak_rss_mb(), 1),
-        "peak_gpu_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None,
+        "seconds": round(seconds, 3), "wall_seconds": round(time.perf_counter() - wall, 3),
+        "model_load_seconds": round(max(r["model_load_seconds"] for r in ranks), 3),
+        "store_write_seconds": round(max(r["store_write_seconds"] for r in ranks), 3),
+        "texts_per_s": round(total["texts"] / seconds, 2), "tokens_per_s": round(total["tokens"] / seconds, 1),
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in ranks), "peak_gpu_mb": max(gpu) if gpu else None,
+        "spread_seconds": round((max(busy) - min(busy)) / seconds, 4),   # 0 = all ranks finished together
+        "ranks": ranks,
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     })
     writer.record_run(summary)
-    print(f"{model_name} x {dataset_name}: {summary['texts']:,} texts, {summary['tokens']:,} tokens in "
-          f"{seconds:,.1f} s ({summary['tokens_per_s']:,.0f} tokens/s), peak RSS {summary['peak_rss_mb']:,.0f} MB",
+    on = f" on {world.size} ranks" if world.size > 1 else ""
+    print(f"{model_name} x {dataset_name}: {total['texts']:,} texts, {total['tokens']:,} tokens{on} in "
+          f"{seconds:,.1f} s ({summary['tokens_per_s']:,.0f} tokens/s), peak RSS {summary['peak_rss_mb']:,.0f} MB"
+          + (f"; per-rank seconds {busy}, spread {summary['spread_seconds']:.1%}" if world.size > 1 else ""),
           file=sys.stderr)
     return summary

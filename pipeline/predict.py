@@ -23,7 +23,7 @@ from pipeline.attention import TRANSFORMERS_DEFAULT
 from pipeline.batching import token_budget_batches
 from pipeline.config import ExtractSettings, ModelSpec
 from pipeline.errors import HeadError, ModelSourceError, PipelineError
-from pipeline.extract import count_tokens, pool_batch, resolve_device
+from pipeline.extract import PoolingSpec, count_tokens, pool_batch, resolve_device
 from pipeline.fingerprint import differences
 from pipeline.heads import load_head, load_standardisation, read_head_config
 from pipeline.layer_tap import text_config
@@ -161,12 +161,11 @@ class Predictor:
     def _model_features(self, use: ModelUse, texts: list[str]) -> tuple[dict[tuple[str, int], np.ndarray], np.ndarray]:
         model, tokenizer = self.model_for(use)
         counts, truncated = count_tokens(tokenizer, texts, use.max_len)
-        settings = self.settings_for(use, use.layers)
+        spec = PoolingSpec(tuple(use.layers), use.max_len)
         dim = text_config(model.config).hidden_size
         out = {(p, l): np.empty((len(texts), dim), np.float32) for p, layers in use.layers.items() for l in layers}
         for rows in token_budget_batches(np.minimum(counts, use.max_len), self.token_budget):
-            vectors, _ = pool_batch(model, tokenizer, [texts[r] for r in rows], settings, self.device,
-                                    use.num_layers, stop_after=use.deepest, poolings=list(use.layers))
+            vectors, _ = pool_batch(model, tokenizer, [texts[r] for r in rows], spec, self.device, use.deepest + 1)
             for (pooling, layer), target in out.items():
                 values = vectors[pooling][:, layer]
                 if use.stored_dtype.get(pooling, "float16") == "float16":

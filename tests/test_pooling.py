@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.extract import pool_batch
+from pipeline.extract import PoolingSpec, pool_batch
 from pipeline.layer_tap import run_with_layers
 from pipeline.pooling import pool
 
@@ -79,10 +79,8 @@ def test_layer_tap_matches_output_hidden_states(prepared_models, name):
 @pytest.mark.parametrize("name", ["minilm-l6", "tiny-llama"])
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 def test_vector_does_not_depend_on_batch_or_padding(prepared_models, name, padding_side):
-    from pipeline.config import ExtractSettings
     model, tokenizer = _load(prepared_models, name)
-    settings = ExtractSettings(max_len=64, token_budget=4096, block_rows=8, dtype="float32", compute_dtype="float32",
-                               device="cpu", padding_side=padding_side, poolings=tuple(NAMES), compressor={})
+    settings = PoolingSpec(poolings=tuple(NAMES), max_len=64, padding_side=padding_side)
     layers = model.config.num_hidden_layers + 1
     text = "the movie is amateurish , but it's a minor treat ."
     alone, _ = pool_batch(model, tokenizer, [text], settings, torch.device("cpu"), layers)
@@ -100,3 +98,18 @@ def test_stop_after_skips_later_blocks(prepared_models):
         run_with_layers(model, dict(tokenizer(["hello"], return_tensors="pt")), lambda i, h: seen.append(i),
                         stop_after=1)
     assert seen == [0, 1]
+
+
+def test_pooling_fewer_layers_gives_the_first_layers_of_the_full_pass(prepared_models):
+    """predict pools only up to the deepest layer its head reads: the same numbers as the full pass."""
+    model, tokenizer = _load(prepared_models, "tiny-llama")
+    spec = PoolingSpec(poolings=("mean", "last"), max_len=32)
+    texts = ["a short text", "and a somewhat longer second text here"]
+    layers = model.config.num_hidden_layers + 1
+    full, tokens = pool_batch(model, tokenizer, texts, spec, torch.device("cpu"), layers)
+    part, _ = pool_batch(model, tokenizer, texts, spec, torch.device("cpu"), 2)
+    assert full["mean"].shape[1] == layers and part["mean"].shape[1] == 2 and tokens > 0
+    for pooling in spec.poolings:
+        np.testing.assert_array_equal(part[pooling], full[pooling][:, :2])
+    with pytest.raises(ValueError, match="num_layers"):
+        pool_batch(model, tokenizer, texts, spec, torch.device("cpu"), layers + 1)
