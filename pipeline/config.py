@@ -32,7 +32,7 @@ SCORE_PROTOCOLS = ("validation", "cv")
 SCORE_METRICS = ("accuracy", "macro_f1")
 SELECT_RULES = ("best", "one_se")
 FUSE_OPERATORS = ("mean", "max", "concat")
-HEAD_NAMES = ("linear", "mlp", "cooccurrence", "scalar_mix")
+HEAD_NAMES = ("linear", "mlp", "cooccurrence", "scalar_mix", "gated")
 TOP_K_MAX = 16                   # every subset of the top-k layers: 2^k sets
 COMPRESSOR_OPTIONS = {"none": (), "zstd": ("level",), "blosc": ("cname", "clevel", "shuffle")}
 BLOSC_SHUFFLES = ("noshuffle", "shuffle", "bitshuffle")
@@ -149,9 +149,16 @@ class ScalarMixOptions:
 
 
 @dataclass(frozen=True)
+class GatedOptions:
+    width: int = 256                 # each source's projection
+    widths: tuple[int, ...] = ()     # classifier hidden layers after the gated mix ([]: linear)
+    dropout: float = 0.1
+
+
+@dataclass(frozen=True)
 class TrainSettings:
     """`train:` the heads, their seeds and their optimiser."""
-    heads: tuple[str, ...] = HEAD_NAMES
+    heads: tuple[str, ...] = ("linear", "mlp", "cooccurrence", "scalar_mix")   # every name but gated (see params.yaml)
     seeds: tuple[int, ...] = (0, 1, 2)
     max_epochs: int = 30
     patience: int = 3
@@ -163,6 +170,7 @@ class TrainSettings:
     mlp: MlpOptions = field(default_factory=MlpOptions)
     cooccurrence: CooccurrenceOptions = field(default_factory=CooccurrenceOptions)
     scalar_mix: ScalarMixOptions = field(default_factory=ScalarMixOptions)
+    gated: GatedOptions = field(default_factory=GatedOptions)
 
     def as_dict(self) -> dict[str, Any]:
         return _plain(self)
@@ -388,6 +396,7 @@ def _parse_train(problems: _Problems, value: Any) -> TrainSettings:
     mlp = _Section(problems, "train.mlp", section.values.get("mlp"), defaults.mlp)
     co = _Section(problems, "train.cooccurrence", section.values.get("cooccurrence"), defaults.cooccurrence)
     mix = _Section(problems, "train.scalar_mix", section.values.get("scalar_mix"), defaults.scalar_mix)
+    gated = _Section(problems, "train.gated", section.values.get("gated"), defaults.gated)
     return TrainSettings(
         heads=section.names("heads", HEAD_NAMES), seeds=_unique(section, "seeds"),
         max_epochs=section.integer("max_epochs", 1), patience=section.integer("patience", 0),
@@ -396,7 +405,9 @@ def _parse_train(problems: _Problems, value: Any) -> TrainSettings:
         mlp=MlpOptions(widths=mlp.integers("widths", 1), dropout=mlp.number("dropout", 0, below=1)),
         cooccurrence=CooccurrenceOptions(width=co.integer("width", 1), sigma=co.number("sigma", 0, above=True),
                                          widths=co.integers("widths", 1), dropout=co.number("dropout", 0, below=1)),
-        scalar_mix=ScalarMixOptions(widths=mix.integers("widths", 1), dropout=mix.number("dropout", 0, below=1)))
+        scalar_mix=ScalarMixOptions(widths=mix.integers("widths", 1), dropout=mix.number("dropout", 0, below=1)),
+        gated=GatedOptions(width=gated.integer("width", 1), widths=gated.integers("widths", 1),
+                           dropout=gated.number("dropout", 0, below=1)))
 
 
 def _unique(section: _Section, key: str) -> tuple[int, ...]:

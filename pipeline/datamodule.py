@@ -209,3 +209,7 @@ class LayerDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("validation", False)
+
+    def eval_dataloader(self, split: str) -> DataLoader:
+        """Every row of a split in order, for `trainer.predict` (test: read here, after training)."""
+        return self._loader(split, False)

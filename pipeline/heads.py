@@ -129,6 +129,37 @@ class ScalarMixHead(nn.Module):
         return self.net(self.dropout(mixed))
 
 
+class GatedHead(nn.Module):
+    """Input-dependent softmax gate over the fused sources (each (model, pooling, layer) input).
+
+    Each source is projected to `width` by its own linear map; a linear gate on the concatenated
+    standardised inputs gives one softmax weight per source and text; the weighted sum of the
+    projections goes through dropout and a linear (widths = []) or MLP classifier. Where the scalar
+    mix learns one global weighting of one model's layers, this head weighs sources per text, across
+    models of different widths. The gate starts uniform (zero weights).
+    """
+
+    def __init__(self, input_dims: list[int], num_classes: int, width: int = 256, widths: list[int] = (),
+                 dropout: float = 0.1):
+        super().__init__()
+        self.input_dims = list(input_dims)
+        self.project = nn.ModuleList(nn.Linear(d, width) for d in input_dims)
+        self.gate = nn.Linear(sum(input_dims), len(input_dims))
+        nn.init.zeros_(self.gate.weight)
+        nn.init.zeros_(self.gate.bias)
+        self.dropout = nn.Dropout(dropout)
+        self.net = mlp(width, list(widths), num_classes, dropout)
+
+    def gates(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-text weights of the sources, [B, sources], each row summing to 1."""
+        return torch.softmax(self.gate(x), dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        V = torch.stack([p(part) for p, part in zip(self.project, split_inputs(x, self.input_dims))], 1)
+        mixed = (self.gates(x).unsqueeze(-1) * V).sum(1)                           # [B, width]
+        return self.net(self.dropout(mixed))
+
+
 def build_net(config: dict[str, Any]) -> nn.Module:
     """The nn.Module a config.json describes (used both to train and to load)."""
     head, dims, classes = config["head"], config["input_dims"], len(config["label_names"])
@@ -142,50 +173,43 @@ def build_net(config: dict[str, Any]) -> nn.Module:
                                 options["widths"], options["dropout"])
     if head == "scalar_mix":
         return ScalarMixHead(dims, classes, options["widths"], options["dropout"])
+    if head == "gated":
+        return GatedHead(dims, classes, options["width"], options["widths"], options["dropout"])
     raise ValueError(f"unknown head {head!r}; known heads are {list(HEADS)}")
 
 
 class HeadModule(L.LightningModule):
-    """Trains any head with cross-entropy on logits and AdamW; logs train_loss, val_loss and val_accuracy
-    once per epoch (sums kept as tensors across steps: no per-step logging or host syncs)."""
+    """Trains any head with cross-entropy on logits and AdamW. Lightning keeps the epoch means
+    (`self.log(..., on_epoch=True)`, weighted by batch size); `predict_step` returns what evaluation
+    needs (logits, labels and, for a gated head, its gate weights), read back by `trainer.predict`."""
 
     def __init__(self, net: nn.Module, lr: float = 1e-3, weight_decay: float = 1e-4):
         super().__init__()
         self.net, self.lr, self.weight_decay = net, lr, weight_decay
         self.loss = nn.CrossEntropyLoss()
-        self._sums: dict[str, list] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    def _add(self, key: str, loss: torch.Tensor, correct: torch.Tensor | None, n: int) -> None:
-        sums = self._sums.setdefault(key, [0.0, 0.0, 0])
-        sums[0] = sums[0] + loss.detach() * n
-        if correct is not None:
-            sums[1] = sums[1] + correct
-        sums[2] += n
-
     def training_step(self, batch, _):
         x, y = batch
         loss = self.loss(self.net(x), y)
-        self._add("train", loss, None, len(y))
+        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(y))
         return loss
 
     def validation_step(self, batch, _):
         x, y = batch
         logits = self.net(x)
-        self._add("val", self.loss(logits, y), (logits.argmax(-1) == y).sum(), len(y))
+        self.log("val_loss", self.loss(logits, y), on_step=False, on_epoch=True, batch_size=len(y))
+        self.log("val_accuracy", (logits.argmax(-1) == y).float().mean(), on_step=False, on_epoch=True,
+                 batch_size=len(y))
 
-    def on_train_epoch_end(self) -> None:
-        sums = self._sums.pop("train", None)
-        if sums:
-            self.log("train_loss", sums[0] / sums[2])
-
-    def on_validation_epoch_end(self) -> None:
-        sums = self._sums.pop("val", None)
-        if sums:
-            self.log("val_loss", sums[0] / sums[2])
-            self.log("val_accuracy", sums[1] / sums[2])
+    def predict_step(self, batch, _) -> dict[str, torch.Tensor]:
+        x, y = batch
+        out = {"logits": self.net(x).cpu(), "labels": y.cpu()}
+        if isinstance(self.net, GatedHead):
+            out["gates"] = self.net.gates(x).cpu()
+        return out
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)

@@ -72,3 +72,14 @@ def plot_layer_weights(path: Path, weights: dict[str, tuple[list[float], list[fl
         depth = [i / max(len(mean) - 1, 1) for i in range(len(mean))]
         ax.errorbar(depth, mean, yerr=std, marker="o", ms=3, capsize=2, label=model)
     finish(fig, ax, path, "relative depth", "softmax weight", title)
+
+
+def plot_gate_weights(path: Path, sources: list[str], per_class: dict[str, tuple[list[float], list[float]]],
+                      title: str) -> None:
+    """The gated head's mean gate weight of each source (mean ± std over seeds), one line per class."""
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * len(sources) + 2), 4.2))
+    positions = list(range(len(sources)))
+    for name, (mean, std) in per_class.items():
+        ax.errorbar(positions, mean, yerr=std, marker="o", ms=3, capsize=2, label=name)
+    ax.set_xticks(positions, sources, rotation=90, fontsize=7)
+    finish(fig, ax, path, "source (model:pooling:layer)", "mean gate weight", title)

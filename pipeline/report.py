@@ -8,13 +8,13 @@ them. The drawing itself lives in pipeline/plots.py, which the score stage uses 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline.atomic import write_json_atomic, write_text_atomic
 from pipeline.layer_report import layer_scores_section
-from pipeline.plots import plot_layer_scores, plot_layer_weights
+from pipeline.plots import plot_gate_weights, plot_layer_scores, plot_layer_weights
 from pipeline.records import (ChosenFusion, HeadResult, HeadResults, LeaderboardRow, ScoreRow, read_json,
                               read_record, read_records, read_scores)
 from pipeline.significance import verdict
@@ -34,6 +34,7 @@ class DatasetResults:
     leaderboard: list[LeaderboardRow]
     heads: HeadResults
     resources: dict[str, dict[str, Any]]
+    gates: list[dict[str, Any]] = field(default_factory=list)   # heads/<dataset>/gate_weights.json, when gated ran
 
     @property
     def metric(self) -> str:
@@ -47,7 +48,8 @@ def load_dataset(store: Path, dataset: str, models: list[str]) -> DatasetResults
         read_record(store / "fusion" / dataset / "chosen.json", ChosenFusion),
         read_records(store / "fusion" / dataset / "leaderboard.json", LeaderboardRow),
         read_record(store / "heads" / dataset / "results.json", HeadResults),
-        read_json(store / "heads" / dataset / "resources.json"))
+        read_json(store / "heads" / dataset / "resources.json"),
+        read_json(gates) if (gates := store / "heads" / dataset / "gate_weights.json").is_file() else [])
 
 
 # -- cells --------------------------------------------------------------------------------------------------
@@ -181,6 +183,31 @@ def scalar_mix_section(data: DatasetResults, figures: Path) -> list[str]:
     return [f"![scalar mix weights]({figures.name}/{name})", ""]
 
 
+def gated_section(data: DatasetResults, figures: Path) -> list[str]:
+    """Names LLMEmbed's co-occurrence inputs; the gated head's mean gate weight per source and class (a figure
+    per row it was trained on) and its paired differences to the heads trained on the same inputs."""
+    lines = ["LLMEmbed inputs (co-occurrence): " + "; ".join(
+        f"{g['model']} {g['pooling']}-pooled layer{'s' if len(g['layers']) > 1 else ''} "
+        f"{', '.join(map(str, g['layers']))}" for g in r.groups) + "." for r in data.heads.results
+        if r.kind == "cooccurrence" and r.head == "cooccurrence"]
+    if data.gates:
+        lines += ["", "### Gated fusion head", "", "A softmax gate over the sources per text; mean weight per class on "
+                  f"{data.gates[0]['split']} (mean ± std over seeds). Test: gated minus the head on the same inputs, "
+                  "in points (95% CI, p).", "", "| inputs | against | difference |", "|---|---|---|"]
+        lines += [f"| {r.row} | {against.removesuffix(' on the same inputs')} | {_paired_cell(r, against)} |"
+                  for r in data.heads.results if r.head == "gated"
+                  for against in r.paired_tests if against.endswith("on the same inputs")]
+        lines.append("")
+    for entry in data.gates:
+        name = f"{data.name}_gates_{entry['folder'].split('/')[0]}.png"
+        per_class = {c: (m, s) for c, m, s in zip(entry["classes"], entry["per_class"], entry["per_class_std"])
+                     if m is not None}
+        plot_gate_weights(figures / name, [":".join(map(str, source)) for source in entry["sources"]], per_class,
+                          f"{data.name}, {entry['row']}: gate weight per class")
+        lines.append(f"![gate weights, {entry['row']}]({figures.name}/{name})")
+    return lines + [""] if lines else []
+
+
 def resources_section(resources: dict[str, dict[str, Any]]) -> list[str]:
     lines = ["### Resources", "", "| model | extraction s | tokens/s | peak RSS MB | store MB |", "|---|---|---|---|---|"]
     lines += [f"| {model} | {r['extraction_seconds']} | {r['tokens_per_s']} | {r['peak_rss_mb']} | "
@@ -193,7 +220,7 @@ def dataset_section(data: DatasetResults, figures: Path) -> list[str]:
     return ([f"## {data.name}", ""] + heads_section(data.heads.results, data.metric)
             + selection_section(data.scores, data.chosen) + layers_section(data, figures)
             + layer_scores_section(data.scores, data.name, figures) + fusion_section(data)
-            + scalar_mix_section(data, figures) + resources_section(data.resources))
+            + scalar_mix_section(data, figures) + gated_section(data, figures) + resources_section(data.resources))
 
 
 def stage_times(data: DatasetResults) -> list[tuple[str, float]]:

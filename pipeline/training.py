@@ -2,19 +2,23 @@
 
 What gets trained, per dataset (from the fuse stage's `chosen.json`):
   per model:  last layer | best single layer | best within-model fusion | LLMEmbed recipe (last N, mean)
-              and, for the scalar_mix head, all layers of the model;
+              and, for the scalar_mix and gated heads, all layers of the model;
   across:     the best multi-model fusion, and LLMEmbed's co-occurrence head on its inputs
-              (each decoder's last N layers + each encoder's last layer).
-Early stopping and the reported validation score use the validation split; the test split is
-evaluated once, after training, with the weights of the best validation epoch.
+              (each decoder's last N layers + each encoder's sentence vector, see `llmembed_groups`).
+The gated head trains on the inputs of the rows it is compared on: all layers (beside scalar_mix and a
+linear head on their concatenation), the best multi-model fusion (beside linear and mlp) and LLMEmbed's
+inputs (beside co-occurrence).
+Lightning does the bookkeeping: epoch means through `self.log`, early stopping on validation loss,
+the best epoch's weights through ModelCheckpoint (a temporary folder, removed after the fit), and
+evaluation through `trainer.predict` with those weights; the test split is read once, after training.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import re
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -23,7 +27,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, EarlyStopping
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from safetensors.torch import save as safetensors_bytes
 
 from pipeline.atomic import write_bytes_atomic, write_json_atomic
@@ -32,10 +36,17 @@ from pipeline.devices import lightning_accelerator
 from pipeline.config import TrainSettings
 from pipeline.heads import HeadModule, build_net
 from pipeline.probe import metrics
+from pipeline.records import HeadResult, HeadResults
 from pipeline.significance import TestRows, add_test_uncertainty
 
 FUSED_HEADS = ("linear", "mlp")
+HEADS_WITH_OPTIONS = ("mlp", "cooccurrence", "scalar_mix", "gated")
+LLMEMBED_POOLING = "mean"
+"""LLMEmbed's inputs are mean-pooled: its decoder layers (mean over tokens) and the native sentence vector of
+sentence-transformers encoders (MiniLM and MPNet pool by the mean); used whatever pooling the probe chose."""
+GATE_SPLIT = "validation"       # gate weights per class are read on validation: nothing more is read from test
 TEST_PREDICTIONS = "_test_predictions"      # kept in memory for the paired tests, saved beside each head
+GATES = "_gate_weights"                     # a gated head's per-class gate weights, gathered into gate_weights.json
 
 
 def quiet_lightning() -> None:
@@ -72,44 +83,42 @@ def spec_from_groups(groups: list[dict[str, Any]]) -> tuple[list[tuple[str, str,
     return inputs, out
 
 
-def plan_runs(chosen: dict[str, Any], heads: list[str]) -> list[dict[str, Any]]:
-    """The rows of the report table and the heads trained on each, identical inputs trained once."""
+def llmembed_groups(chosen: dict[str, Any], poolings: dict[str, list[str]] | None = None) -> list[dict[str, Any]]:
+    """LLMEmbed's co-occurrence inputs: each decoder's last N layers (fuse.last_n, as in its LLMEmbed recipe
+    row) and each encoder's last layer, all mean-pooled; a store without `mean` falls back to the probe's pooling."""
+    groups = []
+    for model, info in chosen["models"].items():
+        layers = info["llmembed"]["groups"][0]["layers"] if info["decoder"] else [info["num_layers"] - 1]
+        pooling = LLMEMBED_POOLING if poolings is None or LLMEMBED_POOLING in poolings[model] else info["pooling"]
+        groups.append({"model": model, "pooling": pooling, "layers": list(layers), "operator": "concat"})
+    return groups
+
+
+def plan_runs(chosen: dict[str, Any], heads: list[str], poolings: dict[str, list[str]] | None = None) -> list[dict[str, Any]]:
+    """The rows of the report table and the heads trained on each, identical inputs trained once.
+    `poolings`: the poolings each model's store holds (None: assume LLMEmbed's mean is there)."""
     rows: list[dict[str, Any]] = []
     fused = [h for h in heads if h in FUSED_HEADS]
+    gated = ["gated"] if "gated" in heads else []
     for model, info in chosen["models"].items():
         for key, label in (("last", "last layer"), ("best_layer", "best single layer"),
                            ("best_fusion", "best within-model fusion"), ("llmembed", "LLMEmbed recipe")):
             rows.append({"row": f"{model}: {label}", "kind": key, "groups": info[key]["groups"],
                          "probe": info[key], "heads": fused})
-        if "scalar_mix" in heads:
+        mixes = [h for h in ("scalar_mix", "gated") if h in heads]
+        if mixes:
             groups = [{"model": model, "pooling": info["pooling"], "layers": list(range(info["num_layers"])),
                        "operator": "concat"}]
+            concat = ["linear"] if gated and "linear" in heads else []    # the gate's baseline on the same inputs
             rows.append({"row": f"{model}: all layers", "kind": "all_layers", "groups": groups, "probe": None,
-                         "heads": ["scalar_mix"]})
+                         "heads": concat + mixes})
     if chosen.get("best_multi"):
         rows.append({"row": "multi-model: best fusion", "kind": "best_multi", "groups": chosen["best_multi"]["groups"],
-                     "probe": chosen["best_multi"], "heads": fused})
+                     "probe": chosen["best_multi"], "heads": fused + gated})
     if "cooccurrence" in heads:
-        groups = []
-        for model, info in chosen["models"].items():
-            layers = info["llmembed"]["groups"][0]["layers"] if info["decoder"] else [info["num_layers"] - 1]
-            groups.append({"model": model, "pooling": info["pooling"], "layers": layers, "operator": "concat"})
-        rows.append({"row": "LLMEmbed inputs (co-occurrence)", "kind": "cooccurrence", "groups": groups,
-                     "probe": None, "heads": ["cooccurrence"]})
-    return rows
-
-
-class BestWeights(Callback):
-    """Keeps the weights of the best validation epoch in memory (no checkpoint files)."""
-
-    def __init__(self, monitor: str = "val_loss"):
-        self.monitor, self.best, self.state, self.epoch, self.val_accuracy = monitor, float("inf"), None, -1, None
-
-    def on_validation_end(self, trainer, module) -> None:
-        value = trainer.callback_metrics.get(self.monitor)
-        if value is not None and float(value) < self.best:
-            self.best, self.epoch = float(value), trainer.current_epoch
-            self.state = copy.deepcopy(module.net.state_dict())
+        rows.append({"row": "LLMEmbed inputs (co-occurrence)", "kind": "cooccurrence",
+                     "groups": llmembed_groups(chosen, poolings), "probe": None, "heads": ["cooccurrence"] + gated})
+    return [row for row in rows if row["heads"]]
 
 
 def resolve_accelerator(device: str) -> str:
@@ -117,21 +126,22 @@ def resolve_accelerator(device: str) -> str:
     return lightning_accelerator(device, "train.device")
 
 
-@torch.no_grad()
-def predict(net: torch.nn.Module, rows, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Predicted classes and labels of every row of a FusedRows, in order, one batch at a time."""
-    net.eval()
-    device = next(net.parameters()).device
-    preds, labels = [], []
-    for x, y in rows.batches(batch_size):
-        preds.append(net(x.to(device)).argmax(-1).cpu())
-        labels.append(y)
-    return torch.cat(preds), torch.cat(labels)
+def evaluate(trainer: L.Trainer, module: HeadModule, data: LayerDataModule, split: str) -> dict[str, torch.Tensor]:
+    """Logits, labels (and gate weights) of every row of a split, in order, with the best epoch's weights."""
+    batches = trainer.predict(module, dataloaders=data.eval_dataloader(split), ckpt_path="best")
+    return {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
+
+
+def gate_weights_per_class(gates: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[list[float]]:
+    """Mean gate weight of each source over the rows of each class ([classes][sources]; a class with no rows: None)."""
+    return [[round(float(w), 6) for w in gates[labels == c].mean(0)] if bool((labels == c).any()) else None
+            for c in range(num_classes)]
 
 
 def fit_head(cache: LayerCache, run: dict[str, Any], head: str, seed: int, settings: dict[str, Any],
              out_dir: Path, label_names: list[str], decoders: dict[str, bool], root_dir: Path) -> dict[str, Any]:
-    """Train one head with one seed; save model.safetensors + config.json + standardisation.safetensors."""
+    """Train one head with one seed; save model.safetensors + config.json + standardisation.safetensors
+    (and gate_weights.json for a gated head)."""
     quiet_lightning()
     start = time.perf_counter()
     L.seed_everything(seed, workers=True, verbose=False)
@@ -140,37 +150,45 @@ def fit_head(cache: LayerCache, run: dict[str, Any], head: str, seed: int, setti
     data.setup()
     config = {"head": head, "row": run["row"], "inputs": [list(i) for i in inputs], "input_dims": data.input_dims,
               "groups": groups, "decoder": [decoders[m] for m, _, _ in inputs], "label_names": label_names,
-              "options": dict(settings.get(head, {})) if head in ("mlp", "cooccurrence", "scalar_mix") else {},
+              "options": dict(settings.get(head, {})) if head in HEADS_WITH_OPTIONS else {},
               "standardisation": "standardisation.safetensors", "seed": seed,
               "training": {k: settings[k] for k in ("max_epochs", "patience", "batch_size", "lr", "weight_decay")},
               # what predict and export check the current stores against (a rebuilt store makes the head stale)
               "store_fingerprints": {m: cache.store(m).attrs["fingerprint"] for m in dict.fromkeys(i[0] for i in inputs)}}
     net = build_net(config)
     module = HeadModule(net, settings["lr"], settings["weight_decay"])
-    best = BestWeights("val_loss")
-    trainer = L.Trainer(max_epochs=settings["max_epochs"], accelerator=resolve_accelerator(settings["device"]),
-                        devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=str(root_dir), num_sanity_val_steps=0,
-                        callbacks=[EarlyStopping("val_loss", patience=settings["patience"], mode="min"), best])
-    trainer.fit(module, datamodule=data)
-    net.load_state_dict(best.state)
-    net = net.cpu()
-    train_seconds = time.perf_counter() - start
-    validation = metrics(*predict(net, data.rows("validation")), len(label_names))
-    test_pred, test_y = predict(net, data.rows("test"))                  # the only look at test, after training
-    test = metrics(test_pred, test_y, len(label_names))
-    config.update({"validation": validation, "test": test, "best_epoch": best.epoch,
-                   "epochs": trainer.current_epoch + 1, "seconds": round(train_seconds, 3)})
+    with tempfile.TemporaryDirectory(prefix="layerfuse-checkpoints-") as checkpoints:    # never in store/ or reports/
+        best = ModelCheckpoint(dirpath=checkpoints, filename="{epoch}", monitor="val_loss", mode="min", save_top_k=1,
+                               save_weights_only=True, auto_insert_metric_name=False, enable_version_counter=False)
+        trainer = L.Trainer(max_epochs=settings["max_epochs"], accelerator=resolve_accelerator(settings["device"]),
+                            devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            default_root_dir=str(root_dir), num_sanity_val_steps=0,
+                            callbacks=[EarlyStopping("val_loss", patience=settings["patience"], mode="min"), best])
+        trainer.fit(module, datamodule=data)
+        train_seconds = time.perf_counter() - start
+        validation = evaluate(trainer, module, data, "validation")   # loads the best epoch's weights into `net`
+        test = evaluate(trainer, module, data, "test")               # the only look at test, after training
+        best_epoch = int(Path(best.best_model_path).stem)
+    net = net.cpu().eval()
+    test_pred, test_y = test["logits"].argmax(-1), test["labels"]
+    config.update({"validation": metrics(validation["logits"].argmax(-1), validation["labels"], len(label_names)),
+                   "test": metrics(test_pred, test_y, len(label_names)), "best_epoch": best_epoch,
+                   "epochs": trainer.current_epoch, "seconds": round(train_seconds, 3)})
     if head == "scalar_mix":
         config["layer_weights"] = [round(float(w), 6) for w in net.weights().detach()]
     out_dir.mkdir(parents=True, exist_ok=True)
+    gates = None
+    if head == "gated":
+        gates = {"split": GATE_SPLIT, "sources": config["inputs"], "classes": label_names,
+                 "per_class": gate_weights_per_class(validation["gates"], validation["labels"], len(label_names))}
+        write_json_atomic(out_dir / "gate_weights.json", gates)
     weights = {k: v.contiguous() for k, v in net.state_dict().items()}
     write_bytes_atomic(out_dir / "model.safetensors", safetensors_bytes(weights))
     write_bytes_atomic(out_dir / "standardisation.safetensors", safetensors_bytes(data.standardisation()))
     write_bytes_atomic(out_dir / "test_predictions.safetensors",
                        safetensors_bytes({"predictions": test_pred.to(torch.int32), "labels": test_y.to(torch.int32)}))
     write_json_atomic(out_dir / "config.json", config)
-    return {**config, TEST_PREDICTIONS: test_pred.numpy()}
+    return {**config, TEST_PREDICTIONS: test_pred.numpy(), **({GATES: gates} if gates else {})}
 
 
 def summarise(configs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -188,9 +206,35 @@ def summarise(configs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def summarise_gates(row: str, folder: str, configs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A gated head's per-class gate weights, mean and std over seeds ([classes][sources] each)."""
+    first = configs[0][GATES]
+    nan = [float("nan")] * len(first["sources"])
+    per_class = np.array([[w if w is not None else nan for w in c[GATES]["per_class"]] for c in configs])
+    absent = lambda table: [None if np.isnan(w).any() else w for w in table.round(6).tolist()]   # noqa: E731
+    return {"row": row, "folder": folder, "split": first["split"], "sources": first["sources"],
+            "classes": first["classes"], "per_class": absent(per_class.mean(0)),
+            "per_class_std": absent(per_class.std(0)), "seeds": [c["seed"] for c in configs]}
+
+
+def add_same_input_tests(results: list[dict[str, Any]], predictions: dict[tuple[str, str], np.ndarray],
+                         tests: TestRows) -> None:
+    """The gated head against every other head trained on the same inputs (scalar mix, concatenation,
+    co-occurrence): paired on the same test rows, like the tests against the baselines."""
+    for row in results:
+        if row["head"] != "gated":
+            continue
+        for other in results:
+            if other["row"] == row["row"] and other["head"] != "gated":
+                test = tests.paired(predictions[(row["row"], "gated")], predictions[(other["row"], other["head"])])
+                row["paired_tests"][f"{other['head']} on the same inputs"] = {
+                    **test, "against": f"{other['row']} ({other['head']})"}
+
+
 def train_dataset(store_root: Path, dataset: str, chosen: dict[str, Any], settings: dict[str, Any],
                   out_root: Path) -> dict[str, Any]:
-    """Every planned (row, head) with every seed; returns the results table written to results.json."""
+    """Every planned (row, head) with every seed; returns the results table written to results.json (a
+    HeadResults record's JSON) and writes gate_weights.json beside it when gated heads were trained."""
     start = time.perf_counter()
     resolve_accelerator(settings["device"])        # refuse a missing GPU before reading anything
     if settings.get("threads"):
@@ -198,11 +242,11 @@ def train_dataset(store_root: Path, dataset: str, chosen: dict[str, Any], settin
     cache = LayerCache(store_root, dataset)
     label_names = cache.store(next(iter(chosen["models"]))).label_names
     decoders = {m: bool(info["decoder"]) for m, info in chosen["models"].items()}
-    runs = plan_runs(chosen, settings["heads"])
+    runs = plan_runs(chosen, settings["heads"], {m: cache.store(m).poolings for m in chosen["models"]})
     # every layer any run needs, read once into one tensor per (model, pooling, split); test comes later
     cache.load([i for run in runs for i in spec_from_groups(run["groups"])[0]], ("train", "validation"))
     done: dict[tuple[str, str], dict[str, Any]] = {}
-    results, predictions = [], {}
+    results, predictions, gates = [], {}, []
     for run in runs:
         key_inputs = json.dumps(run["groups"], sort_keys=True)
         for head in run["heads"]:
@@ -213,13 +257,18 @@ def train_dataset(store_root: Path, dataset: str, chosen: dict[str, Any], settin
                                     out_root / ".trainer") for seed in settings["seeds"]]
                 done[key] = {**summarise(configs), "folder": str(folder.relative_to(out_root)),
                              TEST_PREDICTIONS: np.stack([c[TEST_PREDICTIONS] for c in configs])}
+                if GATES in configs[0]:
+                    gates.append(summarise_gates(run["row"], done[key]["folder"], configs))
             results.append({"row": run["row"], "kind": run["kind"], "head": head, "groups": run["groups"],
                             "probe_score": run["probe"]["score"] if run["probe"] else None,
                             "probe_std": run["probe"]["std"] if run["probe"] else None,
                             **{k: v for k, v in done[key].items() if k != TEST_PREDICTIONS}})
             predictions[(run["row"], head)] = done[key][TEST_PREDICTIONS]
     first_model = next(iter(chosen["models"]))
-    add_test_uncertainty(results, predictions, TestRows(cache.labels(first_model, "test").numpy(), len(label_names),
-                                                        seed=int(settings["seeds"][0])))
-    return {"dataset": dataset, "results": results, "bytes_read": cache.bytes_read,
-            "seconds": round(time.perf_counter() - start, 3), "settings": settings}
+    tests = TestRows(cache.labels(first_model, "test").numpy(), len(label_names), seed=int(settings["seeds"][0]))
+    add_test_uncertainty(results, predictions, tests)
+    add_same_input_tests(results, predictions, tests)
+    if gates:
+        write_json_atomic(out_root / "gate_weights.json", gates)
+    return HeadResults(dataset=dataset, results=[HeadResult(**row) for row in results], bytes_read=cache.bytes_read,
+                       seconds=round(time.perf_counter() - start, 3), settings=settings).to_json()

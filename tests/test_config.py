@@ -88,7 +88,7 @@ def test_bad_train_values_are_named(tmp_path):
     assert "train.max_epochs: must be an integer >= 1, got 'abc'" in lines
     assert "train.lr: must be a number > 0, got -1" in lines
     assert has(lines, "train.heads: must be a non-empty list drawn from ['linear', 'mlp', 'cooccurrence', "
-                      "'scalar_mix'], each once, got []")
+                      "'scalar_mix', 'gated'], each once, got []")
     assert has(lines, "train.weight_decay: must be a number >= 0") and has(lines, "train.device: must be auto")
     assert has(lines, "train.mlp.widths: must be a list of integers >= 1")
     assert has(lines, "train.mlp.dropout: must be a number >= 0 and < 1, got 1.5")

@@ -12,7 +12,7 @@ import torch
 from _stage2_store import make_store
 from pipeline.config import MlpOptions, TrainSettings
 from pipeline.datamodule import LayerCache
-from pipeline.heads import CooccurrenceHead, Fuse, ScalarMixHead, load_head, load_standardisation
+from pipeline.heads import CooccurrenceHead, Fuse, GatedHead, ScalarMixHead, load_head, load_standardisation
 from pipeline.training import fit_head, plan_runs, spec_from_groups, train_settings
 
 
@@ -36,14 +36,29 @@ def test_scalar_mix_weights_are_a_distribution():
     assert float(head.weights().sum()) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("head", ["linear", "mlp", "cooccurrence", "scalar_mix"])
+def test_gate_is_a_distribution_per_text_and_depends_on_the_text():
+    torch.manual_seed(0)
+    head = GatedHead([4, 6, 4], num_classes=3, width=8)
+    x = torch.randn(5, 14)
+    assert torch.allclose(head.gates(x), torch.full((5, 3), 1 / 3))          # starts uniform
+    torch.nn.init.normal_(head.gate.weight)
+    gates = head.gates(x)
+    assert gates.shape == (5, 3) and bool((gates > 0).all())
+    assert torch.allclose(gates.sum(-1), torch.ones(5), atol=1e-6)
+    assert not torch.allclose(gates[0], gates[1])                           # per text, not one global mix
+    assert head(x).shape == (5, 3)
+
+
+@pytest.mark.parametrize("head", ["linear", "mlp", "cooccurrence", "scalar_mix", "gated"])
 def test_head_trains_saves_and_loads(tmp_path, head, monkeypatch):
     monkeypatch.chdir(tmp_path)
     make_store(tmp_path / "store", "toy-dec", decoder=True, best_layer=4)
     groups = {"linear": [{"model": "toy-dec", "pooling": "mean", "layers": [3, 4], "operator": "mean"}],
               "mlp": [{"model": "toy-dec", "pooling": "mean", "layers": [4, 5], "operator": "concat"}],
               "cooccurrence": [{"model": "toy-dec", "pooling": "mean", "layers": [2, 3, 4], "operator": "concat"}],
-              "scalar_mix": [{"model": "toy-dec", "pooling": "mean", "layers": list(range(6)), "operator": "concat"}]}
+              "scalar_mix": [{"model": "toy-dec", "pooling": "mean", "layers": list(range(6)), "operator": "concat"}],
+              "gated": [{"model": "toy-dec", "pooling": "mean", "layers": [0, 2, 4], "operator": "concat"},
+                        {"model": "toy-dec", "pooling": "last", "layers": [1], "operator": "concat"}]}
     settings = train_settings(TrainSettings(seeds=(0,), max_epochs=15, patience=3, batch_size=64, lr=0.01,
                                             mlp=MlpOptions(widths=(32,), dropout=0.1)))
     cache = LayerCache(tmp_path / "store", "toy")
@@ -51,11 +66,11 @@ def test_head_trains_saves_and_loads(tmp_path, head, monkeypatch):
     config = fit_head(cache, {"row": "t", "groups": groups[head]}, head, 0, settings, out, ["c0", "c1"],
                       {"toy-dec": True}, tmp_path / "store" / ".trainer")
     assert config["validation"]["accuracy"] > 0.7 and config["test"]["accuracy"] > 0.7
-    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "standardisation.safetensors",
-                                       "test_predictions.safetensors"]
+    assert sorted(os.listdir(out)) == ["config.json", *(["gate_weights.json"] if head == "gated" else []),
+                                       "model.safetensors", "standardisation.safetensors", "test_predictions.safetensors"]
     assert not (tmp_path / "lightning_logs").exists() and not list(tmp_path.glob("*.ckpt"))
     net, loaded = load_head(out)
-    assert loaded["inputs"] == [["toy-dec", "mean", l] for l in groups[head][0]["layers"]]
+    assert loaded["inputs"] == [["toy-dec", g["pooling"], l] for g in groups[head] for l in g["layers"]]
     mean, std = load_standardisation(out)
     inputs, _ = spec_from_groups(groups[head])
     raw = torch.cat([torch.from_numpy(cache.store("toy-dec").layer("test", "mean", l)) for _, _, l in inputs], 1)
@@ -66,6 +81,11 @@ def test_head_trains_saves_and_loads(tmp_path, head, monkeypatch):
     if head == "scalar_mix":
         weights = json.loads((out / "config.json").read_text())["layer_weights"]
         assert len(weights) == 6 and sum(weights) == pytest.approx(1.0, abs=1e-4)
+    if head == "gated":     # per class on validation: each class's mean gate is a distribution over the 4 sources
+        gates = json.loads((out / "gate_weights.json").read_text())
+        assert gates["split"] == "validation" and gates["sources"] == loaded["inputs"] and gates["classes"] == ["c0", "c1"]
+        assert [len(g) for g in gates["per_class"]] == [4, 4]
+        assert all(sum(g) == pytest.approx(1.0, abs=1e-4) for g in gates["per_class"])
     assert not (Path.cwd() / "lightning_logs").exists()
 
 
@@ -79,6 +99,45 @@ def test_plan_dedupes_and_covers_the_table():
     kinds = [r["kind"] for r in runs]
     assert kinds == ["last", "best_layer", "best_fusion", "llmembed", "all_layers", "cooccurrence"]
     assert runs[-1]["groups"][0]["layers"] == [1, 2, 3, 4, 5]
+    assert [r["heads"] for r in runs][-2:] == [["scalar_mix"], ["cooccurrence"]]     # no gated head unless asked
+
+
+def _chosen_two_models(decoder_pooling="last", encoder_pooling="first", dec="dec", enc="enc", dec_layers=8,
+                       enc_layers=4):
+    """A chosen.json of a decoder and an encoder (layer counts as stored: embeddings + blocks)."""
+    row = lambda model, pooling, layers, op="mean": {                                   # noqa: E731
+        "groups": [{"model": model, "pooling": pooling, "layers": layers, "operator": op}], "score": 0.5, "std": 0.0}
+
+    def info(name, pooling, n, decoder):
+        return {"pooling": pooling, "num_layers": n, "decoder": decoder, "last": row(name, pooling, [n - 1]),
+                "best_layer": row(name, pooling, [n - 2]), "best_fusion": row(name, pooling, [n - 3, n - 2], "concat"),
+                "llmembed": row(name, pooling, list(range(max(n - 5, 0), n)))}
+    models = {dec: info(dec, decoder_pooling, dec_layers, True), enc: info(enc, encoder_pooling, enc_layers, False)}
+    multi = {"groups": models[dec]["best_fusion"]["groups"] + models[enc]["best_layer"]["groups"], "score": 0.6, "std": 0.0}
+    return {"models": models, "best_multi": multi}
+
+
+def test_llmembed_row_feeds_the_decoders_last_five_layers_and_the_encoders_sentence_vector():
+    """LLMEmbed's inputs (its released code): the decoder's last five layers and the encoders' sentence vectors,
+    all mean-pooled, whatever pooling the probe chose; a store without `mean` keeps the probe's pooling."""
+    chosen = _chosen_two_models()
+    row = next(r for r in plan_runs(chosen, ["cooccurrence"]) if r["kind"] == "cooccurrence")
+    assert row["groups"] == [{"model": "dec", "pooling": "mean", "layers": [3, 4, 5, 6, 7], "operator": "concat"},
+                             {"model": "enc", "pooling": "mean", "layers": [3], "operator": "concat"}]
+    assert spec_from_groups(row["groups"])[0] == [("dec", "mean", l) for l in range(3, 8)] + [("enc", "mean", 3)]
+    row = plan_runs(chosen, ["cooccurrence"], {"dec": ["last", "first"], "enc": ["mean", "first"]})[-1]
+    assert [(g["model"], g["pooling"]) for g in row["groups"]] == [("dec", "last"), ("enc", "mean")]
+
+
+def test_gated_head_is_planned_beside_what_it_is_compared_with_on_identical_inputs():
+    runs = plan_runs(_chosen_two_models("mean", "mean"), ["linear", "mlp", "cooccurrence", "scalar_mix", "gated"])
+    heads = {r["row"]: r["heads"] for r in runs}
+    assert heads["dec: all layers"] == heads["enc: all layers"] == ["linear", "scalar_mix", "gated"]
+    assert heads["multi-model: best fusion"] == ["linear", "mlp", "gated"]
+    assert heads["LLMEmbed inputs (co-occurrence)"] == ["cooccurrence", "gated"]
+    assert heads["dec: best single layer"] == ["linear", "mlp"]
+    only = {r["row"]: r["heads"] for r in plan_runs(_chosen_two_models(), ["gated"])}
+    assert only == {"dec: all layers": ["gated"], "enc: all layers": ["gated"], "multi-model: best fusion": ["gated"]}
 
 
 def test_cache_reads_each_layer_once_and_batches_match_a_concatenation(tmp_path):
@@ -105,3 +164,72 @@ def test_cache_reads_each_layer_once_and_batches_match_a_concatenation(tmp_path)
     assert cache.bytes_read == first + 2 * per_layer                     # layers 2 (mean) and 0 (last) only
     data.rows("test")
     assert cache.tensors[("toy-dec", "mean")]["test"].shape == (120, 3, 16)
+
+
+def test_lightning_stops_early_keeps_the_best_epoch_and_leaves_no_checkpoint(tmp_path, monkeypatch):
+    """Early stopping on validation loss, the best epoch's weights through ModelCheckpoint in a temporary
+    folder that is gone after the fit, and evaluation with those weights."""
+    import tempfile
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.chdir(tmp_path)
+    make_store(tmp_path / "store", "toy-dec", decoder=True, best_layer=4)
+    groups = [{"model": "toy-dec", "pooling": "mean", "layers": [3, 4], "operator": "concat"}]
+    settings = train_settings(TrainSettings(seeds=(0,), max_epochs=40, patience=2, batch_size=32, lr=0.05,
+                                            mlp=MlpOptions(widths=(64,), dropout=0.0)))
+    cache = LayerCache(tmp_path / "store", "toy")
+    out = tmp_path / "heads" / "mlp"
+    config = fit_head(cache, {"row": "t", "groups": groups}, "mlp", 0, settings, out, ["c0", "c1"], {"toy-dec": True},
+                      tmp_path / ".trainer")
+    assert config["epochs"] < 40, "a 64-wide MLP at lr 0.05 on 240 rows overfits: early stopping should end it"
+    assert config["epochs"] == config["best_epoch"] + settings["patience"] + 1
+    assert os.listdir(scratch) == [] and not list(tmp_path.rglob("*.ckpt"))
+    assert not (tmp_path / "lightning_logs").exists()
+    net, _ = load_head(out)                 # the saved weights are the ones validation was scored with
+    mean, std = load_standardisation(out)
+    x = torch.cat([torch.from_numpy(cache.store("toy-dec").layer("validation", "mean", l)) for l in (3, 4)], 1)
+    with torch.no_grad():
+        pred = net((x - mean) / std).argmax(-1)
+    accuracy = float((pred == cache.labels("toy-dec", "validation")).float().mean())
+    assert accuracy == pytest.approx(config["validation"]["accuracy"], abs=1e-6)
+
+
+def test_train_dataset_compares_the_gate_on_identical_inputs_and_writes_typed_results(tmp_path, monkeypatch):
+    from pipeline.records import HeadResults
+    from pipeline.training import train_dataset
+    monkeypatch.chdir(tmp_path)
+    make_store(tmp_path / "store", "toy-dec", decoder=True, best_layer=4, num_layers=6)
+    make_store(tmp_path / "store", "toy-enc", best_layer=2, num_layers=4, dim=8, poolings=("mean", "first"), seed=1)
+    chosen = _chosen_two_models("last", "first", "toy-dec", "toy-enc", dec_layers=6, enc_layers=4)
+    settings = train_settings(TrainSettings(heads=("linear", "cooccurrence", "scalar_mix", "gated"), seeds=(0,),
+                                            max_epochs=4, patience=2, batch_size=64, lr=0.01))
+    written = train_dataset(tmp_path / "store", "toy", chosen, settings, tmp_path / "heads")
+    result = HeadResults.from_json(json.loads(json.dumps(written)))     # results.json is a HeadResults record
+    assert result.to_json() == written
+    rows = {(r.row, r.head): r for r in result.results}
+    co = rows[("LLMEmbed inputs (co-occurrence)", "cooccurrence")]
+    assert co.groups == [{"model": "toy-dec", "pooling": "mean", "layers": [1, 2, 3, 4, 5], "operator": "concat"},
+                         {"model": "toy-enc", "pooling": "mean", "layers": [3], "operator": "concat"}]
+    assert set(rows[("toy-dec: all layers", "gated")].paired_tests) >= {"linear on the same inputs",
+                                                                       "scalar_mix on the same inputs"}
+    assert "cooccurrence on the same inputs" in rows[("LLMEmbed inputs (co-occurrence)", "gated")].paired_tests
+    assert "linear on the same inputs" in rows[("multi-model: best fusion", "gated")].paired_tests
+    gates = json.loads((tmp_path / "heads" / "gate_weights.json").read_text())
+    assert [g["row"] for g in gates] == ["toy-dec: all layers", "toy-enc: all layers", "multi-model: best fusion",
+                                         "LLMEmbed inputs (co-occurrence)"]
+    for entry in gates:
+        assert len(entry["sources"]) == len(entry["per_class"][0]) and entry["split"] == "validation"
+        assert all(sum(w) == pytest.approx(1.0, abs=1e-4) for w in entry["per_class"])
+        assert (tmp_path / "heads" / entry["folder"] / "seed0" / "gate_weights.json").is_file()
+    from pipeline.report import DatasetResults, gated_section
+    data = DatasetResults("toy", {}, None, [], result, {}, gates)
+    lines = gated_section(data, tmp_path / "figures")
+    assert ("LLMEmbed inputs (co-occurrence): toy-dec mean-pooled layers 1, 2, 3, 4, 5; "
+            "toy-enc mean-pooled layer 3.") in lines
+    same = [line for line in lines if line.startswith("| ") and "| against |" not in line]
+    assert len(same) == 2 + 2 + 1 + 1            # all layers x2 (linear, scalar_mix), multi (linear), LLMEmbed (co-occurrence)
+    assert "| toy-dec: all layers | scalar_mix | " in "\n".join(same)
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == [
+        "toy_gates_LLMEmbed-inputs-co-occurrence.png", "toy_gates_multi-model-best-fusion.png",
+        "toy_gates_toy-dec-all-layers.png", "toy_gates_toy-enc-all-layers.png"]

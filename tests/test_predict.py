@@ -124,3 +124,38 @@ def test_bad_lines_get_their_own_result_and_the_file_goes_on(trained, tmp_path):
     assert rows[1]["error"].startswith("not a JSON object")
     assert rows[2]["error"] == "invalid UTF-8 at byte 24"
     assert rows[4]["error"].startswith("not a JSON object")
+
+
+@pytest.fixture(scope="module")
+def trained_gated(trained):
+    """A gated head on the same store: three sources (MiniLM mean layers 2 and 4, first layer 3)."""
+    from pipeline.config import GatedOptions, TrainSettings
+    from pipeline.training import fit_head, train_settings
+    params, head_dir, cache = trained
+    settings = train_settings(TrainSettings(max_epochs=5, patience=2, gated=GatedOptions(width=32)))
+    gated_dir = head_dir.parent.parent / "gated" / "seed0"
+    config = fit_head(cache, {"row": "test fusion", "groups": INPUTS}, "gated", 0, settings, gated_dir,
+                      cache.store("minilm-l6").label_names, {"minilm-l6": False}, gated_dir.parent / "lightning")
+    return params, gated_dir, cache, config
+
+
+def test_gated_head_predicts_through_an_export_what_the_train_stage_computed(trained_gated, tmp_path):
+    params, head_dir, cache, trained_config = trained_gated
+    reference, config = _reference(head_dir, cache)
+    assert config["head"] == "gated" and len(config["inputs"]) == 3
+    predictor = Predictor(head_dir, uses_from_store(config, params.store, "mrslice", params.store / "models"))
+    folder = export(predictor, tmp_path / "gated-classifier", "mrslice")
+    assert sorted(p.name for p in (folder / "head").iterdir()) == ["config.json", "model.safetensors",
+                                                                   "standardisation.safetensors"]
+    exported = Predictor.from_export(folder)
+    texts = read_corpus(params.data_dir("mrslice")).splits["test"].texts
+    probabilities, _ = exported.predict_proba(texts)
+    np.testing.assert_allclose(probabilities, reference, atol=1e-4)
+    from safetensors.torch import load_file
+    stage = load_file(str(head_dir / "test_predictions.safetensors"))["predictions"].numpy()
+    np.testing.assert_array_equal(probabilities.argmax(1), stage)              # the train stage's own test predictions
+    accuracy = float((probabilities.argmax(1) == cache.store("minilm-l6").labels("test")).mean())
+    assert accuracy == pytest.approx(trained_config["test"]["accuracy"], abs=1e-6)
+    with torch.no_grad():                    # the exported gate is still a distribution over the three sources
+        gates = exported.net.gates(exported.features(texts[:8])[0])
+    assert torch.allclose(gates.sum(-1), torch.ones(8), atol=1e-6)
