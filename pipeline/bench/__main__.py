@@ -4,6 +4,7 @@
     python -m pipeline.bench extraction --rows 1024    # one or more of: extraction attention store fusion heads memory predict
     python -m pipeline.bench all --quick               # small and fast (the test suite's smoke test)
     python -m pipeline.bench extraction --device cuda --models smollm2-135m   # the same comparison on a GPU
+    python -m pipeline.bench extraction --compute-dtype float32   # what an AVX2-only CPU computes in (no native bf16)
 
 Every figure is a ratio to a baseline measured in the same run (or a fraction of a matmul ceiling
 measured in the same run), the median of --repeats repeats.
@@ -25,7 +26,7 @@ from pipeline.bench.common import REPO, machine
 from pipeline.errors import PipelineError
 
 SECTIONS = ("extraction", "attention", "store", "fusion", "heads", "memory", "predict")
-METHODS = ("project", "llmembed", "naive", "careful", "last_layer")
+METHODS = ("project", "compiled", "llmembed", "naive", "careful", "last_layer")
 
 
 def parse(argv):
@@ -49,6 +50,9 @@ def parse(argv):
                         help="corpora for the attention benchmark: short texts and long ones")
     parser.add_argument("--attention-rows", type=int, default=None, help="texts per corpus there (default 128)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--compute-dtype", default=None, choices=("auto", "float32", "bfloat16"),
+                        help="override extract.compute_dtype for every loop and the matmul ceiling (float32 "
+                             "reproduces an AVX2-only CPU's choice)")
     args = parser.parse_args(argv)
     q = args.quick
     args.rows = args.rows or (24 if q else 1024)
@@ -103,7 +107,8 @@ def main(argv=None) -> int:
 def run_section(section, args, params, dataset, models, device):
     if section == "extraction":
         from pipeline.bench import extraction
-        return extraction.run(params, models, dataset, args.rows, args.slow_rows, args.repeats, device, args.methods)
+        return extraction.run(params, models, dataset, args.rows, args.slow_rows, args.repeats, device, args.methods,
+                              args.compute_dtype, 1024 if args.quick else 2048)
     if section == "attention":
         from pipeline.bench import attention_bench
         return attention_bench.run(params, models, args.attention_datasets, args.attention_rows or (48 if args.quick else 128),
@@ -173,29 +178,48 @@ def render(results: dict) -> str:
 def _md_extraction(data) -> list[str]:
     lines = []
     for name, res in data.items():
-        c = res["ceiling_flops"]
+        dtype = res["compute_dtype"]
+        ceiling = res["ceiling_flops"][dtype]
+        notes = "; ".join(f"{k}: {v}" for k, v in res.get("ceiling_notes", {}).items())
         lines += [f"### {name} on {res['dataset']} train ({res['rows']} texts; llmembed and naive on the first "
-                  f"{res['slow_rows']}), compute {res['compute_dtype']}, token_budget {res['token_budget']}, "
-                  f"block_rows {res['block_rows']}, {res['repeats']} repeats", "",
-                  f"Matmul ceiling (2048^2 torch.mm, this run): bf16 {c['bfloat16'] / 1e12:.3g} TFLOP/s, "
-                  f"fp32 {c['float32'] / 1e12:.3g} TFLOP/s", "",
-                  "| loop | tokens/s (median) | project / this | FLOP/s | of bf16 ceiling | of fp32 ceiling | samples |",
+                  f"{res['slow_rows']}), compute {dtype} (every loop), ISA {res.get('isa', '?')}, token_budget "
+                  f"{res['token_budget']}, block_rows {res['block_rows']}, {res['repeats']} repeats", "",
+                  f"Matmul ceiling ({res.get('ceiling_size', 2048)}^2 torch.mm in {dtype}, this run): "
+                  f"{ceiling / 1e12:.3g} TFLOP/s" + (f" ({notes})" if notes else ""), "",
+                  "| loop | tokens/s (median) | project / this | compiled / this | FLOP/s | of ceiling | samples |",
                   "|---|---|---|---|---|---|---|"]
-        base = res["methods"].get("project", {}).get("tokens_per_s")
-        for method, m in res["methods"].items():
+        methods = res["methods"]
+        base = methods.get("project", {}).get("tokens_per_s")
+        comp = methods.get("compiled", {}).get("tokens_per_s")
+        for method, m in methods.items():
             ratio = f"{base / m['tokens_per_s']:.2f}x" if base else "-"
-            lines.append(f"| {method} | {_fmt(m['tokens_per_s'])} | {ratio} | {m['flops_per_s'] / 1e9:,.1f} G | "
-                         f"{m['mfu_bf16']:.1%} | {m['mfu_fp32']:.1%} | {m['tokens_per_s_samples']} |")
-        p = res["methods"].get("project")
-        if p:
-            lines += ["", f"Project: store writes (background thread, busy time) {p['store_write_fraction']:.1%} of "
-                      f"extraction time; {p['bytes_on_disk'] / 2**20:,.1f} MiB on disk for {res['rows']} texts."]
-            if "gpu_peak_mb" in p:
-                lines.append(f"GPU peak memory {p['gpu_peak_mb']:,.0f} MiB.")
+            ratio_c = f"{comp / m['tokens_per_s']:.2f}x" if comp else "-"
+            lines.append(f"| {method} | {_fmt(m['tokens_per_s'])} | {ratio} | {ratio_c} | {m['flops_per_s'] / 1e9:,.1f} G "
+                         f"| {m['of_ceiling']:.1%} | {m['tokens_per_s_samples']} |")
+        lines.append("")
+        for ours in ("project", "compiled"):
+            p = methods.get(ours)
+            if p:
+                lines.append(f"{ours}: store writes (background thread, busy time) {p['store_write_fraction']:.1%} of "
+                             f"extraction time; {p['bytes_on_disk'] / 2**20:,.1f} MiB on disk for {res['rows']} texts."
+                             + (f" GPU peak memory {p['gpu_peak_mb']:,.0f} MiB." if "gpu_peak_mb" in p else ""))
+        if "compile" in res:
+            c = res["compile"]
+            lines.append(f"compiled: compilation (or compile-cache load) {c['compile_seconds']:.1f} s, paid once per "
+                         f"process in a warm-up pass of {c['first_run_seconds']:.1f} s that is not in the table; cache "
+                         f"{c['cache_dir']}.")
+        gemm = res.get("gemm", {})
+        if gemm.get("share_of_project"):
+            lines.append(f"Bound: the model's linear layers alone (F.linear, {dtype}, the project's batch sizes) take "
+                         f"{gemm['seconds']:.3g} s of the project's {methods['project']['seconds_median']:.3g} s "
+                         f"({gemm['share_of_project']:.0%}): no forward pass with the same matmuls can be more than "
+                         f"{gemm['max_speedup_over_project']:.2f}x faster than the eager project.")
         for target, need in res.get("targets", {}).items():
-            lines.append(f"Target {target.replace('_', ' ')}: needs {_fmt(need['tokens_per_s'])} tokens/s, "
-                         f"{need['of_bf16_ceiling']:.0%} of this run's bf16 matmul ceiling in useful FLOPs "
-                         f"(project now: {res['methods']['project']['mfu_bf16']:.0%}).")
+            extra = (f"; it allows {need['allowed_seconds']:.3g} s for these texts, the linear layers alone take "
+                     f"{need['gemm_seconds']:.3g} s" if "allowed_seconds" in need else "")
+            lines.append(f"Target {target.replace('_', ' ')} ({need['by']}): {need['measured']}x, "
+                         f"{'met' if need['met'] else 'not met'}; needs {_fmt(need['tokens_per_s'])} tokens/s, "
+                         f"{need['of_ceiling']:.0%} of this run's {dtype} matmul ceiling in useful FLOPs{extra}.")
         lines.append("")
     lines += ["FLOPs per text of n real tokens: 2 x non-embedding parameters x n + 2 x 2 x layers x n^2 x d "
               "(QK^T and AV); padding is not counted."]

@@ -3,24 +3,38 @@
 All five run in one process on the same texts (a slice of a corpus's train split, in corpus
 order) and the same model, interleaved repeat by repeat; each figure is the median over repeats.
 
-- project:   pipeline.extract.process_blocks, the code `dvc repro` runs: all layers, all five
+- project:   pipeline.extract.BlockLoop, the code `dvc repro` runs: all layers, all five
              poolings, length-sorted token-budget batches, a real Zarr store written (a fresh one
              per repeat, in a temporary folder), token counting included.
 - llmembed:  LLMEmbed's released loop (llama2_embedding/rep_extract.py) as the issue describes it:
              dataset order, fixed batch, padding="max_length" (128), output_hidden_states, unmasked
-             mean over tokens of the last 5 layers; float32 (the released script asks for float16 on a
-             GPU; float32 on this CPU reproduces the issue's ~130 tokens/s reference for SmolLM2).
-- naive:     a plain Hugging Face loop: dataset order, batch 32, pad to the longest, float32,
+             mean over tokens of the last 5 layers (the released script asks for float16 on a GPU).
+- naive:     a plain Hugging Face loop: dataset order, batch 32, pad to the longest,
              output_hidden_states, masked mean of all layers.
-- careful:   what a careful engineer writes by hand: length-sorted batches of 32, bf16 where the
-             device has it, output_hidden_states, masked mean (float32 sums) of all layers.
+- careful:   what a careful engineer writes by hand: length-sorted batches of 32, output_hidden_states,
+             masked mean (float32 sums) of all layers.
 - last_layer: sentence-transformers' encode: length-sorted batches of 32, bf16, only the final
              hidden state, masked mean: the floor of what any embedding tool pays.
+- compiled:  the project with `extract.forward: compiled` (pipeline/compiled_forward.py): the same
+             block loop and store, the forward pass compiled by inductor with pooling inside. Its
+             compilation (or compile-cache load) happens in a warm-up pass before the timed repeats
+             and is reported apart (`compile_seconds`).
+
+Every loop computes in the dtype the project's rule picks on this machine (extract.compute_dtype,
+pipeline/extract.resolve_compute_dtype; --compute-dtype overrides it, e.g. float32 to reproduce an
+AVX2-only CPU), and the matmul ceiling is measured in that dtype only: ratios compare like with like.
+A bf16 ceiling is never measured on a CPU without native bf16 (it would run ~60x slower than fp32
+there and mean nothing); it is reported as not applicable.
 
 FLOPs: 2 x non-embedding parameters x real tokens (every linear layer: one multiply-add per weight
 per token) plus attention 2 x 2 x layers x n^2 x d per text of n real tokens (QK^T and AV). Padding
 is not counted: it is work, but not useful work. Achieved FLOP/s is reported as a fraction of
-the square torch.mm ceiling (bf16 and fp32) measured in the same process (start and end of the run).
+the square torch.mm ceiling (compute dtype) measured in the same process (start and end of the run).
+
+The bound: `gemm_seconds` is the measured time of the model's linear layers alone (F.linear at the
+compute dtype, on the project's padded batch sizes) for the whole run; a forward pass that keeps
+those matmuls (the compiled one does) cannot beat the eager project by more than
+project seconds / gemm_seconds.
 """
 
 from __future__ import annotations
@@ -30,13 +44,12 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.bench.common import matmul_ceiling, r, sync
+from pipeline.bench.common import matmul_ceiling, median_time, r, sync
 
 BATCH = 32
 LLMEMBED_LEN = 128
@@ -140,8 +153,9 @@ def loop_careful(model, tokenizer, texts, device, max_len: int, all_layers: bool
 
 # -- the project ---------------------------------------------------------------------------------
 def run_project(model, tokenizer, texts, settings, device, workdir: Path, num_layers: int, dim: int) -> dict[str, Any]:
-    """The real block loop into a fresh store: token counting, batching, pooling, writes, done marks."""
-    from pipeline.extract import count_tokens, pending_work, process_blocks
+    """The real block loop into a fresh store: token counting, batching, pooling, writes, done marks.
+    `settings.forward` picks the forward pass (eager or compiled), as in `dvc repro`."""
+    from pipeline.extract import BlockLoop, count_tokens, pending_work
     from pipeline.store import SplitRows, StoreWriter
     path = workdir / "store"
     writer = StoreWriter(path, {"bench": True}, {}, num_layers=num_layers, dim=dim, poolings=settings.poolings,
@@ -151,36 +165,95 @@ def run_project(model, tokenizer, texts, settings, device, workdir: Path, num_la
     n = len(texts)
     writer.init_split("train", SplitRows(np.zeros(n, np.int32), np.array([str(i) for i in range(n)], dtype=object),
                                          np.arange(n, dtype=np.int64), counts, truncated), [])
-    corpus = SimpleNamespace(splits={"train": SimpleNamespace(texts=texts)})
-    summary: dict[str, Any] = {"texts": 0, "tokens": 0}
-    overflows = process_blocks(writer, pending_work(writer, ["train"]), model, tokenizer, corpus, settings, device,
-                               num_layers, dim, summary)
+    loop = BlockLoop(writer, lambda split: texts, tokenizer, model, settings, device)
+    overflows = loop.run(pending_work(writer, ["train"]))
     if overflows:
         raise RuntimeError(f"float16 overflow in the benchmark store: {overflows[0]}")
-    summary["bytes_on_disk"] = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    return summary
+    return {"texts": loop.texts_done, "tokens": loop.tokens, "store_write_seconds": loop.write_seconds,
+            "bytes_on_disk": sum(f.stat().st_size for f in path.rglob("*") if f.is_file())}
+
+
+# -- ceilings and bounds ---------------------------------------------------------------------------
+def native_bf16(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def ceiling_notes(device: torch.device, compute_dtype: torch.dtype) -> dict[str, str]:
+    """Why a dtype's ceiling was not measured in this run."""
+    notes = {}
+    if not native_bf16(device):
+        notes["bfloat16"] = "not applicable: this device has no native bf16 (the project computes in float32 here)"
+    elif compute_dtype != torch.bfloat16:
+        notes["bfloat16"] = "not measured: this run computes in float32"
+    if compute_dtype != torch.float32:
+        notes["float32"] = f"not measured: this run computes in {str(compute_dtype).removeprefix('torch.')}"
+    return notes
+
+
+def gemm_seconds(model, batch_tokens: list[int], dtype: torch.dtype, device: torch.device,
+                 repeats: int = 3) -> float:
+    """Measured time of the model's linear layers alone over batches of these padded token counts:
+    each distinct (in, out) shape is timed with F.linear at the median batch size, then scaled by the
+    total tokens and by how many linear layers share the shape (matmul time is linear in rows here)."""
+    import torch.nn.functional as F
+    shapes: dict[tuple[int, int], int] = {}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            key = (module.in_features, module.out_features)
+            shapes[key] = shapes.get(key, 0) + 1
+    if not batch_tokens or not shapes:
+        return 0.0
+    rows = int(statistics.median(batch_tokens))
+    total = float(sum(batch_tokens))
+    seconds = 0.0
+    with torch.inference_mode():
+        for (fan_in, fan_out), count in shapes.items():
+            x = torch.randn(rows, fan_in, device=device).to(dtype)
+            w = torch.randn(fan_out, fan_in, device=device).to(dtype)
+            per_call = median_time(lambda: (F.linear(x, w), sync(device)), repeats)
+            seconds += per_call * count * total / rows
+    return seconds
+
+
+def padded_batch_tokens(tokenizer, texts, settings) -> list[int]:
+    """Padded tokens (rows x width) of each batch the project's block loop runs over these texts."""
+    from pipeline.batching import token_budget_batches
+    lengths = np.array([len(ids) for ids in tokenizer(texts, truncation=True, max_length=settings.max_len)["input_ids"]])
+    out = []
+    for start in range(0, len(lengths), settings.block_rows):
+        block = lengths[start:start + settings.block_rows]
+        out += [len(rows) * int(block[rows].max()) for rows in token_budget_batches(block, settings.token_budget)]
+    return out
 
 
 # -- the benchmark ---------------------------------------------------------------------------------
 def bench_model(params, name: str, dataset: str, rows: int, slow_rows: int, repeats: int, device: torch.device,
-                methods: list[str]) -> dict[str, Any]:
+                methods: list[str], compute_dtype_name: str | None = None, ceiling_size: int = 2048) -> dict[str, Any]:
     from dataclasses import replace
 
+    from pipeline import compiled_forward
     from pipeline.attention import TRANSFORMERS_DEFAULT, implementation
     from pipeline.extract import resolve_compute_dtype
     from pipeline.layer_tap import text_config
+    from pipeline.machine import cpu_isa
     folder = prepared_model(params, name)
     texts = corpus_texts(params, dataset)[:rows]
     slow_texts = texts[:slow_rows]
-    compute_dtype = resolve_compute_dtype(params.extract.compute_dtype, device)
+    settings = replace(params.extract, device=str(device),
+                       compute_dtype=compute_dtype_name or params.extract.compute_dtype)
+    compute_dtype = resolve_compute_dtype(settings.compute_dtype, device)
     fast, tokenizer = load(folder, params, name, device, compute_dtype)
-    slow = fast if compute_dtype == torch.float32 else load(folder, params, name, device, torch.float32)[0]
     same_kernel = implementation(params.extract.attention, device) == TRANSFORMERS_DEFAULT
     ours = fast if same_kernel else load(folder, params, name, device, compute_dtype, params.extract.attention)[0]
     config = text_config(fast.config)
     num_layers, dim = config.num_hidden_layers + 1, config.hidden_size
-    settings = replace(params.extract, device=str(device))
     max_len = settings.max_len
+    eager_settings = replace(settings, forward="eager")
+    compiled_settings = replace(settings, forward="compiled")
+    if "compiled" in methods:
+        compiled_forward.use_compile_cache(params.store / "compile_cache")
 
     def lengths_of(subset, limit):
         return np.array([len(ids) for ids in tokenizer(subset, truncation=True, max_length=limit)["input_ids"]])
@@ -188,22 +261,33 @@ def bench_model(params, name: str, dataset: str, rows: int, slow_rows: int, repe
     flops = {"full": model_flops(fast, lengths_of(texts, max_len)),
              "slow": model_flops(fast, lengths_of(slow_texts, max_len)),
              "llmembed": model_flops(fast, lengths_of(slow_texts, LLMEMBED_LEN))}
-    ceilings = {"bfloat16": [matmul_ceiling(device, torch.bfloat16)], "float32": [matmul_ceiling(device, torch.float32)]}
+    dtype_name = str(compute_dtype).removeprefix("torch.")
+    ceilings = {dtype_name: [matmul_ceiling(device, compute_dtype, ceiling_size)]}
     runs: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
+    warmup: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="layerfuse-bench-") as tmp:
         loops = {
-            "project": lambda: run_project(ours, tokenizer, texts, settings, device, Path(tmp), num_layers, dim),
-            "llmembed": lambda: {"tokens": loop_llmembed(slow, tokenizer, slow_texts, device)},
-            "naive": lambda: {"tokens": loop_naive(slow, tokenizer, slow_texts, device, max_len)},
+            "project": lambda: run_project(ours, tokenizer, texts, eager_settings, device, Path(tmp), num_layers, dim),
+            "compiled": lambda: run_project(ours, tokenizer, texts, compiled_settings, device, Path(tmp), num_layers,
+                                            dim),
+            "llmembed": lambda: {"tokens": loop_llmembed(fast, tokenizer, slow_texts, device)},
+            "naive": lambda: {"tokens": loop_naive(fast, tokenizer, slow_texts, device, max_len)},
             "careful": lambda: {"tokens": loop_careful(fast, tokenizer, texts, device, max_len)},
             "last_layer": lambda: {"tokens": loop_careful(fast, tokenizer, texts, device, max_len, all_layers=False)},
         }
         for method in methods:                      # warm-up: one small batch each (first-call costs)
-            if method != "project":
+            if method not in ("project", "compiled"):
                 {"llmembed": loop_llmembed, "naive": lambda *a: loop_naive(*a, max_len),
                  "careful": lambda *a: loop_careful(*a, max_len),
                  "last_layer": lambda *a: loop_careful(*a, max_len, all_layers=False)}[method](
-                    slow if method in ("llmembed", "naive") else fast, tokenizer, texts[:8], device)
+                    fast, tokenizer, texts[:8], device)
+        if "compiled" in methods:                   # compilation (or a compile-cache load), timed apart
+            account = compiled_forward.shared()
+            before, started = account.compile_seconds, time.perf_counter()
+            loops["compiled"]()
+            warmup = {"first_run_seconds": r(time.perf_counter() - started, 4),
+                      "compile_seconds": r(account.compile_seconds - before, 4),
+                      "cache_dir": str(compiled_forward.cache_dir())}
         for _ in range(repeats):
             for method in methods:
                 if device.type == "cuda":
@@ -214,29 +298,32 @@ def bench_model(params, name: str, dataset: str, rows: int, slow_rows: int, repe
                 sync(device)
                 seconds = time.perf_counter() - start
                 run = {"seconds": seconds, "tokens": out["tokens"], "tokens_per_s": out["tokens"] / seconds}
-                if method == "project":
+                if method in ("project", "compiled"):
                     run["store_write_seconds"] = out.get("store_write_seconds", 0.0)
                     run["bytes_on_disk"] = out.get("bytes_on_disk", 0)
                 if device.type == "cuda":
                     run["gpu_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
                 runs[method].append(run)
-    ceilings["bfloat16"].append(matmul_ceiling(device, torch.bfloat16))
-    ceilings["float32"].append(matmul_ceiling(device, torch.float32))
+    ceilings[dtype_name].append(matmul_ceiling(device, compute_dtype, ceiling_size))
     ceiling = {k: statistics.median(v) for k, v in ceilings.items()}
+    gemm = gemm_seconds(ours, padded_batch_tokens(tokenizer, texts, settings), compute_dtype, device)
 
     result: dict[str, Any] = {"model": name, "dataset": dataset, "rows": len(texts), "slow_rows": len(slow_texts),
-                              "repeats": repeats, "compute_dtype": str(compute_dtype).removeprefix("torch."),
-                              "token_budget": settings.token_budget, "block_rows": settings.block_rows,
-                              "ceiling_flops": ceiling, "ceiling_samples": ceilings, "methods": {}}
+                              "repeats": repeats, "compute_dtype": dtype_name, "isa": cpu_isa(),
+                              "native_bf16": native_bf16(device), "token_budget": settings.token_budget,
+                              "block_rows": settings.block_rows, "attention": settings.attention,
+                              "ceiling_size": ceiling_size, "ceiling_flops": ceiling, "ceiling_samples": ceilings,
+                              "ceiling_notes": ceiling_notes(device, compute_dtype), "methods": {}}
+    if warmup:
+        result["compile"] = {**warmup, "recompiles_logged_with": "TORCH_LOGS=recompiles"}
     for method, samples in runs.items():
         tps = statistics.median(s["tokens_per_s"] for s in samples)
         work = flops["llmembed"] if method == "llmembed" else flops["slow"] if method == "naive" else flops["full"]
         seconds = statistics.median(s["seconds"] for s in samples)
         entry = {"tokens_per_s": r(tps, 4), "tokens": samples[0]["tokens"], "seconds_median": r(seconds, 4),
-                 "tokens_per_s_samples": [r(s["tokens_per_s"], 4) for s in samples],
-                 "flops_per_s": r(work / seconds), "mfu_bf16": r(work / seconds / ceiling["bfloat16"]),
-                 "mfu_fp32": r(work / seconds / ceiling["float32"])}
-        if method == "project":
+                 "tokens_per_s_samples": [r(s["tokens_per_s"], 4) for s in samples], "dtype": dtype_name,
+                 "flops_per_s": r(work / seconds), "of_ceiling": r(work / seconds / ceiling[dtype_name])}
+        if method in ("project", "compiled"):
             fractions = [s["store_write_seconds"] / s["seconds"] for s in samples]
             entry["store_write_fraction"] = r(statistics.median(fractions))
             entry["bytes_on_disk"] = samples[0]["bytes_on_disk"]
@@ -244,33 +331,50 @@ def bench_model(params, name: str, dataset: str, rows: int, slow_rows: int, repe
             entry["gpu_peak_mb"] = r(max(s["gpu_peak_mb"] for s in samples), 4)
         result["methods"][method] = entry
     m = result["methods"]
-    if "project" in m:
-        for other in ("careful", "llmembed", "naive", "last_layer"):
-            if other in m:
-                result[f"project_vs_{other}"] = r(m["project"]["tokens_per_s"] / m[other]["tokens_per_s"])
-    result["targets"] = target_bounds(m, flops["full"] / m["project"]["tokens"] if "project" in m else None,
-                                      ceiling["bfloat16"])
-    del fast, slow, ours
+    for ours_name in ("project", "compiled"):
+        if ours_name in m:
+            for other in ("careful", "llmembed", "naive", "last_layer", "project"):
+                if other in m and other != ours_name:
+                    result[f"{ours_name}_vs_{other}"] = r(m[ours_name]["tokens_per_s"] / m[other]["tokens_per_s"])
+    result["gemm"] = {"seconds": r(gemm, 4)}
+    if "project" in m and gemm > 0:
+        result["gemm"].update({"share_of_project": r(gemm / m["project"]["seconds_median"]),
+                               "max_speedup_over_project": r(m["project"]["seconds_median"] / gemm)})
+    best = max((x for x in ("compiled", "project") if x in m), key=lambda x: m[x]["tokens_per_s"], default=None)
+    result["targets"] = target_bounds(m, best, flops["full"] / m[best]["tokens"] if best else None,
+                                      ceiling[dtype_name], gemm)
+    del fast, ours
     return result
 
 
-def target_bounds(methods: dict[str, Any], flops_per_token: float | None, ceiling: float) -> dict[str, Any]:
-    """What the issue's targets ask of this machine: the tokens/s they need and the fraction of the
-    measured bf16 matmul ceiling that rate is (useful FLOPs only). Above 100% no code can meet them."""
+def target_bounds(methods: dict[str, Any], ours: str | None, flops_per_token: float | None, ceiling: float,
+                  gemm: float = 0.0) -> dict[str, Any]:
+    """What the issue's targets ask of this machine, against the faster of our two paths (`ours`): the
+    tokens/s they need, the fraction of the measured matmul ceiling (compute dtype) that rate is in
+    useful FLOPs (above 100% no code can meet them), and, with `gemm`, the seconds the target allows
+    against the seconds the model's linear layers alone take (allowed < gemm: out of reach without
+    faster matmuls)."""
     out: dict[str, Any] = {}
-    if flops_per_token is None:
+    if flops_per_token is None or ours is None:
         return out
+    tokens = methods[ours]["tokens"]
     for other, factor in (("careful", 1.5), ("llmembed", 10.0)):
         if other in methods:
             needed = factor * methods[other]["tokens_per_s"]
-            out[f"{factor:g}x_{other}"] = {"tokens_per_s": r(needed, 4),
-                                          "of_bf16_ceiling": r(needed * flops_per_token / ceiling)}
+            entry = {"by": ours, "measured": r(methods[ours]["tokens_per_s"] / methods[other]["tokens_per_s"]),
+                     "met": methods[ours]["tokens_per_s"] >= needed, "tokens_per_s": r(needed, 4),
+                     "of_ceiling": r(needed * flops_per_token / ceiling)}
+            if gemm > 0 and other == "careful":
+                entry["allowed_seconds"] = r(tokens / needed, 4)
+                entry["gemm_seconds"] = r(gemm, 4)
+            out[f"{factor:g}x_{other}"] = entry
     return out
 
 
 def run(params, models: list[str], dataset: str, rows: int, slow_rows: int, repeats: int, device: torch.device,
-        methods: list[str]) -> dict[str, Any]:
-    return {name: bench_model(params, name, dataset, rows, slow_rows, repeats, device, methods) for name in models}
+        methods: list[str], compute_dtype: str | None = None, ceiling_size: int = 2048) -> dict[str, Any]:
+    return {name: bench_model(params, name, dataset, rows, slow_rows, repeats, device, methods, compute_dtype,
+                              ceiling_size) for name in models}
 
 
 if __name__ == "__main__":   # pragma: no cover
