@@ -121,7 +121,7 @@ def _result_options(parser) -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--dataset", help="dataset whose heads to use (default: the first selected)")
     parser.add_argument("--row", help='which inputs, e.g. "multi-model: best fusion" (default: best on validation)')
-    parser.add_argument("--head", help="linear | mlp | cooccurrence | scalar_mix (default: best on validation)")
+    parser.add_argument("--head", help="linear | mlp | cooccurrence | scalar_mix | gated (default: best on validation)")
     parser.add_argument("--seed", default="best", type=_seed, help="a seed, or best (by validation accuracy)")
     parser.add_argument("--device", default="auto", type=_device, help="auto, cpu, cuda, cuda:N or mps")
 

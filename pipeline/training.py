@@ -126,10 +126,13 @@ def resolve_accelerator(device: str) -> str:
     return lightning_accelerator(device, "train.device")
 
 
-def evaluate(trainer: L.Trainer, module: HeadModule, data: LayerDataModule, split: str) -> dict[str, torch.Tensor]:
-    """Logits, labels (and gate weights) of every row of a split, in order, with the best epoch's weights."""
-    batches = trainer.predict(module, dataloaders=data.eval_dataloader(split), ckpt_path="best")
-    return {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
+def evaluate(trainer: L.Trainer, module: HeadModule, data: LayerDataModule,
+             splits: tuple[str, ...]) -> list[dict[str, torch.Tensor]]:
+    """Logits, labels (and gate weights) of every row of each split, in order, with the best epoch's weights
+    (restored into the module's net from the checkpoint), in one `trainer.predict`."""
+    per_split = trainer.predict(module, dataloaders=[data.eval_dataloader(s) for s in splits], ckpt_path="best")
+    per_split = per_split if len(splits) > 1 else [per_split]
+    return [{key: torch.cat([b[key] for b in batches]) for key in batches[0]} for batches in per_split]
 
 
 def gate_weights_per_class(gates: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[list[float]]:
@@ -166,8 +169,7 @@ def fit_head(cache: LayerCache, run: dict[str, Any], head: str, seed: int, setti
                             callbacks=[EarlyStopping("val_loss", patience=settings["patience"], mode="min"), best])
         trainer.fit(module, datamodule=data)
         train_seconds = time.perf_counter() - start
-        validation = evaluate(trainer, module, data, "validation")   # loads the best epoch's weights into `net`
-        test = evaluate(trainer, module, data, "test")               # the only look at test, after training
+        validation, test = evaluate(trainer, module, data, ("validation", "test"))   # the only look at test
         best_epoch = int(Path(best.best_model_path).stem)
     net = net.cpu().eval()
     test_pred, test_y = test["logits"].argmax(-1), test["labels"]
