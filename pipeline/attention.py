@@ -16,6 +16,8 @@ import sys
 
 import torch
 
+from pipeline.errors import PipelineError
+
 ATTENTIONS = ("auto", "sdpa", "eager")
 TRANSFORMERS_DEFAULT = "sdpa"   # what hand-written loops get, and what stores from before this setting ran
 SHORT_WIDTH = 64
@@ -72,3 +74,57 @@ def use_attention(model, name: str, device: torch.device | str) -> None:
         model.set_attn_implementation(wanted)
     except (ValueError, ImportError, AttributeError):
         pass
+
+
+# -- attention entropy ---------------------------------------------------------------------------------
+ENTROPY = "layerfuse_entropy"
+_per_query: list[torch.Tensor] | None = None   # one [B, T] per attention call of the forward pass running
+
+
+def _entropy_attention(module, query, key, value, attention_mask, **kwargs):
+    """The model's own eager attention (the only kernel that yields probabilities); on the way, each
+    query's entropy over its key distribution (nats, float32, heads averaged) is collected."""
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:
+        raise TypeError(f"{type(module).__name__} has no eager attention to compute attention entropy with")
+    output, weights = eager(module, query, key, value, attention_mask, **kwargs)
+    if _per_query is not None:
+        _per_query.append(torch.special.entr(weights.float()).sum(dim=-1).mean(dim=1))   # [B, H, Tq] -> [B, Tq]
+    return output, weights
+
+
+def _register_entropy() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    AttentionInterface.register(ENTROPY, _entropy_attention)
+    AttentionMaskInterface.register(ENTROPY, eager_mask)
+
+
+def attention_entropy(model, inputs: dict[str, torch.Tensor], mask: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """[B, num_blocks] float32 on the device: per text and block, the mean over its real query tokens
+    (mask) of the entropy of each query's attention distribution (padding keys carry no probability;
+    decoders' is the causal one), heads averaged. One eager forward pass; the model's own attention
+    setting is restored afterwards."""
+    global _per_query
+    _register_entropy()
+    before = model.config._attn_implementation
+    _per_query = []
+    try:
+        try:
+            model.set_attn_implementation(ENTROPY)
+        except (ValueError, ImportError, AttributeError) as error:
+            raise PipelineError(f"{type(model).__name__} cannot run eager attention with probabilities ({error}); "
+                                f"attention entropy cannot be computed for it: set extract.attention_entropy_rows: 0") from error
+        with torch.inference_mode():
+            model(**inputs)
+        collected = _per_query
+    finally:
+        _per_query = None
+        model.set_attn_implementation(before)
+    if len(collected) != num_blocks:
+        raise PipelineError(f"{type(model).__name__}: {len(collected)} attention calls went through transformers' "
+                        f"attention interface, expected {num_blocks}; attention entropy cannot be computed for "
+                        f"this model (set extract.attention_entropy_rows: 0)")
+    weights = mask.to(torch.float32)
+    per_block = torch.stack(collected, dim=1)                                  # [B, blocks, T]
+    return (per_block * weights[:, None, :]).sum(dim=2) / weights.sum(dim=1, keepdim=True).clamp(min=1.0)

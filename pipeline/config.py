@@ -78,6 +78,7 @@ class ExtractSettings:
     poolings: tuple[str, ...]
     compressor: dict[str, Any]
     attention: str = "auto"          # auto | sdpa | eager (pipeline/attention.py); in the store fingerprint
+    attention_entropy_rows: int = 16  # rows per block whose attention entropy is stored (0: none); in the fingerprint
     # scale-out (pipeline/distributed.py); not in the store fingerprint, so any process count resumes a store
     devices: int = 1                 # processes (one device each) per node
     num_nodes: int = 1
@@ -578,7 +579,8 @@ def _parse_extract(problems: _Problems, section: Any) -> ExtractSettings:
         device=device,
         padding_side=_choice(problems, section, "padding_side", "extract", ("right", "left"), "right"),
         poolings=tuple(poolings), compressor=compressor,
-        attention=_choice(problems, section, "attention", "extract", ATTENTIONS, "auto"))
+        attention=_choice(problems, section, "attention", "extract", ATTENTIONS, "auto"),
+        attention_entropy_rows=_int(problems, section, "attention_entropy_rows", "extract", 0, 16))
 
 
 def _parse_data(problems: _Problems, section: Any) -> DataSettings:

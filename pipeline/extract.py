@@ -31,7 +31,8 @@ from pipeline.fingerprint import package_versions
 from pipeline.layer_tap import find_blocks, run_with_layers, text_config
 from pipeline.models import is_decoder, load_model, read_source
 from pipeline.pooling import LayerPooler
-from pipeline.store import Float16Overflow, SplitRows, StoreWriter
+from pipeline.attention import attention_entropy
+from pipeline.store import SAMPLED, Float16Overflow, SplitRows, StoreWriter, entropy_sample
 
 COUNT_CHUNK = 4096
 
@@ -176,7 +177,7 @@ def fingerprint_for(params: Params, model_name: str, corpus: Corpus, source: dic
                   "weights_sha256": source["weights_sha256"], "tokenizer_sha256": source["tokenizer_sha256"]},
         "extract": {"max_len": settings.max_len, "dtype": settings.dtype, "poolings": list(settings.poolings),
                     "block_rows": settings.block_rows, "compute_dtype": str(compute_dtype).removeprefix("torch."),
-                    "attention": settings.attention,
+                    "attention": settings.attention, "attention_entropy_rows": settings.attention_entropy_rows,
                     "token_budget": settings.token_budget},   # batch shapes move stored values (README: The store)
         "dataset": {"name": corpus.name, "sha256": corpus.meta["sha256"], "label_names": corpus.label_names,
                     "carve": corpus.meta["carve"], **({"caps": corpus.meta["caps"]} if corpus.meta.get("caps") else {}),
@@ -184,12 +185,28 @@ def fingerprint_for(params: Params, model_name: str, corpus: Corpus, source: dic
     }
 
 
-def _split_rows(corpus: Corpus, split: str, counts: np.ndarray, truncated: np.ndarray) -> SplitRows:
+def _split_rows(corpus: Corpus, split: str, counts: np.ndarray, truncated: np.ndarray,
+                sampled: np.ndarray | None) -> SplitRows:
     data = corpus.splits[split]
     index = {name: i for i, name in enumerate(corpus.label_names)}
     return SplitRows(labels=np.array([index[label] for label in data.labels], dtype=np.int32),
                      text_id=np.array(data.ids, dtype=object), source_index=np.array(data.source_index, np.int64),
-                     token_count=counts, truncated=truncated)
+                     token_count=counts, truncated=truncated, attention_sampled=sampled)
+
+
+def entropy_attrs(settings: ExtractSettings, seed: int) -> dict[str, Any] | None:
+    """The store's record of how its attention entropy was computed, or None when it has none."""
+    if not settings.attention_entropy_rows:
+        return None
+    return {"rows_per_block": settings.attention_entropy_rows, "seed": seed,
+            "sample": "per block: numpy default_rng([seed, split index in (train, validation, test), block])"
+                      ".choice(block rows, rows_per_block, replace=False); row metadata attention_sampled",
+            "layers": "column 0 = embedding output: NaN (no attention); column i = block i",
+            "value": "mean over the text's real query tokens of the entropy (nats) of each query's attention "
+                     "distribution over the keys (causal for decoders), heads averaged, float32",
+            "kernel": "the model's eager attention, in an extra forward pass over the sampled rows "
+                      "(the fast kernels give no probabilities)",
+            "unsampled": "NaN"}
 
 
 def peak_rss_mb() -> float:
@@ -234,12 +251,14 @@ def open_extraction(params: Params, model_name: str, dataset_name: str, device: 
                          fingerprint_for(params, model_name, corpus, source, compute_dtype), info,
                          num_layers=num_layers, dim=dim, poolings=settings.poolings,
                          block_rows=settings.block_rows, dtype=settings.dtype, compressor=settings.compressor,
-                         rebuild=rebuild and create)
+                         rebuild=rebuild and create, attention_entropy=entropy_attrs(settings, params.data.seed))
     dropped = corpus.meta["dropped"]
     for split in corpus.splits if create else ():
         if split not in writer.root.attrs.get("splits", {}):
             counts, truncated = count_tokens(tokenizer, corpus.splits[split].texts, settings.max_len)
-            writer.init_split(split, _split_rows(corpus, split, counts, truncated),
+            sampled = (entropy_sample(len(counts), settings.block_rows, settings.attention_entropy_rows,
+                                      params.data.seed, split) if writer.entropy else None)
+            writer.init_split(split, _split_rows(corpus, split, counts, truncated, sampled),
                               [d for d in dropped if d["split"] == split])
     return Extraction(spec, model_dir, corpus, compute_dtype, num_layers, dim, tokenizer, writer)
 
@@ -276,9 +295,10 @@ class BlockLoop:
                  settings: ExtractSettings, device: torch.device, forward: Forward = eager_forward):
         self.writer, self.texts, self.tokenizer, self.model = writer, texts, tokenizer, model
         self.settings, self.device, self.forward = settings, device, forward
-        self.texts_done, self.tokens, self.write_seconds = 0, 0, 0.0
+        self.texts_done, self.tokens, self.write_seconds, self.entropy_seconds = 0, 0, 0.0, 0.0
         self.overflows: list[Float16Overflow] = []
         self._token_counts: dict[str, np.ndarray] = {}
+        self._sampled: dict[str, np.ndarray] = {}
         self._in_flight: tuple[Future, int] | None = None
 
     def run(self, work: list[tuple[str, int]], bar=None) -> list[Float16Overflow]:
@@ -292,10 +312,11 @@ class BlockLoop:
                 if self._overflowed(split):
                     continue
                 buffers = self._compute(split, block, bar, started)
+                entropy = self._entropy(split, block) if self.writer.entropy else None
                 self._settle()
                 if self._overflowed(split):
                     continue                  # this block is dropped unwritten: its split is redone
-                self._write_behind(split, block, buffers)
+                self._write_behind(split, block, buffers, entropy)
             self._settle()
             return self.overflows
         finally:
@@ -342,15 +363,36 @@ class BlockLoop:
                 bar.set_postfix(tok_s=f"{self.tokens / (time.perf_counter() - started):,.0f}", refresh=False)
         return buffers
 
-    # -- write behind ---------------------------------------------------------------------------
-    def _write_behind(self, split: str, block: int, buffers: dict[str, np.ndarray]) -> None:
+    def _entropy(self, split: str, block: int) -> np.ndarray:
+        """The block's attention entropy [rows, layers] float32: NaN in column 0 (the embedding output has
+        no attention) and outside the block's sample; the sampled rows go through one more forward pass,
+        with eager attention, in token-budget batches of their own (so only the block's rows matter)."""
+        began = time.perf_counter()
+        if split not in self._sampled:
+            self._sampled[split] = self.writer.root[split][SAMPLED][:].astype(bool)
         start, stop = self.writer.block_range(split, block)
-        self._in_flight = (self._store.submit(self._timed_write, split, block, buffers), stop - start)
+        out = np.full((stop - start, self.writer.num_layers), np.nan, dtype=np.float32)
+        chosen = np.flatnonzero(self._sampled[split][start:stop])
+        lengths = np.minimum(self._token_counts[split][start + chosen], self.settings.max_len)
+        texts = self.texts(split)
+        for part in token_budget_batches(lengths, self.settings.token_budget):
+            rows = chosen[part]
+            batch = self._encode([texts[start + r] for r in rows])
+            values = attention_entropy(self.model, batch.inputs, batch.mask, self.writer.num_layers - 1)
+            out[rows, 1:] = to_host(values)
+        self.entropy_seconds += time.perf_counter() - began
+        return out
 
-    def _timed_write(self, split: str, block: int, buffers: dict[str, np.ndarray]) -> None:
+    # -- write behind ---------------------------------------------------------------------------
+    def _write_behind(self, split: str, block: int, buffers: dict[str, np.ndarray],
+                      entropy: np.ndarray | None) -> None:
+        start, stop = self.writer.block_range(split, block)
+        self._in_flight = (self._store.submit(self._timed_write, split, block, buffers, entropy), stop - start)
+
+    def _timed_write(self, split: str, block: int, buffers: dict[str, np.ndarray], entropy: np.ndarray | None) -> None:
         began = time.perf_counter()
         try:
-            self.writer.write_block(split, block, buffers)
+            self.writer.write_block(split, block, buffers, entropy)
         finally:
             self.write_seconds += time.perf_counter() - began
 
@@ -569,6 +611,7 @@ def _drive(world: World, params: Params, model_name: str, dataset_name: str, reb
             "texts": loop.texts_done if loop else 0, "tokens": loop.tokens if loop else 0,
             "dealt_tokens": dealt_tokens, "seconds": round(compute_seconds, 3),
             "store_write_seconds": round(loop.write_seconds if loop else 0.0, 3),
+            "attention_entropy_seconds": round(loop.entropy_seconds if loop else 0.0, 3),
             "model_load_seconds": round(load_seconds, 3), "peak_rss_mb": round(peak_rss_mb(), 1),
             "peak_gpu_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None}
     ranks = world.gather(mine)   # the barrier: every rank's blocks and done marks are written by now
@@ -597,6 +640,8 @@ def _record(world: World, writer: StoreWriter, ranks: list[dict[str, Any]], mode
         "seconds": round(seconds, 3), "wall_seconds": round(time.perf_counter() - wall, 3),
         "model_load_seconds": round(max(r["model_load_seconds"] for r in ranks), 3),
         "store_write_seconds": round(max(r["store_write_seconds"] for r in ranks), 3),
+        "attention_entropy_rows": settings.attention_entropy_rows,
+        "attention_entropy_seconds": round(max(r["attention_entropy_seconds"] for r in ranks), 3),
         "texts_per_s": round(total["texts"] / seconds, 2), "tokens_per_s": round(total["tokens"] / seconds, 1),
         "peak_rss_mb": max(r["peak_rss_mb"] for r in ranks), "peak_gpu_mb": max(gpu) if gpu else None,
         "spread_seconds": round((max(busy) - min(busy)) / seconds, 4),   # 0 = all ranks finished together

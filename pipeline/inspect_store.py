@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.resources import store_bytes
-from pipeline.store import EmbeddingStore, with_legacy_defaults
+from pipeline.store import ENTROPY, EmbeddingStore, with_legacy_defaults
 
 
 def origins(info: dict) -> dict[str, str]:
@@ -54,6 +54,15 @@ def summarise(path: str | Path, console: Console | None = None) -> dict:
     console.print(f"max_len {extract['max_len']}, stored {extract['dtype']}, computed {extract['compute_dtype']} "
                   f"(attention {extract['attention']}), "
                   f"block_rows {extract['block_rows']}; {size / 2**20:,.1f} MiB on disk")
+    entropy = store.attrs.get(ENTROPY)
+    if entropy:
+        sampled = {s: int(store.root[s]["attention_sampled"][:].sum()) for s in store.splits}
+        console.print(f"attention entropy: {entropy['rows_per_block']} sampled rows per block (seed {entropy['seed']}), "
+                      f"[N, {store.num_layers}] float32, column 0 NaN; sampled rows "
+                      + ", ".join(f"{s} {n:,}" for s, n in sampled.items()))
+    else:
+        sampled = None
+        console.print("attention entropy: none (extract.attention_entropy_rows was 0, or the store predates it)")
     for key, reason in store.attrs.get("dtype_fallback", {}).items():
         console.print(f"[yellow]float32 fallback[/] {key}: {reason}")
     dropped = sum(len(v) for v in store.attrs.get("dropped", {}).values())
@@ -66,4 +75,5 @@ def summarise(path: str | Path, console: Console | None = None) -> dict:
     complete = all(s["done"] == s["blocks"] for s in splits.values())
     console.print("complete" if complete else "[red]incomplete[/]: rerun the extraction to finish it")
     return {"path": os.fspath(path), "splits": splits, "bytes": size, "complete": complete,
-            "num_layers": store.num_layers, "dim": store.dim, "poolings": store.poolings, "origin": origin}
+            "num_layers": store.num_layers, "dim": store.dim, "poolings": store.poolings, "origin": origin,
+            "attention_entropy": {"rows_per_block": entropy["rows_per_block"], "sampled": sampled} if entropy else None}

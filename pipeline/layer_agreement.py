@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 from scipy.stats import kendalltau, spearmanr
 
+from pipeline.layer_geometry import ATTENTION_ORIENTATION
 from pipeline.layer_geometry import ORIENTATION as GEOMETRY_ORIENTATION
 
-ORIENTATION = {**GEOMETRY_ORIENTATION, "gradient": 1, "input_x_gradient": 1}
+ORIENTATION = {**GEOMETRY_ORIENTATION, **ATTENTION_ORIENTATION, "gradient": 1, "input_x_gradient": 1}
 
 
 def _finite(value: float) -> float | None:
@@ -26,11 +27,14 @@ def _finite(value: float) -> float | None:
 
 
 def agreement(probe: list[float], score: list[float], sign: int = 1) -> dict[str, Any]:
-    """One score against the probe over the same layers (index i: the i-th layer of both lists)."""
+    """One score against the probe over the same layers (index i: the i-th layer of both lists). Layers the
+    score does not cover (NaN: attention entropy of the embedding output) are left out of the correlations
+    and are never its top layer; the probe's best is still taken over every layer."""
     probe, oriented = np.asarray(probe, float), sign * np.asarray(score, float)
-    rho, tau = spearmanr(oriented, probe).statistic, kendalltau(oriented, probe).statistic
+    known = np.isfinite(oriented)
+    rho, tau = spearmanr(oriented[known], probe[known]).statistic, kendalltau(oriented[known], probe[known]).statistic
     best = int(np.argmax(probe))
-    order = np.argsort(-oriented, kind="stable")
+    order = np.argsort(-np.where(known, oriented, -np.inf), kind="stable")
     return {"spearman": _finite(rho), "kendall": _finite(tau), "spearman_raw": _finite(sign * rho),
             "top1": bool(order[0] == best), "top3": bool(best in order[:3]), "score_top": int(order[0]),
             "probe_top": best}
@@ -65,10 +69,13 @@ def summarise(agreements: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any
     return {"table": table, "best": best}
 
 
-def layer_scores(bank, probe_rows: list[dict[str, Any]], importance_rows: int, seed: int) -> dict[str, Any]:
+def layer_scores(bank, probe_rows: list[dict[str, Any]], importance_rows: int, seed: int,
+                 attention: tuple[list[float], int] | None = None) -> dict[str, Any]:
     """The score stage's extra entries for its best pooling's bank (`pipeline.scoring.LayerBank`): label-free
     scores of its sampled raw train rows, gradient importance of its projected layers, their agreement with
-    the probe's rows of that pooling, and the seconds all this took. Empty where the bank kept nothing."""
+    the probe's rows of that pooling, and the seconds all this took. Empty where the bank kept nothing.
+    `attention`: the store's mean attention entropy per layer and its row count
+    (layer_geometry.mean_attention_entropy), compared as one more label-free score."""
     from pipeline.layer_geometry import LEFT_OUT, layer_geometry
     from pipeline.layer_importance import layer_importance
     start = time.perf_counter()
@@ -80,9 +87,12 @@ def layer_scores(bank, probe_rows: list[dict[str, Any]], importance_rows: int, s
     geometry = layer_geometry(bank.samples, seed) if bank.samples else {}
     geometry_s = time.perf_counter() - start
     importance = layer_importance(bank.F, bank.folds, importance_rows, seed) if importance_rows else {}
-    return {"geometry": geometry, "importance": importance,
-            "layer_agreement": compare([probe[layer] for layer in bank.layers], bank.layers, {**geometry, **importance}),
+    entropy = {"attention_entropy": [attention[0][layer] for layer in bank.layers]} if attention else {}
+    return {"geometry": geometry, "importance": importance, "attention": entropy,
+            "layer_agreement": compare([probe[layer] for layer in bank.layers], bank.layers,
+                                       {**geometry, **entropy, **importance}),
             "layer_scores": {"pooling": bank.pooling, "layers": bank.layers,
                              "geometry_rows": len(bank.samples[0]) if bank.samples else 0,
                              "importance_rows": importance_rows, "orientation": ORIENTATION, "left_out": LEFT_OUT,
+                             "attention_entropy_rows": attention[1] if attention else 0,
                              "geometry_seconds": round(geometry_s, 3), "seconds": round(time.perf_counter() - start, 3)}}

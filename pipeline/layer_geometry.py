@@ -19,6 +19,7 @@ from pipeline.probe import single_thread
 
 # +1: a higher value is read as a better layer, -1: a lower one (see README, "Label-free layer scores")
 ORIENTATION = {"dataset_entropy": 1, "effective_rank": 1, "anisotropy": -1}
+ATTENTION_ORIENTATION = {"attention_entropy": 1}   # read as: attention spread over more of the text, a better layer
 LEFT_OUT = {"prompt_entropy": "needs each text's token states; the store keeps pooled vectors only",
             "curvature": "needs token sequences (successive token steps); the store keeps pooled vectors only"}
 
@@ -81,3 +82,17 @@ def layer_geometry(samples: list[np.ndarray], seed: int = 0) -> dict[str, list[f
         out["effective_rank"].append(round(spectrum_effective_rank(spectrum), 6))
         out["anisotropy"].append(round(anisotropy(Z, seed=seed), 6))
     return out
+
+
+def mean_attention_entropy(store) -> tuple[list[float], int] | None:
+    """Per layer, the mean attention entropy of the store's sampled train rows (stored at extraction, issue 14
+    part 1; layer 0, the embedding output, has no attention: NaN), and how many rows it averages; None for a
+    store without attention entropy."""
+    if not store.has_attention_entropy:
+        return None
+    values = store.attention_entropy("train")[store.attention_sampled("train")]
+    if not len(values):
+        return None
+    means = np.full(values.shape[1], np.nan)
+    means[1:] = values[:, 1:].astype(np.float64).mean(axis=0)
+    return [round(float(v), 6) for v in means], len(values)

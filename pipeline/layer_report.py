@@ -1,6 +1,6 @@
 """Report sections for the label-free and gradient layer scores beside the probe (issue 14, part 4).
 
-They read the score stage's `layer_agreement`, `geometry`, `importance` and `layer_scores` entries
+They read the score stage's `layer_agreement`, `geometry`, `attention`, `importance` and `layer_scores` entries
 (pipeline/layer_agreement.py) and compute only summaries across model x corpus.
 """
 
@@ -15,7 +15,9 @@ from pipeline.layer_agreement import ORIENTATION, summarise
 from pipeline.plots import finish, plt
 
 EXPLAINED = ("Label-free scores on a seeded sample of train rows of the best pooling (dataset entropy and effective "
-             "rank: higher read as better; anisotropy: lower read as better), gradient scores from one linear head over "
+             "rank: higher read as better; anisotropy: lower read as better), attention entropy (the mean over the "
+             "extraction's sampled train rows of each layer's attention entropy; higher read as better; the embedding "
+             "output has none), gradient scores from one linear head over "
              "all layers judged on validation (higher: better). Each is compared, so oriented, with the probe's "
              "validation score of the same layers: Spearman and Kendall; `raw ρ` is Spearman before orientation; "
              "top-1: the score's top layer is the probe's best; top-3: the probe's best is among the score's top three. "
@@ -23,9 +25,11 @@ EXPLAINED = ("Label-free scores on a seeded sample of train rows of the best poo
 
 
 def _minmax(values) -> np.ndarray:
-    values = np.asarray(values, float)
-    span = values.max() - values.min()
-    return np.zeros_like(values) if span == 0 else (values - values.min()) / span
+    values = np.asarray(values, float)      # NaN (a layer a score does not cover) stays NaN: no point drawn
+    if not np.isfinite(values).any():
+        return values
+    span = np.nanmax(values) - np.nanmin(values)
+    return np.where(np.isnan(values), np.nan, 0.0) if span == 0 else (values - np.nanmin(values)) / span
 
 
 def plot_scores_over_depth(path: Path, result: dict[str, Any], title: str) -> None:
@@ -36,7 +40,8 @@ def plot_scores_over_depth(path: Path, result: dict[str, Any], title: str) -> No
     probe = {r["layer"]: r["score"] for r in result["rows"] if r["pooling"] == info["pooling"]}
     fig, ax = plt.subplots(figsize=(7, 4.2))
     ax.plot(depth, _minmax([probe[layer] for layer in layers]), color="black", lw=2.5, marker="o", ms=4, label="probe")
-    for name, values in {**result.get("geometry", {}), **result.get("importance", {})}.items():
+    for name, values in {**result.get("geometry", {}), **result.get("attention", {}),
+                         **result.get("importance", {})}.items():
         sign = ORIENTATION.get(name, 1)
         ax.plot(depth, _minmax(sign * np.asarray(values)), marker=".", label=name + (" (negated)" if sign < 0 else ""))
     finish(fig, ax, path, "relative depth (0 = embeddings, 1 = last layer)", "min-max normalised (up: better)", title,

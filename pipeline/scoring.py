@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from pipeline.layer_agreement import layer_scores
-from pipeline.layer_geometry import sample_rows
+from pipeline.layer_geometry import mean_attention_entropy, sample_rows
 from pipeline.probe import (Folds, Protocol, evaluate_features, held_out_labels, make_folds, single_thread,
                             standardise_stats)
 from pipeline.records import ScoreRow
@@ -171,6 +171,7 @@ def score_layers(store: EmbeddingStore, protocol: Protocol, model: str, poolings
         "select_rule": rule, "chosen": chosen,
         "optimism": optimism({f"best layer ({r})": (ranking, r) for r in RULES}, layer_key, evidence, seed=protocol.seed),
         "rows": rows, "bytes_read": bytes_read,
-        **layer_scores(bank, [r for r in rows if r.pooling == best_pooling], importance_rows, protocol.seed),
+        **layer_scores(bank, [r for r in rows if r.pooling == best_pooling], importance_rows, protocol.seed,
+                       mean_attention_entropy(store)),
         "seconds": round(time.perf_counter() - start, 3),
     }

@@ -6,8 +6,13 @@ Layout of a split group:
   labels         [N] int32, indices into the root attribute `label_names`
   text_id        [N] str;  source_index [N] int64 (row in the source split)
   token_count    [N] int32 (before truncation);  truncated [N] bool
+  attention_entropy  [N, L+1] float32 (stores with root attribute `attention_entropy` only): per text
+                 and layer, the mean entropy (nats) of the attention distributions over its real tokens,
+                 heads averaged; column 0 (embedding output: no attention) and rows outside the sample are NaN
+  attention_sampled  [N] bool, row metadata: the seeded sample of rows per block whose entropy is computed
   _digest        [blocks, poolings] uint64, a checksum of each block of each pooling array (root
                  attribute `digest`: xxh3_64; stores without it used blake2b-64)
+  _entropy_digest  [blocks] uint64, the same for attention_entropy (algorithm: attention_entropy's `digest`)
   _done          [blocks] uint8, set only after the block's data and digests are written
 
 Each block lives in its own shard/chunk files, so writers never share a chunk, and Zarr's local
@@ -66,10 +71,25 @@ def block_digest(block: np.ndarray, algorithm: str = DIGEST) -> int:
     raise ValueError(f"unknown block digest {algorithm!r}")
 
 
-LEGACY_EXTRACT = {"attention": TRANSFORMERS_DEFAULT, "token_budget": 1024}
+LEGACY_EXTRACT = {"attention": TRANSFORMERS_DEFAULT, "token_budget": 1024, "attention_entropy_rows": 0}
 """What stores written before a key entered the fingerprint ran with: transformers' default attention,
 and params.yaml's token_budget since the commit that made it 1024 (the value is not recorded anywhere
-reliable: a store resumed with another budget was accepted and its `runs` name only the last one)."""
+reliable: a store resumed with another budget was accepted and its `runs` name only the last one); no
+attention entropy (such a store resumes only with extract.attention_entropy_rows: 0)."""
+ENTROPY = "attention_entropy"
+SAMPLED = "attention_sampled"
+ENTROPY_DIGEST = "_entropy_digest"
+
+
+def entropy_sample(rows: int, block_rows: int, per_block: int, seed: int, split: str) -> np.ndarray:
+    """Which rows get attention entropy: `per_block` rows of each block, drawn with a generator seeded by
+    (seed, split, block), so a block's sample depends only on that block and a resumed store is identical."""
+    sampled = np.zeros(rows, dtype=bool)
+    for block, start in enumerate(range(0, rows, block_rows)):
+        size = min(block_rows, rows - start)
+        rng = np.random.default_rng([seed, SPLITS.index(split), block])
+        sampled[start + rng.choice(size, size=min(per_block, size), replace=False)] = True
+    return sampled
 
 
 def interleaved_digest(layers: Sequence[np.ndarray], algorithm: str = DIGEST) -> int:
@@ -168,6 +188,7 @@ class SplitRows:
     source_index: np.ndarray
     token_count: np.ndarray
     truncated: np.ndarray
+    attention_sampled: np.ndarray | None = None   # stores with attention entropy only
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -178,7 +199,8 @@ class StoreWriter:
 
     def __init__(self, path: str | Path, fingerprint: dict[str, Any], info: dict[str, Any], *,
                  num_layers: int, dim: int, poolings: Sequence[str], block_rows: int, dtype: str,
-                 compressor: dict[str, Any], rebuild: bool = False):
+                 compressor: dict[str, Any], rebuild: bool = False, attention_entropy: dict[str, Any] | None = None):
+        """attention_entropy: how the entropy sample is drawn (root attribute), or None: no entropy array."""
         self.path = location.as_location(path)   # a folder, or an fsspec URL such as s3://bucket/prefix
         self.poolings = list(poolings)
         self.block_rows = block_rows
@@ -207,8 +229,10 @@ class StoreWriter:
                 "num_layers": num_layers, "dim": dim, "poolings": self.poolings, "block_rows": block_rows,
                 "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "dtype_fallback": {}, "dropped": {}, "runs": [], "splits": {}, "digest": DIGEST,
+                **({ENTROPY: {**attention_entropy, "digest": DIGEST}} if attention_entropy else {}),
             })
         self.digest = store_digest(self.root.attrs.asdict())
+        self.entropy = self.root.attrs.get(ENTROPY)   # the fingerprint matched, so it agrees with the params
 
     # -- splits -------------------------------------------------------------------------------
     def num_blocks(self, rows: int) -> int:
@@ -243,6 +267,18 @@ class StoreWriter:
         ids = group.create_array("text_id", shape=(n,), dtype=str, chunks=meta_chunks, overwrite=True)
         if n:
             ids[:] = rows.text_id.astype(str)
+        meta = list(META_ARRAYS)
+        if self.entropy:
+            if rows.attention_sampled is None:
+                raise ValueError(f"{split}: a store with attention entropy needs the rows' entropy sample")
+            sampled = group.create_array(SAMPLED, shape=(n,), dtype=bool, chunks=meta_chunks, overwrite=True)
+            if n:
+                sampled[:] = rows.attention_sampled
+            meta.append(SAMPLED)
+            group.create_array(ENTROPY, shape=(n, self.num_layers), dtype="float32", fill_value=np.nan,
+                               chunks=(self.block_rows, self.num_layers), compressors=self.compressors, overwrite=True)
+            group.create_array(ENTROPY_DIGEST, shape=(blocks,), dtype="uint64", chunks=(1,), fill_value=0,
+                               overwrite=True)
         for pooling in self.poolings:
             self._create_vectors(group, split, pooling, n)
         group.create_array("_digest", shape=(blocks, len(self.poolings)), dtype="uint64",
@@ -252,7 +288,7 @@ class StoreWriter:
         dropped_all[split] = dropped
         splits[split] = n
         digests = dict(self.root.attrs.get("meta_digest", {}))   # checked by `python -m pipeline verify`
-        digests[split] = {name: meta_digest(getattr(rows, name)) for name in META_ARRAYS}
+        digests[split] = {name: meta_digest(getattr(rows, name)) for name in meta}
         self.root.update_attributes({"splits": splits, "dropped": dropped_all,   # one write; last: marks
                                      "meta_digest": digests})                    # the split created
 
@@ -264,8 +300,10 @@ class StoreWriter:
         return block * self.block_rows, min((block + 1) * self.block_rows, rows)
 
     # -- blocks -------------------------------------------------------------------------------
-    def write_block(self, split: str, block: int, vectors: dict[str, np.ndarray]) -> None:
-        """Write one row block of every pooling, then its digests, then mark it done."""
+    def write_block(self, split: str, block: int, vectors: dict[str, np.ndarray],
+                    entropy: np.ndarray | None = None) -> None:
+        """Write one row block of every pooling (and its attention entropy [rows, L+1], NaN outside the
+        sample, where the store has it), then its digests, then mark it done."""
         group = self.root[split]
         start, stop = self.block_range(split, block)
         stored = {}
@@ -275,6 +313,13 @@ class StoreWriter:
                 raise ValueError(f"block {block} of {split}/{pooling} has shape {values.shape}, "
                                  f"expected {(stop - start, self.num_layers, self.dim)}")
             stored[pooling] = to_stored(values, group[pooling].dtype, split, pooling, block)
+        if self.entropy:
+            if entropy is None or entropy.shape != (stop - start, self.num_layers):
+                raise ValueError(f"block {block} of {split}: attention entropy of shape "
+                                 f"{None if entropy is None else entropy.shape}, expected {(stop - start, self.num_layers)}")
+            entropy = np.ascontiguousarray(entropy, dtype=np.float32)
+            group[ENTROPY][start:stop] = entropy
+            group[ENTROPY_DIGEST][block] = np.uint64(block_digest(entropy, self.entropy["digest"]))
         for pooling in self.poolings:
             group[pooling][start:stop] = stored[pooling]
         group["_digest"][block] = np.array([block_digest(stored[p], self.digest) for p in self.poolings],
@@ -603,6 +648,41 @@ class EmbeddingStore:
         if wanted == list(range(self.num_layers)):
             return np.asarray(array[rows], dtype=np.float32)
         return np.stack([np.asarray(array[rows, i, :], dtype=np.float32) for i in wanted], axis=1)
+
+    @property
+    def has_attention_entropy(self) -> bool:
+        return bool(self.attrs.get(ENTROPY))
+
+    def attention_entropy(self, split: str) -> np.ndarray:
+        """Attention entropy [N, L+1] float32 (nats): column i is block i's, column 0 (embedding output)
+        NaN, rows outside the sample NaN (attention_sampled). Every done block is checked against its digest."""
+        self._require_entropy()
+        self._group(split)
+        array = self._node(split, ENTROPY)
+        try:
+            values = array[:]
+        except Exception as error:
+            raise self._damaged(split, ENTROPY, None, f"it cannot be decoded ({type(error).__name__}: {error})") from error
+        if self.verified:
+            block_rows = int(self.attrs["block_rows"])
+            done = self._node(split, "_done")[:].astype(bool)
+            recorded = self._node(split, ENTROPY_DIGEST)[:]
+            for block in np.flatnonzero(done):
+                part = values[block * block_rows:(block + 1) * block_rows]
+                self._check_digest(split, ENTROPY, int(block), block_digest(part, self.attrs[ENTROPY]["digest"]),
+                                   int(recorded[block]))
+        return values
+
+    def attention_sampled(self, split: str) -> np.ndarray:
+        """[N] bool: the rows whose attention entropy was computed."""
+        self._require_entropy()
+        return self.meta(split, SAMPLED).astype(bool)
+
+    def _require_entropy(self) -> None:
+        if not self.has_attention_entropy:
+            raise StoreMismatchError(f"{self.path} holds no attention entropy (extracted with "
+                                     f"extract.attention_entropy_rows: 0, or before it existed); set it and rerun "
+                                     f"the extraction with --rebuild")
 
     def labels(self, split: str) -> np.ndarray:
         self._group(split)

@@ -4,7 +4,8 @@
 naming the split, the array and the row block:
   - layout: root attributes, each split's arrays, their shapes and dtypes;
   - completion: splits not created yet, blocks not marked done;
-  - integrity: each done block of each pooling array is read back and its digest (xxh3-64, or the store's recorded algorithm) compared
+  - integrity: each done block of each pooling array (and of attention_entropy where the store has it) is
+    read back and its digest (xxh3-64, or the store's recorded algorithm) compared
     with the one recorded at write time (`_digest`); row metadata against `meta_digest`; chunks that
     no longer decode (a flipped byte in a compressed chunk or a shard index) are named too;
   - values: no NaN or inf in a done block; labels inside `label_names`.
@@ -30,7 +31,7 @@ import zarr
 
 from pipeline import location
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.store import FORMAT, META_ARRAYS, block_digest, creation_interrupted, meta_digest, store_digest
+from pipeline.store import ENTROPY, ENTROPY_DIGEST, FORMAT, META_ARRAYS, SAMPLED, block_digest, creation_interrupted, meta_digest, store_digest
 
 SERIOUS = ("unreadable", "checksum", "nonfinite", "shape", "missing", "metadata", "dtype")
 
@@ -91,8 +92,9 @@ def _verify_split(root: zarr.Group, attrs: dict[str, Any], split: str, rows: int
     fallback = attrs.get("dtype_fallback", {})
     stored_dtype = attrs.get("fingerprint", {}).get("extract", {}).get("dtype", "float16")
     labels = len(attrs.get("fingerprint", {}).get("dataset", {}).get("label_names", [])) or None
+    entropy = attrs.get(ENTROPY)                       # one more array, with digests of its own
 
-    for name in META_ARRAYS:
+    for name in META_ARRAYS + ((SAMPLED,) if entropy else ()):
         array = _open(group, name, split, out)
         if array is None:
             continue
@@ -137,6 +139,8 @@ def _verify_split(root: zarr.Group, attrs: dict[str, Any], split: str, rows: int
                 else:
                     digests[block] = row
 
+    if entropy:
+        out += _verify_entropy(group, split, rows, layers, block_rows, done, entropy.get("digest", store_digest(attrs)))
     for index, pooling in enumerate(poolings):
         array = _open(group, pooling, split, out)
         if array is None:
@@ -165,6 +169,28 @@ def _verify_split(root: zarr.Group, attrs: dict[str, Any], split: str, rows: int
     if done_array is not None and pending:
         shown = ", ".join(map(str, pending[:10])) + (" ..." if len(pending) > 10 else "")
         out.append(Problem("incomplete", f"{len(pending)}/{blocks} blocks not done ({shown})", split))
+    return out
+
+
+def _verify_entropy(group: zarr.Group, split: str, rows: int, layers: int, block_rows: int, done: np.ndarray,
+                    algorithm: str) -> list[Problem]:
+    """attention_entropy's done blocks against _entropy_digest (NaN is its value outside the sample)."""
+    out: list[Problem] = []
+    array, recorded = _open(group, ENTROPY, split, out), _open(group, ENTROPY_DIGEST, split, out)
+    if array is None or recorded is None:
+        return out
+    if array.shape != (rows, layers) or str(array.dtype) != "float32":
+        return [Problem("shape", f"shape {array.shape} {array.dtype}, expected {(rows, layers)} float32", split, ENTROPY)]
+    for block in np.flatnonzero(done):
+        block = int(block)
+        start, stop = block * block_rows, min((block + 1) * block_rows, rows)
+        values, error = _read(array, slice(start, stop))
+        expected, digest_error = _read(recorded, block)
+        if error or digest_error:
+            out.append(Problem("unreadable", f"rows {start}-{stop - 1} {error or digest_error}", split, ENTROPY, block))
+        elif block_digest(values, algorithm) != int(expected):
+            out.append(Problem("checksum", f"rows {start}-{stop - 1}: digest {block_digest(values, algorithm):016x} "
+                                           f"differs from {int(expected):016x} recorded at write time", split, ENTROPY, block))
     return out
 
 

@@ -75,6 +75,17 @@ def test_agreement_on_hand_made_rankings():
     assert worst["spearman"] == -1.0 and not worst["top3"]
 
 
+def test_agreement_leaves_out_layers_a_score_does_not_cover():
+    """Attention entropy has no value for the embedding output (NaN): correlations over the other layers,
+    and that layer is never the score's top, even where the probe's best is there."""
+    probe = [0.95, 0.70, 0.90, 0.80, 0.65]
+    row = agreement(probe, [np.nan, 2, 4, 3, 1])
+    assert (row["spearman"], row["kendall"], row["top1"], row["score_top"], row["probe_top"]) == (1.0, 1.0, False, 2, 0)
+    assert row["top3"] is False
+    row = agreement([0.60, 0.70, 0.90, 0.80, 0.65], [np.nan, 2, 4, 3, 1])
+    assert (row["spearman"], row["top1"], row["top3"]) == (1.0, True, True)
+
+
 def test_compare_names_layers_and_summary_picks_the_best_predictor():
     layers = [0, 2, 4, 6]
     good = compare([0.5, 0.9, 0.7, 0.6], layers, {"effective_rank": [1, 4, 3, 2], "anisotropy": [0.1, 0.2, 0.3, 0.4]})
