@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from pipeline.errors import ConfigError
 from pipeline.layer_tap import find_blocks, text_config
 from pipeline.pooling import LayerPooler
 
@@ -37,33 +38,35 @@ FINAL_NORM = {"llama": "norm", "bert": None}
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 
 
-class CompiledForwardError(ValueError):
-    """The compiled forward cannot run this model (its family is not supported)."""
+class CompiledForwardError(ConfigError):
+    """extract.forward: compiled asked of a model whose family it does not support (a clear stage error)."""
 
 
 class _Captured(Exception):
     """Raised by the first block's pre-hook once its inputs are recorded: the eager forward stops there."""
 
 
-def supports(model) -> bool:
-    return text_config(model.config).model_type in FINAL_NORM
+def model_type(model) -> str:
+    return text_config(model.config).model_type
 
 
 def resolve_forward(name: str, device: torch.device | str, model=None) -> str:
-    """'eager' or 'compiled' for an `extract.forward` setting on this device (and model, when known).
+    """'eager' or 'compiled' for an `extract.forward` setting on this device and model (a loaded
+    model, or its config's model_type; None: unknown yet).
 
     auto: compiled where it was measured faster (see README "Benchmarks") and the model's family is
     supported; eager otherwise. compiled on an unsupported family is an error, never a silent eager run.
     """
     if name not in FORWARDS:
         raise ValueError(f"unknown forward {name!r}: one of {', '.join(FORWARDS)}")
-    if name == "compiled" and model is not None and not supports(model):
+    kind = model if model is None or isinstance(model, str) else model_type(model)
+    if name == "compiled" and kind is not None and kind not in FINAL_NORM:
         raise CompiledForwardError(f"extract.forward: compiled supports model types {sorted(FINAL_NORM)}, not "
-                                   f"{text_config(model.config).model_type!r}; use eager or auto")
+                                   f"{kind!r}; use eager or auto")
     if name != "auto":
         return name
     wanted = AUTO_COMPILED_ON.get(torch.device(device).type, False)
-    return "compiled" if wanted and (model is None or supports(model)) else "eager"
+    return "compiled" if wanted and (kind is None or kind in FINAL_NORM) else "eager"
 
 
 # Where `auto` compiles: measured on CPU (README "Benchmarks"); CUDA was not measured (no GPU was lent),
@@ -113,6 +116,10 @@ class CompiledForward:
 
     def __init__(self, dynamic: bool = True):
         self.step = torch.compile(_block_and_pool, dynamic=dynamic)
+        # Variants a run can meet: with/without the final norm, batches of one row (dynamo specialises
+        # sizes 0/1), and the `auto` attention's two kernels (widths <= / > 64): up to 8, dynamo's
+        # default limit, past which it would silently run the function eagerly.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
         self.compile_seconds = 0.0
         self.compiling_calls = 0
         self.calls = 0

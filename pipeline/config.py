@@ -16,6 +16,7 @@ import yaml
 
 from pipeline import location
 from pipeline.attention import ATTENTIONS
+from pipeline.compiled_forward import FORWARDS
 from pipeline.errors import ConfigError
 from pipeline.pooling import POOLINGS
 
@@ -79,6 +80,7 @@ class ExtractSettings:
     compressor: dict[str, Any]
     attention: str = "auto"          # auto | sdpa | eager (pipeline/attention.py); in the store fingerprint
     attention_entropy_rows: int = 16  # rows per block whose attention entropy is stored (0: none); in the fingerprint
+    forward: str = "auto"            # auto | eager | compiled (pipeline/compiled_forward.py); in the store fingerprint
     # scale-out (pipeline/distributed.py); not in the store fingerprint, so any process count resumes a store
     devices: int = 1                 # processes (one device each) per node
     num_nodes: int = 1
@@ -580,7 +582,8 @@ def _parse_extract(problems: _Problems, section: Any) -> ExtractSettings:
         padding_side=_choice(problems, section, "padding_side", "extract", ("right", "left"), "right"),
         poolings=tuple(poolings), compressor=compressor,
         attention=_choice(problems, section, "attention", "extract", ATTENTIONS, "auto"),
-        attention_entropy_rows=_int(problems, section, "attention_entropy_rows", "extract", 0, 16))
+        attention_entropy_rows=_int(problems, section, "attention_entropy_rows", "extract", 0, 16),
+        forward=_choice(problems, section, "forward", "extract", FORWARDS, "auto"))
 
 
 def _parse_data(problems: _Problems, section: Any) -> DataSettings:

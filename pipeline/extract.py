@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipeline import compiled_forward
 from pipeline.batching import token_budget_batches
 from pipeline.config import ExtractSettings, Params
 from pipeline.corpora import Corpus, read_corpus
@@ -169,8 +170,9 @@ def pool_batch(model, tokenizer, texts: list[str], spec: PoolingSpec, device: to
 
 
 def fingerprint_for(params: Params, model_name: str, corpus: Corpus, source: dict[str, Any],
-                    compute_dtype: torch.dtype) -> dict[str, Any]:
-    """What the stored numbers depend on; a store whose fingerprint differs is refused."""
+                    compute_dtype: torch.dtype, forward: str = "eager") -> dict[str, Any]:
+    """What the stored numbers depend on; a store whose fingerprint differs is refused. `forward`: the
+    resolved extract.forward (eager | compiled: they round differently); eager leaves no key, as before."""
     settings = params.extract_for(corpus.name)
     return {
         "model": {"name": model_name, "source": params.model(model_name).source,
@@ -178,7 +180,8 @@ def fingerprint_for(params: Params, model_name: str, corpus: Corpus, source: dic
         "extract": {"max_len": settings.max_len, "dtype": settings.dtype, "poolings": list(settings.poolings),
                     "block_rows": settings.block_rows, "compute_dtype": str(compute_dtype).removeprefix("torch."),
                     "attention": settings.attention, "attention_entropy_rows": settings.attention_entropy_rows,
-                    "token_budget": settings.token_budget},   # batch shapes move stored values (README: The store)
+                    "token_budget": settings.token_budget,    # batch shapes move stored values (README: The store)
+                    **({"forward": forward} if forward != "eager" else {})},
         "dataset": {"name": corpus.name, "sha256": corpus.meta["sha256"], "label_names": corpus.label_names,
                     "carve": corpus.meta["carve"], **({"caps": corpus.meta["caps"]} if corpus.meta.get("caps") else {}),
                     **({"resplit": corpus.meta["resplit"]} if corpus.meta.get("resplit") else {})},
@@ -243,12 +246,15 @@ def open_extraction(params: Params, model_name: str, dataset_name: str, device: 
     config = text_config(AutoConfig.from_pretrained(model_dir, trust_remote_code=spec.trust_remote_code))
     num_layers, dim = config.num_hidden_layers + 1, config.hidden_size
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=spec.trust_remote_code)
+    forward = compiled_forward.resolve_forward(settings.forward, device, config.model_type)
+    if forward == "compiled":        # compiled code is cached per machine, under the store
+        compiled_forward.use_compile_cache(params.store / "compile_cache")
 
     info = {"versions": package_versions(), "model_dir": str(model_dir), "model_origin": source.get("origin"),
             "decoder": is_decoder(config), "model_type": config.model_type, "dataset_source": corpus.meta["source"],
             "layer_convention": "0 = embedding output, i = output of block i, last = last_hidden_state"}
     writer = StoreWriter(params.embeddings_path(model_name, dataset_name),
-                         fingerprint_for(params, model_name, corpus, source, compute_dtype), info,
+                         fingerprint_for(params, model_name, corpus, source, compute_dtype, forward), info,
                          num_layers=num_layers, dim=dim, poolings=settings.poolings,
                          block_rows=settings.block_rows, dtype=settings.dtype, compressor=settings.compressor,
                          rebuild=rebuild and create, attention_entropy=entropy_attrs(settings, params.data.seed))
@@ -292,7 +298,10 @@ class BlockLoop:
     """
 
     def __init__(self, writer: StoreWriter, texts: Callable[[str], list[str]], tokenizer, model,
-                 settings: ExtractSettings, device: torch.device, forward: Forward = eager_forward):
+                 settings: ExtractSettings, device: torch.device, forward: Forward | None = None):
+        if forward is None:          # as extract.forward says (pipeline/compiled_forward.py)
+            wanted = compiled_forward.resolve_forward(settings.forward, device, model)
+            forward = compiled_forward.shared() if wanted == "compiled" else eager_forward
         self.writer, self.texts, self.tokenizer, self.model = writer, texts, tokenizer, model
         self.settings, self.device, self.forward = settings, device, forward
         self.texts_done, self.tokens, self.write_seconds, self.entropy_seconds = 0, 0, 0.0, 0.0
@@ -509,7 +518,7 @@ def extract(params: Params, model_name: str, dataset_name: str, rebuild: bool = 
 
 def run_world(world: World, params: Params, model_name: str, dataset_name: str, rebuild: bool = False,
               show_progress: bool = True, wait_for_lock: bool = False,
-              forward: Forward = eager_forward) -> dict[str, Any] | None:
+              forward: Forward | None = None) -> dict[str, Any] | None:
     """Run this rank of an extraction; rank 0 returns the run's summary, the others None.
 
     One writer per store (pipeline/lock.py: rank 0 holds the run lock for the whole run; a second writer
@@ -536,7 +545,7 @@ def run_world(world: World, params: Params, model_name: str, dataset_name: str, 
 
 
 def _drive(world: World, params: Params, model_name: str, dataset_name: str, rebuild: bool,
-           show_progress: bool, forward: Forward) -> dict[str, Any] | None:
+           show_progress: bool, forward: Forward | None) -> dict[str, Any] | None:
     """Rounds of: rank 0 lists the pending blocks and broadcasts them (a rank reading the `_done` marks
     itself could read them after a faster rank marked blocks done, deal differently and leave blocks to
     nobody); `world.share` deals them; each rank runs BlockLoop on its share; float16 overflows are

@@ -166,3 +166,47 @@ def test_extract_forward_setting_parses_and_refuses_a_typo(tmp_path):
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(PipelineError, match="extract.forward"):
         load_params(path)
+
+
+@needs_compiler
+@pytest.mark.slow
+def test_compiled_extraction_matches_eager_store_and_is_fingerprinted(mr_slice, make_params, prepared_models,
+                                                                      tmp_path, monkeypatch):
+    """extract.forward: compiled through the real driver: the same stored numbers as eager (float32 compute,
+    float16 storage), `forward: compiled` in the fingerprint (an eager store has no such key, as before),
+    a store of the other kind refused, and the compiled code cached under the store."""
+    from conftest import link_prepared, tiny_llama_entry
+    from pipeline.config import load_params
+    from pipeline.corpora import build_corpus, write_corpus
+    from pipeline.errors import StoreMismatchError
+    from pipeline.extract import extract
+    from pipeline.store import open_store
+    monkeypatch.delenv(compiled_forward.CACHE_ENV, raising=False)
+    torch._dynamo.reset()
+
+    def params_for(forward: str, folder: str):
+        path = make_params(mr_slice, ["tiny-llama"], ["mrslice"], folder=tmp_path / folder,
+                           extract={"forward": forward, "compute_dtype": "float32"},
+                           extra_models=tiny_llama_entry(prepared_models))
+        params = load_params(path)
+        write_corpus(build_corpus(params.dataset("mrslice"), params.data_mirror, params.data),
+                     params.data_dir("mrslice"))
+        link_prepared(prepared_models, params.store, ["tiny-llama"])
+        return params
+
+    eager, compiled = params_for("eager", "eager"), params_for("compiled", "compiled")
+    extract(eager, "tiny-llama", "mrslice", show_progress=False)
+    extract(compiled, "tiny-llama", "mrslice", show_progress=False)
+    a, b = open_store(eager.store, "tiny-llama", "mrslice"), open_store(compiled.store, "tiny-llama", "mrslice")
+    assert "forward" not in a.attrs["fingerprint"]["extract"]
+    assert b.attrs["fingerprint"]["extract"]["forward"] == "compiled"
+    for split in ("train", "test"):
+        for pooling in POOLS:
+            x, y = a.root[split][pooling][:].astype("float32"), b.root[split][pooling][:].astype("float32")
+            assert x.shape == y.shape and x.shape[1] == 4
+            np_scale = float(abs(x).max())
+            torch.testing.assert_close(torch.from_numpy(y), torch.from_numpy(x), rtol=2e-3, atol=2e-3 * np_scale)
+    assert any((compiled.store / "compile_cache").rglob("*")), "compiled code was not cached under the store"
+    mixed = params_for("compiled", "eager")           # compiled settings against the eager store
+    with pytest.raises(StoreMismatchError, match=r"extract\.forward"):
+        extract(mixed, "tiny-llama", "mrslice", show_progress=False)

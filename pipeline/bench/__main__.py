@@ -112,7 +112,8 @@ def run_section(section, args, params, dataset, models, device):
     if section == "attention":
         from pipeline.bench import attention_bench
         return attention_bench.run(params, models, args.attention_datasets, args.attention_rows or (48 if args.quick else 128),
-                                   args.repeats, device, budget_rows=48 if args.quick else 512)
+                                   args.repeats, device, budget_rows=48 if args.quick else 512,
+                                   compute_dtype_name=args.compute_dtype)
     if section == "store":
         from pipeline.bench import store_bench
         return store_bench.run(params, 256 if args.quick else 2048, args.repeats)

@@ -69,11 +69,11 @@ BUDGETS = (512, 1024, 2048, 4096)
 
 
 def run(params, models: list[str], datasets: list[str], rows: int, repeats: int, device: torch.device,
-        budget_rows: int = 512) -> dict[str, Any]:
+        budget_rows: int = 512, compute_dtype_name: str | None = None) -> dict[str, Any]:
     from pipeline.attention import SHORT_WIDTH
     from pipeline.bench.extraction import corpus_texts, load, prepared_model
     from pipeline.extract import resolve_compute_dtype
-    compute_dtype = resolve_compute_dtype(params.extract.compute_dtype, device)
+    compute_dtype = resolve_compute_dtype(compute_dtype_name or params.extract.compute_dtype, device)
     out: dict[str, Any] = {"short_width": SHORT_WIDTH, "compute_dtype": str(compute_dtype).removeprefix("torch."),
                            "token_budget": params.extract.token_budget, "repeats": repeats, "models": {},
                            "attention": params.extract.attention, "budget_corpus": datasets[0], "budgets": {}}
