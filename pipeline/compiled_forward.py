@@ -76,8 +76,13 @@ AUTO_COMPILED_ON = {"cpu": False, "cuda": False}
 
 def use_compile_cache(folder: Path | str) -> Path:
     """Point inductor's on-disk caches at `folder` (e.g. store/compile_cache) unless the user already
-    chose one through TORCHINDUCTOR_CACHE_DIR; call before the first compilation."""
-    chosen = Path(os.environ.setdefault(CACHE_ENV, str(Path(folder).resolve())))
+    chose one through TORCHINDUCTOR_CACHE_DIR (inductor writes its own /tmp default there on first use,
+    and importing some libraries triggers that: the default is not a choice and is replaced)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    current = os.environ.get(CACHE_ENV)
+    if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
+        os.environ[CACHE_ENV] = str(Path(folder).resolve())
+    chosen = Path(os.environ[CACHE_ENV])
     chosen.mkdir(parents=True, exist_ok=True)
     return chosen
 

@@ -148,6 +148,9 @@ def test_use_compile_cache_keeps_a_user_choice(tmp_path, monkeypatch):
     assert compiled_forward.use_compile_cache(tmp_path / "a") == (tmp_path / "a").resolve()
     assert (tmp_path / "a").is_dir() and compiled_forward.cache_dir() == (tmp_path / "a").resolve()
     assert compiled_forward.use_compile_cache(tmp_path / "b") == (tmp_path / "a").resolve()
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    monkeypatch.setenv(compiled_forward.CACHE_ENV, default_cache_dir())     # inductor's own default: no choice
+    assert compiled_forward.use_compile_cache(tmp_path / "c") == (tmp_path / "c").resolve()
 
 
 def test_extract_forward_setting_parses_and_refuses_a_typo(tmp_path):

@@ -238,6 +238,8 @@ def bench_model(params, name: str, dataset: str, rows: int, slow_rows: int, repe
     from pipeline.extract import resolve_compute_dtype
     from pipeline.layer_tap import text_config
     from pipeline.machine import cpu_isa
+    if "compiled" in methods:                      # before anything imports inductor and sets its /tmp default
+        compiled_forward.use_compile_cache(params.store / "compile_cache")
     folder = prepared_model(params, name)
     texts = corpus_texts(params, dataset)[:rows]
     slow_texts = texts[:slow_rows]
@@ -252,8 +254,6 @@ def bench_model(params, name: str, dataset: str, rows: int, slow_rows: int, repe
     max_len = settings.max_len
     eager_settings = replace(settings, forward="eager")
     compiled_settings = replace(settings, forward="compiled")
-    if "compiled" in methods:
-        compiled_forward.use_compile_cache(params.store / "compile_cache")
 
     def lengths_of(subset, limit):
         return np.array([len(ids) for ids in tokenizer(subset, truncation=True, max_length=limit)["input_ids"]])
