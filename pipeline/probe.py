@@ -185,14 +185,21 @@ def _bootstrap(pred: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, num_cl
 
 
 @contextmanager
-def single_thread():
-    """Small tensor work on one thread: on a busy 2-core machine, intra-op threads wait on each other."""
+def torch_threads(count: int):
+    """torch's intra-op threads set to `count` inside, and restored after: a stage run in-process
+    (tests, the study) must not leave the next computation on another thread count, whose
+    reductions round differently."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(count)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def single_thread():
+    """Small tensor work on one thread: on a busy 2-core machine, intra-op threads wait on each other."""
+    return torch_threads(1)
 
 
 # -- the solve --------------------------------------------------------------------------------

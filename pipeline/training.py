@@ -35,7 +35,7 @@ from pipeline.datamodule import LayerCache, LayerDataModule
 from pipeline.devices import lightning_accelerator
 from pipeline.config import TrainSettings
 from pipeline.heads import HeadModule, build_net
-from pipeline.probe import metrics
+from pipeline.probe import metrics, torch_threads
 from pipeline.records import HeadResult, HeadResults
 from pipeline.significance import TestRows, add_test_uncertainty
 
@@ -239,8 +239,12 @@ def train_dataset(store_root: Path, dataset: str, chosen: dict[str, Any], settin
     HeadResults record's JSON) and writes gate_weights.json beside it when gated heads were trained."""
     start = time.perf_counter()
     resolve_accelerator(settings["device"])        # refuse a missing GPU before reading anything
-    if settings.get("threads"):
-        torch.set_num_threads(int(settings["threads"]))
+    with torch_threads(int(settings.get("threads") or torch.get_num_threads())):
+        return _train_dataset(store_root, dataset, chosen, settings, out_root, start)
+
+
+def _train_dataset(store_root: Path, dataset: str, chosen: dict[str, Any], settings: dict[str, Any],
+                   out_root: Path, start: float) -> dict[str, Any]:
     cache = LayerCache(store_root, dataset)
     label_names = cache.store(next(iter(chosen["models"]))).label_names
     decoders = {m: bool(info["decoder"]) for m, info in chosen["models"].items()}

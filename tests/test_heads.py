@@ -203,8 +203,16 @@ def test_train_dataset_compares_the_gate_on_identical_inputs_and_writes_typed_re
     make_store(tmp_path / "store", "toy-enc", best_layer=2, num_layers=4, dim=8, poolings=("mean", "first"), seed=1)
     chosen = _chosen_two_models("last", "first", "toy-dec", "toy-enc", dec_layers=6, enc_layers=4)
     settings = train_settings(TrainSettings(heads=("linear", "cooccurrence", "scalar_mix", "gated"), seeds=(0,),
-                                            max_epochs=4, patience=2, batch_size=64, lr=0.01))
-    written = train_dataset(tmp_path / "store", "toy", chosen, settings, tmp_path / "heads")
+                                            max_epochs=4, patience=2, batch_size=64, lr=0.01, threads=1))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        written = train_dataset(tmp_path / "store", "toy", chosen, settings, tmp_path / "heads")
+        # train.threads holds only inside the stage: a stage run in-process used to leave torch on one
+        # thread, and later extraction in the same process rounded differently (a test-order failure)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
     result = HeadResults.from_json(json.loads(json.dumps(written)))     # results.json is a HeadResults record
     assert result.to_json() == written
     rows = {(r.row, r.head): r for r in result.results}
