@@ -27,11 +27,11 @@ from typing import Any
 
 import torch
 
+from pipeline.config import FORWARDS
 from pipeline.errors import ConfigError
 from pipeline.layer_tap import find_blocks, text_config
 from pipeline.pooling import LayerPooler
 
-FORWARDS = ("auto", "eager", "compiled")
 # model_type -> the attribute holding the norm applied after the last block (None: there is none).
 # Only families whose blocks all take the same inputs (one mask, one rotary table) are listed.
 FINAL_NORM = {"llama": "norm", "bert": None}

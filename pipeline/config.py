@@ -16,7 +16,6 @@ import yaml
 
 from pipeline import location
 from pipeline.attention import ATTENTIONS
-from pipeline.compiled_forward import FORWARDS
 from pipeline.errors import ConfigError
 from pipeline.pooling import POOLINGS
 
@@ -33,6 +32,7 @@ SCORE_PROTOCOLS = ("validation", "cv")
 SCORE_METRICS = ("accuracy", "macro_f1")
 SELECT_RULES = ("best", "one_se")
 FUSE_OPERATORS = ("mean", "max", "concat")
+FORWARDS = ("auto", "eager", "compiled")   # extract.forward (pipeline/compiled_forward.py)
 HEAD_NAMES = ("linear", "mlp", "cooccurrence", "scalar_mix", "gated")
 TOP_K_MAX = 16                   # every subset of the top-k layers: 2^k sets
 COMPRESSOR_OPTIONS = {"none": (), "zstd": ("level",), "blosc": ("cname", "clevel", "shuffle")}

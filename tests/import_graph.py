@@ -17,10 +17,10 @@ REPO = Path(__file__).resolve().parent.parent
 # lowest first; a module may import only modules listed before it
 LAYERS = (
     "errors", "records", "atomic", "location", "fingerprint",
-    "attention", "pooling", "layer_tap", "batching", "compiled_forward",
+    "attention", "pooling", "layer_tap", "batching",
     "config", "devices", "machine",
     "corpora", "models",
-    "lock", "store", "resources", "verify", "extract", "distributed",
+    "lock", "store", "resources", "verify", "compiled_forward", "extract", "distributed",
     "probe", "selection", "significance",
     "layer_geometry", "layer_importance", "layer_agreement",
     "scoring", "fusion", "audit",
