@@ -161,7 +161,7 @@ class GatedOptions:
 @dataclass(frozen=True)
 class TrainSettings:
     """`train:` the heads, their seeds and their optimiser."""
-    heads: tuple[str, ...] = ("linear", "mlp", "cooccurrence", "scalar_mix")   # every name but gated (see params.yaml)
+    heads: tuple[str, ...] = HEAD_NAMES
     seeds: tuple[int, ...] = (0, 1, 2)
     max_epochs: int = 30
     patience: int = 3

@@ -61,7 +61,7 @@ def deal(work: list[tuple[str, int]], costs: list[int], world_size: int) -> tupl
 
 
 class FabricWorld:
-    """The ranks of a Fabric launch as pipeline.extract's World: collectives through torch.distributed."""
+    """The ranks of a Fabric launch as a pipeline.world.World: collectives through torch.distributed."""
 
     def __init__(self, fabric):
         self.fabric = fabric

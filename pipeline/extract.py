@@ -16,157 +16,25 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from pipeline import compiled_forward
+from pipeline.attention import attention_entropy
 from pipeline.batching import token_budget_batches
 from pipeline.config import ExtractSettings, Params
 from pipeline.corpora import Corpus, read_corpus
 from pipeline.devices import resolve_device
-from pipeline.errors import PipelineError
 from pipeline.fingerprint import package_versions
-from pipeline.layer_tap import find_blocks, run_with_layers, text_config
+from pipeline.forward import (Encoded, Forward, PoolingSpec, count_tokens, eager_forward, encode, pool_batch,
+                              resolve_compute_dtype, to_host)
+from pipeline.layer_tap import text_config
 from pipeline.models import is_decoder, load_model, read_source
-from pipeline.pooling import LayerPooler
-from pipeline.attention import attention_entropy
 from pipeline.store import SAMPLED, Float16Overflow, SplitRows, StoreWriter, entropy_sample
-
-COUNT_CHUNK = 4096
-
-
-def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
-    """bf16 where the hardware runs it natively (CUDA Ampere+, CPUs with AVX512-BF16/AMX)."""
-    if name == "float32":
-        return torch.float32
-    if name == "bfloat16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    if device.type == "cpu":
-        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
-    return torch.float32
-
-
-@dataclass
-class Encoded:
-    """A batch ready for the model."""
-    inputs: dict[str, torch.Tensor]
-    mask: torch.Tensor        # real tokens
-    content: torch.Tensor     # real, non-special tokens
-    tokens: int               # real tokens in the batch
-
-
-def count_tokens(tokenizer, texts: list[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each text's token count before truncation (special tokens included) and its truncation flag."""
-    counts = np.zeros(len(texts), dtype=np.int32)
-    for start in range(0, len(texts), COUNT_CHUNK):
-        chunk = texts[start:start + COUNT_CHUNK]
-        lengths = [len(ids) for ids in tokenizer(chunk, truncation=True, max_length=max_len,
-                                                 return_attention_mask=False)["input_ids"]]
-        at_limit = [i for i, n in enumerate(lengths) if n >= max_len]
-        if at_limit:   # only texts that hit the limit need their full length
-            full = tokenizer([chunk[i] for i in at_limit], return_attention_mask=False)["input_ids"]
-            for i, ids in zip(at_limit, full):
-                lengths[i] = len(ids)
-        counts[start:start + len(chunk)] = lengths
-    return counts, counts > max_len
-
-
-def encode(tokenizer, texts: list[str], max_len: int, padding_side: str, device: torch.device) -> Encoded:
-    """Tokenise and pad by hand; position ids follow the real tokens, so left padding changes nothing."""
-    encoded = tokenizer(texts, truncation=True, max_length=max_len, return_special_tokens_mask=True,
-                        return_attention_mask=False)
-    ids, specials = encoded["input_ids"], encoded["special_tokens_mask"]
-    width = max(len(row) for row in ids)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.bool)
-    special = torch.zeros((len(ids), width), dtype=torch.bool)
-    for row, (tokens, flags) in enumerate(zip(ids, specials)):
-        span = slice(0, len(tokens)) if padding_side == "right" else slice(width - len(tokens), width)
-        input_ids[row, span] = torch.tensor(tokens)
-        mask[row, span] = True
-        special[row, span] = torch.tensor(flags, dtype=torch.bool)
-    positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
-    inputs = {"input_ids": input_ids, "attention_mask": mask.long(), "position_ids": positions}
-    tokens = int(mask.sum())
-    content = mask & ~special
-    if device.type == "cuda":   # pinned host memory: the copies below run asynchronously
-        inputs = {k: v.pin_memory() for k, v in inputs.items()}
-        mask, content = mask.pin_memory(), content.pin_memory()
-    return Encoded({k: v.to(device, non_blocking=True) for k, v in inputs.items()}, mask.to(device, non_blocking=True),
-                   content.to(device, non_blocking=True), tokens)
-
-
-@dataclass(frozen=True)
-class PoolingSpec:
-    """What a batch's pooled vectors depend on besides the model and the device (not how rows are
-    grouped into blocks, stored or compressed): Stage 1 and predict both pool through it."""
-    poolings: tuple[str, ...]
-    max_len: int
-    padding_side: str = "right"
-
-    @classmethod
-    def of(cls, settings: ExtractSettings) -> "PoolingSpec":
-        return cls(tuple(settings.poolings), settings.max_len, settings.padding_side)
-
-
-class Forward(Protocol):
-    """The compute-and-pool step, pluggable: pool layers 0..num_layers-1 of one encoded batch.
-
-    Returns [len(poolings), B, num_layers, D] float32 on the batch's device, the same numbers as
-    pooling.POOLINGS applied to each layer's states (layer 0 = embedding output, i = block i's output).
-    `eager_forward` is the default; a compiled forward that pools inside its graph plugs in here.
-    """
-
-    def __call__(self, model, batch: Encoded, poolings: Sequence[str], num_layers: int) -> torch.Tensor: ...
-
-
-def eager_forward(model, batch: Encoded, poolings: Sequence[str], num_layers: int) -> torch.Tensor:
-    """Hooks hand each layer's states to LayerPooler as the forward pass produces them (one float32
-    copy per layer, no host syncs); blocks past the deepest wanted layer are skipped."""
-    poolings = list(poolings)
-    total = len(find_blocks(model)) + 1
-    if not 1 <= num_layers <= total:
-        raise ValueError(f"num_layers must lie in 1..{total}, got {num_layers}")
-    dim = text_config(model.config).hidden_size
-    out = torch.empty((len(poolings), batch.mask.shape[0], num_layers, dim), dtype=torch.float32,
-                      device=batch.mask.device)
-    with torch.inference_mode():
-        pooler = LayerPooler(batch.mask, batch.content, poolings)
-
-        def on_layer(index: int, hidden: torch.Tensor) -> None:
-            pooler(hidden, {name: out[i, :, index] for i, name in enumerate(poolings)})
-
-        run_with_layers(model, batch.inputs, on_layer, stop_after=None if num_layers == total else num_layers - 1)
-    return out
-
-
-def to_host(values: torch.Tensor) -> np.ndarray:
-    """One copy to the host (pinned and asynchronous on a GPU, then one sync)."""
-    if values.device.type == "cuda":
-        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-        host.copy_(values, non_blocking=True)
-        torch.cuda.current_stream(values.device).synchronize()
-        values = host
-    return values.numpy() if values.device.type == "cpu" else values.cpu().numpy()
-
-
-def pool_batch(model, tokenizer, texts: list[str], spec: PoolingSpec, device: torch.device, num_layers: int,
-               batch: Encoded | None = None, forward: Forward = eager_forward) -> tuple[dict[str, np.ndarray], int]:
-    """Pooled vectors [B, num_layers, D] float32 per pooling for one batch, and its real token count.
-
-    `num_layers`: layers 0..num_layers-1 are pooled (predict stops at the deepest layer its head reads).
-    `batch`: the texts already encoded (the block loop tokenises the next batch while this one runs).
-    """
-    if batch is None:
-        batch = encode(tokenizer, texts, spec.max_len, spec.padding_side, device)
-    values = to_host(forward(model, batch, spec.poolings, num_layers))
-    return {name: values[i] for i, name in enumerate(spec.poolings)}, batch.tokens
+from pipeline.world import LocalWorld, World, agree, from_rank_zero, raise_first, status_of
 
 
 def fingerprint_for(params: Params, model_name: str, corpus: Corpus, source: dict[str, Any],
@@ -430,84 +298,6 @@ def process_blocks(writer: StoreWriter, work: list[tuple[str, int]], model, toke
     return overflows
 
 
-# -- the world: one process, or many (pipeline/distributed.py) -------------------------------------
-class World(Protocol):
-    """The processes of one extraction. Rank 0 creates the store, lists what is pending and records the
-    run; `share` gives each rank its blocks. A single process is a world of size 1 (LocalWorld)."""
-    rank: int
-    size: int
-    device: torch.device
-
-    def gather(self, obj: Any) -> list[Any]: ...
-    def broadcast(self, obj: Any) -> Any: ...           # rank 0's obj, on every rank
-    def barrier(self) -> None: ...
-    def share(self, work: list[tuple[str, int]], costs: list[int]) -> tuple[list[tuple[str, int]], list[int]]: ...
-    def describe(self) -> dict[str, Any]: ...           # run-record keys: world_size, num_nodes, strategy
-
-
-class LocalWorld:
-    """One process: collectives are the identity, and it takes every pending block in split then block order."""
-    rank, size = 0, 1
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def gather(self, obj: Any) -> list[Any]:
-        return [obj]
-
-    def broadcast(self, obj: Any) -> Any:
-        return obj
-
-    def barrier(self) -> None:
-        pass
-
-    def share(self, work, costs):
-        return work, [sum(costs)]
-
-    def describe(self) -> dict[str, Any]:
-        return {"world_size": 1, "num_nodes": 1, "strategy": "single"}
-
-
-def _status(error: BaseException | None):
-    if error is None:
-        return None
-    if isinstance(error, PipelineError):
-        return "pipeline", str(error)
-    return "other", f"{type(error).__name__}: {error}"
-
-
-def raise_first(statuses: list[Any]) -> None:
-    """Raise the first failed rank's error, as rank 0 saw it or naming the rank."""
-    for rank, status in enumerate(statuses):
-        if status:
-            kind, message = status
-            raise (PipelineError if kind == "pipeline" else RuntimeError)(f"rank {rank}: {message}" if rank else message)
-
-
-def agree(world: World, error: BaseException | None) -> None:
-    """Every rank learns whether any failed: a failed rank raises its own error, the others the first
-    failed rank's, so none waits forever at a collective."""
-    statuses = world.gather(_status(error))
-    if error is not None:
-        raise error
-    raise_first(statuses)
-
-
-def from_rank_zero(world: World, compute: Callable[[], Any]) -> Any:
-    """What `compute` returns on rank 0, broadcast to every rank (rank 0's error stops them all)."""
-    found, error = None, None
-    if world.rank == 0:
-        try:
-            found = compute()
-        except Exception as caught:
-            error = caught
-    found, status = world.broadcast((found, _status(error)))
-    if error is not None:
-        raise error
-    raise_first([status])
-    return found
-
-
 # -- the one driver --------------------------------------------------------------------------------
 def extract(params: Params, model_name: str, dataset_name: str, rebuild: bool = False,
             show_progress: bool = True, wait_for_lock: bool = False) -> dict[str, Any]:
@@ -597,7 +387,7 @@ def _drive(world: World, params: Params, model_name: str, dataset_name: str, reb
                 blocks += len(mine)
         except Exception as caught:
             error = caught
-        reports = world.gather({"error": _status(error), "overflows": [(o.split, o.pooling, o.peak) for o in overflows]})
+        reports = world.gather({"error": status_of(error), "overflows": [(o.split, o.pooling, o.peak) for o in overflows]})
         if error is not None:
             raise error
         raise_first([r["error"] for r in reports])

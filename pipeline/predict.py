@@ -23,7 +23,8 @@ from pipeline.attention import TRANSFORMERS_DEFAULT
 from pipeline.batching import token_budget_batches
 from pipeline.config import ExtractSettings, ModelSpec
 from pipeline.errors import HeadError, ModelSourceError, PipelineError
-from pipeline.extract import PoolingSpec, count_tokens, pool_batch, resolve_device
+from pipeline.devices import resolve_device
+from pipeline.forward import PoolingSpec, count_tokens, pool_batch
 from pipeline.fingerprint import differences
 from pipeline.heads import load_head, load_standardisation, read_head_config
 from pipeline.layer_tap import text_config

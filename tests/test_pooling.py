@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.extract import PoolingSpec, pool_batch
+from pipeline.forward import PoolingSpec, pool_batch
 from pipeline.layer_tap import run_with_layers
 from pipeline.pooling import pool
 

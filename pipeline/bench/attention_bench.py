@@ -21,7 +21,7 @@ from pipeline.bench.common import r, sync
 
 def _batches(tokenizer, texts: list[str], settings, budget: int, device) -> tuple[np.ndarray, list]:
     from pipeline.batching import token_budget_batches
-    from pipeline.extract import encode
+    from pipeline.forward import encode
     lengths = np.array([len(ids) for ids in tokenizer(texts, truncation=True, max_length=settings.max_len)["input_ids"]])
     return lengths, [encode(tokenizer, [texts[i] for i in rows], settings.max_len, "right", device)
                      for rows in token_budget_batches(lengths, budget)]
@@ -72,7 +72,7 @@ def run(params, models: list[str], datasets: list[str], rows: int, repeats: int,
         budget_rows: int = 512, compute_dtype_name: str | None = None) -> dict[str, Any]:
     from pipeline.attention import SHORT_WIDTH
     from pipeline.bench.extraction import corpus_texts, load, prepared_model
-    from pipeline.extract import resolve_compute_dtype
+    from pipeline.forward import resolve_compute_dtype
     compute_dtype = resolve_compute_dtype(compute_dtype_name or params.extract.compute_dtype, device)
     out: dict[str, Any] = {"short_width": SHORT_WIDTH, "compute_dtype": str(compute_dtype).removeprefix("torch."),
                            "token_budget": params.extract.token_budget, "repeats": repeats, "models": {},

@@ -155,7 +155,8 @@ def loop_careful(model, tokenizer, texts, device, max_len: int, all_layers: bool
 def run_project(model, tokenizer, texts, settings, device, workdir: Path, num_layers: int, dim: int) -> dict[str, Any]:
     """The real block loop into a fresh store: token counting, batching, pooling, writes, done marks.
     `settings.forward` picks the forward pass (eager or compiled), as in `dvc repro`."""
-    from pipeline.extract import BlockLoop, count_tokens, pending_work
+    from pipeline.extract import BlockLoop, pending_work
+    from pipeline.forward import count_tokens
     from pipeline.store import SplitRows, StoreWriter
     path = workdir / "store"
     writer = StoreWriter(path, {"bench": True}, {}, num_layers=num_layers, dim=dim, poolings=settings.poolings,
@@ -235,7 +236,7 @@ def bench_model(params, name: str, dataset: str, rows: int, slow_rows: int, repe
 
     from pipeline import compiled_forward
     from pipeline.attention import TRANSFORMERS_DEFAULT, implementation
-    from pipeline.extract import resolve_compute_dtype
+    from pipeline.forward import resolve_compute_dtype
     from pipeline.layer_tap import text_config
     from pipeline.machine import cpu_isa
     if "compiled" in methods:                      # before anything imports inductor and sets its /tmp default

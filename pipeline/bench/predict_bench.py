@@ -9,7 +9,8 @@ import torch
 from pipeline.batching import token_budget_batches
 from pipeline.bench.common import median_time
 from pipeline.corpora import read_corpus
-from pipeline.extract import count_tokens, pool_batch, resolve_device
+from pipeline.devices import resolve_device
+from pipeline.forward import count_tokens, pool_batch
 from pipeline.predict import Predictor
 
 

@@ -233,7 +233,7 @@ def rss_child(kind: str, params, model: str | None, dataset: str, rows: int) -> 
         from pathlib import Path
 
         from pipeline.bench.extraction import corpus_texts, load, prepared_model, run_project
-        from pipeline.extract import resolve_compute_dtype
+        from pipeline.forward import resolve_compute_dtype
         from pipeline.layer_tap import text_config
         device = torch.device("cpu")
         model_obj, tokenizer = load(prepared_model(params, model), params, model, device,
