@@ -449,13 +449,20 @@ def _parse_compressor(problems: _Problems, value: Any) -> dict[str, Any]:
     return dict(value)
 
 
+def _registry_entry(problems: _Problems, key: str, name: Any, entry: Any, kind: str, needs: str) -> bool:
+    """A models/datasets entry has a safe name (it becomes a folder) and is a mapping; else a problem."""
+    if not NAME_PATTERN.match(str(name)) or ".." in str(name):
+        problems.add(key, f"{kind} names may hold only letters, digits, '.', '_' and '-'")
+        return False
+    if not isinstance(entry, dict):
+        problems.add(key, f"must be a mapping with {needs}")
+        return False
+    return True
+
+
 def _parse_model(problems: _Problems, name: str, entry: Any) -> ModelSpec | None:
     key = f"models.{name}"
-    if not NAME_PATTERN.match(str(name)) or ".." in str(name):
-        problems.add(key, "model names may hold only letters, digits, '.', '_' and '-'")
-        return None
-    if not isinstance(entry, dict):
-        problems.add(key, "must be a mapping with at least `source`")
+    if not _registry_entry(problems, key, name, entry, "model", "at least `source`"):
         return None
     _unknown_keys(problems, key, entry, [f.name for f in fields(ModelSpec) if f.name != "name"])
     source = entry.get("source")
@@ -486,11 +493,7 @@ def _parse_model(problems: _Problems, name: str, entry: Any) -> ModelSpec | None
 
 def _parse_dataset(problems: _Problems, name: str, entry: Any) -> DatasetSpec | None:
     key = f"datasets.{name}"
-    if not NAME_PATTERN.match(str(name)) or ".." in str(name):
-        problems.add(key, "dataset names may hold only letters, digits, '.', '_' and '-'")
-        return None
-    if not isinstance(entry, dict):
-        problems.add(key, "must be a mapping with text_column, label_column and local and/or hub")
+    if not _registry_entry(problems, key, name, entry, "dataset", "text_column, label_column and local and/or hub"):
         return None
     local = entry.get("local") or {}
     hub = entry.get("hub")
