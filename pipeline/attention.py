@@ -100,6 +100,14 @@ def _register_entropy() -> None:
     AttentionMaskInterface.register(ENTROPY, eager_mask)
 
 
+def entropy_supported(config) -> bool:
+    """Whether the model class this config loads as routes its attention through transformers'
+    AttentionInterface (Llama, BERT, Gemma 3: yes; MPNet: no), where the entropy pass hooks in."""
+    from transformers import AutoModel
+    model_class = AutoModel._model_mapping.get(type(config), None)
+    return bool(getattr(model_class, "_supports_attention_backend", False))
+
+
 def attention_entropy(model, inputs: dict[str, torch.Tensor], mask: torch.Tensor, num_blocks: int) -> torch.Tensor:
     """[B, num_blocks] float32 on the device: per text and block, the mean over its real query tokens
     (mask) of the entropy of each query's attention distribution (padding keys carry no probability;

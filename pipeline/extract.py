@@ -13,7 +13,7 @@ import resource
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline import compiled_forward
-from pipeline.attention import attention_entropy
+from pipeline.attention import attention_entropy, entropy_supported
 from pipeline.batching import token_budget_batches
 from pipeline.config import ExtractSettings, Params
 from pipeline.corpora import Corpus, read_corpus
@@ -38,10 +38,12 @@ from pipeline.world import LocalWorld, World, agree, from_rank_zero, raise_first
 
 
 def fingerprint_for(params: Params, model_name: str, corpus: Corpus, source: dict[str, Any],
-                    compute_dtype: torch.dtype, forward: str = "eager") -> dict[str, Any]:
+                    compute_dtype: torch.dtype, forward: str = "eager",
+                    settings: ExtractSettings | None = None) -> dict[str, Any]:
     """What the stored numbers depend on; a store whose fingerprint differs is refused. `forward`: the
-    resolved extract.forward (eager | compiled: they round differently); eager leaves no key, as before."""
-    settings = params.extract_for(corpus.name)
+    resolved extract.forward (eager | compiled: they round differently); eager leaves no key, as before.
+    `settings`: the extraction settings as resolved for this model (default: the corpus's)."""
+    settings = settings or params.extract_for(corpus.name)
     return {
         "model": {"name": model_name, "source": params.model(model_name).source,
                   "weights_sha256": source["weights_sha256"], "tokenizer_sha256": source["tokenizer_sha256"]},
@@ -63,6 +65,17 @@ def _split_rows(corpus: Corpus, split: str, counts: np.ndarray, truncated: np.nd
     return SplitRows(labels=np.array([index[label] for label in data.labels], dtype=np.int32),
                      text_id=np.array(data.ids, dtype=object), source_index=np.array(data.source_index, np.int64),
                      token_count=counts, truncated=truncated, attention_sampled=sampled)
+
+
+def entropy_for_model(settings: ExtractSettings, config, model_name: str) -> ExtractSettings:
+    """extract.attention_entropy_rows as it applies to this model: 0 for a model whose attention does not go
+    through transformers' attention interface (MPNet), said on stderr and recorded in the fingerprint (the
+    rows actually used), so the store says it has no entropy instead of the run failing after its first block."""
+    if settings.attention_entropy_rows and not entropy_supported(config):
+        print(f"{model_name}: its attention does not go through transformers' attention interface, so its store "
+              f"gets no attention entropy (recorded: attention_entropy_rows 0 in the fingerprint)", file=sys.stderr)
+        return replace(settings, attention_entropy_rows=0)
+    return settings
 
 
 def entropy_attrs(settings: ExtractSettings, seed: int) -> dict[str, Any] | None:
@@ -113,6 +126,7 @@ def open_extraction(params: Params, model_name: str, dataset_name: str, device: 
     compute_dtype = resolve_compute_dtype(settings.compute_dtype, device)
     config = text_config(AutoConfig.from_pretrained(model_dir, trust_remote_code=spec.trust_remote_code))
     num_layers, dim = config.num_hidden_layers + 1, config.hidden_size
+    settings = entropy_for_model(settings, config, model_name)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=spec.trust_remote_code)
     forward = compiled_forward.resolve_forward(settings.forward, device, config.model_type)
     if forward == "compiled":        # compiled code is cached per machine, under the store
@@ -122,7 +136,7 @@ def open_extraction(params: Params, model_name: str, dataset_name: str, device: 
             "decoder": is_decoder(config), "model_type": config.model_type, "dataset_source": corpus.meta["source"],
             "layer_convention": "0 = embedding output, i = output of block i, last = last_hidden_state"}
     writer = StoreWriter(params.embeddings_path(model_name, dataset_name),
-                         fingerprint_for(params, model_name, corpus, source, compute_dtype, forward), info,
+                         fingerprint_for(params, model_name, corpus, source, compute_dtype, forward, settings), info,
                          num_layers=num_layers, dim=dim, poolings=settings.poolings,
                          block_rows=settings.block_rows, dtype=settings.dtype, compressor=settings.compressor,
                          rebuild=rebuild and create, attention_entropy=entropy_attrs(settings, params.data.seed))
@@ -439,7 +453,7 @@ def _record(world: World, writer: StoreWriter, ranks: list[dict[str, Any]], mode
         "seconds": round(seconds, 3), "wall_seconds": round(time.perf_counter() - wall, 3),
         "model_load_seconds": round(max(r["model_load_seconds"] for r in ranks), 3),
         "store_write_seconds": round(max(r["store_write_seconds"] for r in ranks), 3),
-        "attention_entropy_rows": settings.attention_entropy_rows,
+        "attention_entropy_rows": writer.entropy["rows_per_block"] if writer.entropy else 0,   # as applied to this model
         "attention_entropy_seconds": round(max(r["attention_entropy_seconds"] for r in ranks), 3),
         "texts_per_s": round(total["texts"] / seconds, 2), "tokens_per_s": round(total["tokens"] / seconds, 1),
         "peak_rss_mb": max(r["peak_rss_mb"] for r in ranks), "peak_gpu_mb": max(gpu) if gpu else None,

@@ -128,3 +128,32 @@ def test_score_stage_compares_mean_attention_entropy_with_the_probe(mr_slice, ma
     row = result["layer_agreement"]["attention_entropy"]
     assert row["score_top"] != 0 and row["spearman"] is not None
     assert result["layer_scores"]["attention_entropy_rows"] == 70
+
+
+def test_a_model_without_the_attention_interface_gets_a_store_without_entropy(mr_slice, make_params, tmp_path,
+                                                                                capfd):
+    """MPNet's attention does not go through transformers' attention interface: with the default
+    attention_entropy_rows its extraction used to fail after its first block. Now its store records that it
+    has none (the fingerprint holds the rows actually used, 0), says so, and a rerun accepts the store."""
+    from transformers import AutoTokenizer, MPNetConfig, MPNetModel
+
+    from conftest import minilm_folder
+    from pipeline.models import materialise
+    torch.manual_seed(0)
+    source = tmp_path / "tiny-mpnet-src"
+    tokenizer = AutoTokenizer.from_pretrained(minilm_folder())
+    MPNetModel(MPNetConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, max_position_embeddings=64)).save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    entry = {"tiny-mpnet": {"source": "local", "path": str(source)}}
+    params = prepare(make_params(mr_slice, ["tiny-mpnet"], ["mrslice"], extract=SETTINGS, extra_models=entry,
+                                 folder=tmp_path), "mrslice", tmp_path / "none", [])
+    materialise(ModelSpec(name="tiny-mpnet", source="local", path=str(source)), params.model_dir("tiny-mpnet"))
+    summary = extract(params, "tiny-mpnet", "mrslice", show_progress=False)
+    assert "gets no attention entropy" in capfd.readouterr().err
+    store = open_store(params.store, "tiny-mpnet", "mrslice")
+    assert not store.has_attention_entropy
+    assert store.attrs["fingerprint"]["extract"]["attention_entropy_rows"] == 0 and summary["attention_entropy_rows"] == 0
+    assert store.num_rows("train") == 216 and np.isfinite(store.layer("train", "mean", 2)).all()
+    again = extract(params, "tiny-mpnet", "mrslice", show_progress=False)    # same resolution: accepted, nothing to do
+    assert again["texts"] == 0

@@ -144,7 +144,8 @@ def test_compiled_refuses_an_unsupported_family_by_name():
 
 
 def test_use_compile_cache_keeps_a_user_choice(tmp_path, monkeypatch):
-    monkeypatch.delenv(compiled_forward.CACHE_ENV, raising=False)
+    monkeypatch.setenv(compiled_forward.CACHE_ENV, "-")    # records the variable's state, so what the code under
+    monkeypatch.delenv(compiled_forward.CACHE_ENV)         # test sets is undone after the test, not left to the next
     assert compiled_forward.use_compile_cache(tmp_path / "a") == (tmp_path / "a").resolve()
     assert (tmp_path / "a").is_dir() and compiled_forward.cache_dir() == (tmp_path / "a").resolve()
     assert compiled_forward.use_compile_cache(tmp_path / "b") == (tmp_path / "a").resolve()
@@ -184,7 +185,8 @@ def test_compiled_extraction_matches_eager_store_and_is_fingerprinted(mr_slice, 
     from pipeline.errors import StoreMismatchError
     from pipeline.extract import extract
     from pipeline.store import open_store
-    monkeypatch.delenv(compiled_forward.CACHE_ENV, raising=False)
+    monkeypatch.setenv(compiled_forward.CACHE_ENV, "-")    # records the variable's state, so what the code under
+    monkeypatch.delenv(compiled_forward.CACHE_ENV)         # test sets is undone after the test, not left to the next
     torch._dynamo.reset()
 
     def params_for(forward: str, folder: str):
