@@ -76,9 +76,6 @@ class FabricWorld:
     def broadcast(self, obj: Any) -> Any:
         return self.fabric.broadcast(obj, src=0)
 
-    def barrier(self) -> None:
-        self.fabric.barrier()
-
     def share(self, work, costs):
         """This rank's blocks of the LPT deal, and every rank's load."""
         assignment, loads = deal(work, costs, self.size)

@@ -301,17 +301,6 @@ class BlockLoop:
         self.texts_done += rows
 
 
-def process_blocks(writer: StoreWriter, work: list[tuple[str, int]], model, tokenizer, corpus, settings: ExtractSettings,
-                   device: torch.device, num_layers: int, dim: int, summary: dict[str, Any]) -> list[Float16Overflow]:
-    """BlockLoop over `work` with its counts added to `summary`: the entry pipeline/bench/extraction.py
-    times (num_layers and dim are the writer's)."""
-    loop = BlockLoop(writer, lambda split: corpus.splits[split].texts, tokenizer, model, settings, device)
-    overflows = loop.run(work)
-    summary["texts"] = summary.get("texts", 0) + loop.texts_done
-    summary["tokens"] = summary.get("tokens", 0) + loop.tokens
-    return overflows
-
-
 # -- the one driver --------------------------------------------------------------------------------
 def extract(params: Params, model_name: str, dataset_name: str, rebuild: bool = False,
             show_progress: bool = True, wait_for_lock: bool = False) -> dict[str, Any]:
@@ -364,8 +353,12 @@ def _drive(world: World, params: Params, model_name: str, dataset_name: str, reb
         except Exception as caught:
             error = caught
     agree(world, error)
-    if world.rank != 0:
-        job = open_extraction(params, model_name, dataset_name, device, create=False)
+    if world.rank != 0:              # a rank that cannot open it stops every rank, none waits at a collective
+        try:
+            job = open_extraction(params, model_name, dataset_name, device, create=False)
+        except Exception as caught:
+            error = caught
+    agree(world, error)
     writer, corpus = job.writer, job.corpus
 
     loop, bar, blocks, rounds, dealt_tokens, load_seconds, compute_seconds = None, None, 0, 0, 0, 0.0, 0.0
@@ -412,12 +405,15 @@ def _drive(world: World, params: Params, model_name: str, dataset_name: str, reb
         if not found:
             break
         if world.rank == 0:
-            for (split, pooling), peak in sorted(found.items()):
-                overflow = Float16Overflow(split, pooling, peak)
-                print(f"\n{overflow}: storing {split}/{pooling} as float32 and redoing {split} "
-                      f"(recorded in the store's dtype_fallback)", file=sys.stderr)
-                writer.promote_to_float32(overflow)
-        world.barrier()
+            try:
+                for (split, pooling), peak in sorted(found.items()):
+                    overflow = Float16Overflow(split, pooling, peak)
+                    print(f"\n{overflow}: storing {split}/{pooling} as float32 and redoing {split} "
+                          f"(recorded in the store's dtype_fallback)", file=sys.stderr)
+                    writer.promote_to_float32(overflow)
+            except Exception as caught:
+                error = caught
+        agree(world, error)          # also the barrier: no rank lists the next round before the promotion
     if bar is not None:
         bar.close()
     mine = {"rank": world.rank, "device": str(device), "blocks": blocks,

@@ -21,7 +21,6 @@ class World(Protocol):
 
     def gather(self, obj: Any) -> list[Any]: ...
     def broadcast(self, obj: Any) -> Any: ...           # rank 0's obj, on every rank
-    def barrier(self) -> None: ...
     def share(self, work: list[tuple[str, int]], costs: list[int]) -> tuple[list[tuple[str, int]], list[int]]: ...
     def describe(self) -> dict[str, Any]: ...           # run-record keys: world_size, num_nodes, strategy
 
@@ -38,9 +37,6 @@ class LocalWorld:
 
     def broadcast(self, obj: Any) -> Any:
         return obj
-
-    def barrier(self) -> None:
-        pass
 
     def share(self, work, costs):
         return work, [sum(costs)]
