@@ -31,7 +31,7 @@ from pipeline.config import FuseSettings
 from pipeline.probe import (ALPHA_INDEX, PREDICTIONS, FitStats, Protocol, evaluate_features, fit_stats, held_out_labels,
                             single_thread, solve_and_score)
 from pipeline.records import ChosenFusion, LeaderboardRow, ModelChoice
-from pipeline.selection import Evidence, annotate, choose, optimism
+from pipeline.selection import Evidence, annotate, choose, optimism, rank_key
 from pipeline.scoring import LayerBank, load_bank
 
 OPERATORS = ("mean", "max", "concat")
@@ -232,7 +232,7 @@ def candidate_key(row: LeaderboardRow) -> str:
 
 def sort_leaderboard(rows: list[LeaderboardRow]) -> list[LeaderboardRow]:
     """Best first; ties go to the narrower, then the simpler candidate."""
-    return sorted(rows, key=lambda r: (-r.score, r.width, len(str(r.layers))))
+    return sorted(rows, key=rank_key)
 
 
 @dataclass

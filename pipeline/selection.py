@@ -29,8 +29,7 @@ from pipeline.probe import ALPHA_INDEX, PREDICTIONS, accuracy_f1, resampled_metr
 from pipeline.records import LeaderboardRow, ScoreRow
 
 RULES = ("best", "one_se")
-ChoosableRow = ScoreRow | LeaderboardRow     # rows the rules choose among: a layer, or a fusion candidate
-C = TypeVar("C", ScoreRow, LeaderboardRow)
+C = TypeVar("C", ScoreRow, LeaderboardRow)   # rows the rules choose among: a layer, or a fusion candidate
 
 
 def one_thread(function):
@@ -119,7 +118,13 @@ class Evidence:
         return sub
 
 
-def simplicity(row: ChoosableRow) -> tuple:
+def rank_key(row: C, score: Callable[[C], float] | None = None) -> tuple:
+    """Best first; ties go to the narrower, then the simpler row (the leader of `choose` and the top of
+    the leaderboard are one and the same)."""
+    return -(score(row) if score else row.score), row.width, len(str(row.layers))
+
+
+def simplicity(row: C) -> tuple:
     """Sort key of the one-SE rule: fewer layers, fewer models, narrower, then better."""
     layers = row.layers
     flat = [l for part in layers for l in part] if layers and isinstance(layers[0], list) else list(layers)
@@ -134,7 +139,7 @@ def choose(rows: list[C], key: Callable[[C], Hashable], evidence: Evidence,
     if rule not in RULES:
         raise ValueError(f"unknown selection rule {rule!r}; rules are {list(RULES)}")
     score = score or (lambda row: row.score)
-    leader = min(rows, key=lambda r: (-score(r), r.width, len(str(r.layers))))
+    leader = min(rows, key=lambda r: rank_key(r, score))
     if rule == "best":
         return leader
     top = score(leader)
