@@ -27,11 +27,14 @@ def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
         return torch.float32
     if name == "bfloat16":
         return torch.bfloat16
+    return torch.bfloat16 if native_bf16(device) else torch.float32
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the device runs bf16 natively (CUDA Ampere+; CPUs with AVX512-BF16 or AMX, as oneDNN sees them)."""
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    if device.type == "cpu":
-        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
-    return torch.float32
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 @dataclass

@@ -155,10 +155,15 @@ class GatedHead(nn.Module):
         """Per-text weights of the sources, [B, sources], each row summing to 1."""
         return torch.softmax(self.gate(x), dim=-1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_with_gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and the gate weights they were mixed with (one gate pass serves both)."""
         V = torch.stack([p(part) for p, part in zip(self.project, split_inputs(x, self.input_dims))], 1)
-        mixed = (self.gates(x).unsqueeze(-1) * V).sum(1)                           # [B, width]
-        return self.net(self.dropout(mixed))
+        gates = self.gates(x)
+        mixed = (gates.unsqueeze(-1) * V).sum(1)                                    # [B, width]
+        return self.net(self.dropout(mixed)), gates
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_gates(x)[0]
 
 
 def build_net(config: dict[str, Any]) -> nn.Module:
@@ -213,10 +218,10 @@ class HeadModule(L.LightningModule):
 
     def predict_step(self, batch, _, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
         x, y = batch
-        out = {"logits": self.net(x).cpu(), "labels": y.cpu()}
         if isinstance(self.net, GatedHead):
-            out["gates"] = self.net.gates(x).cpu()
-        return out
+            logits, gates = self.net.forward_with_gates(x)
+            return {"logits": logits.cpu(), "labels": y.cpu(), "gates": gates.cpu()}
+        return {"logits": self.net(x).cpu(), "labels": y.cpu()}
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)

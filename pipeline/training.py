@@ -239,42 +239,37 @@ def train_dataset(store_root: Path, dataset: str, chosen: dict[str, Any], settin
     HeadResults record's JSON) and writes gate_weights.json beside it when gated heads were trained."""
     start = time.perf_counter()
     resolve_accelerator(settings["device"])        # refuse a missing GPU before reading anything
-    with torch_threads(int(settings.get("threads") or torch.get_num_threads())):
-        return _train_dataset(store_root, dataset, chosen, settings, out_root, start)
-
-
-def _train_dataset(store_root: Path, dataset: str, chosen: dict[str, Any], settings: dict[str, Any],
-                   out_root: Path, start: float) -> dict[str, Any]:
-    cache = LayerCache(store_root, dataset)
-    label_names = cache.store(next(iter(chosen["models"]))).label_names
-    decoders = {m: bool(info["decoder"]) for m, info in chosen["models"].items()}
-    runs = plan_runs(chosen, settings["heads"], {m: cache.store(m).poolings for m in chosen["models"]})
-    # every layer any run needs, read once into one tensor per (model, pooling, split); test comes later
-    cache.load([i for run in runs for i in spec_from_groups(run["groups"])[0]], ("train", "validation"))
-    done: dict[tuple[str, str], dict[str, Any]] = {}
-    results, predictions, gates = [], {}, []
-    for run in runs:
-        key_inputs = json.dumps(run["groups"], sort_keys=True)
-        for head in run["heads"]:
-            key = (key_inputs, head)
-            if key not in done:
-                folder = out_root / slug(run["row"]) / head
-                configs = [fit_head(cache, run, head, seed, settings, folder / f"seed{seed}", label_names, decoders,
-                                    out_root / ".trainer") for seed in settings["seeds"]]
-                done[key] = {**summarise(configs), "folder": str(folder.relative_to(out_root)),
-                             TEST_PREDICTIONS: np.stack([c[TEST_PREDICTIONS] for c in configs])}
-                if GATES in configs[0]:
-                    gates.append(summarise_gates(run["row"], done[key]["folder"], configs))
-            results.append({"row": run["row"], "kind": run["kind"], "head": head, "groups": run["groups"],
-                            "probe_score": run["probe"]["score"] if run["probe"] else None,
-                            "probe_std": run["probe"]["std"] if run["probe"] else None,
-                            **{k: v for k, v in done[key].items() if k != TEST_PREDICTIONS}})
-            predictions[(run["row"], head)] = done[key][TEST_PREDICTIONS]
-    first_model = next(iter(chosen["models"]))
-    tests = TestRows(cache.labels(first_model, "test").numpy(), len(label_names), seed=int(settings["seeds"][0]))
-    add_test_uncertainty(results, predictions, tests)
-    add_same_input_tests(results, predictions, tests)
-    if gates:
-        write_json_atomic(out_root / "gate_weights.json", gates)
-    return HeadResults(dataset=dataset, results=[HeadResult(**row) for row in results], bytes_read=cache.bytes_read,
-                       seconds=round(time.perf_counter() - start, 3), settings=settings).to_json()
+    with torch_threads(int(settings.get("threads") or torch.get_num_threads())):   # train.threads, this stage only
+        cache = LayerCache(store_root, dataset)
+        label_names = cache.store(next(iter(chosen["models"]))).label_names
+        decoders = {m: bool(info["decoder"]) for m, info in chosen["models"].items()}
+        runs = plan_runs(chosen, settings["heads"], {m: cache.store(m).poolings for m in chosen["models"]})
+        # every layer any run needs, read once into one tensor per (model, pooling, split); test comes later
+        cache.load([i for run in runs for i in spec_from_groups(run["groups"])[0]], ("train", "validation"))
+        done: dict[tuple[str, str], dict[str, Any]] = {}
+        results, predictions, gates = [], {}, []
+        for run in runs:
+            key_inputs = json.dumps(run["groups"], sort_keys=True)
+            for head in run["heads"]:
+                key = (key_inputs, head)
+                if key not in done:
+                    folder = out_root / slug(run["row"]) / head
+                    configs = [fit_head(cache, run, head, seed, settings, folder / f"seed{seed}", label_names, decoders,
+                                        out_root / ".trainer") for seed in settings["seeds"]]
+                    done[key] = {**summarise(configs), "folder": str(folder.relative_to(out_root)),
+                                 TEST_PREDICTIONS: np.stack([c[TEST_PREDICTIONS] for c in configs])}
+                    if GATES in configs[0]:
+                        gates.append(summarise_gates(run["row"], done[key]["folder"], configs))
+                results.append({"row": run["row"], "kind": run["kind"], "head": head, "groups": run["groups"],
+                                "probe_score": run["probe"]["score"] if run["probe"] else None,
+                                "probe_std": run["probe"]["std"] if run["probe"] else None,
+                                **{k: v for k, v in done[key].items() if k != TEST_PREDICTIONS}})
+                predictions[(run["row"], head)] = done[key][TEST_PREDICTIONS]
+        first_model = next(iter(chosen["models"]))
+        tests = TestRows(cache.labels(first_model, "test").numpy(), len(label_names), seed=int(settings["seeds"][0]))
+        add_test_uncertainty(results, predictions, tests)
+        add_same_input_tests(results, predictions, tests)
+        if gates:
+            write_json_atomic(out_root / "gate_weights.json", gates)
+        return HeadResults(dataset=dataset, results=[HeadResult(**row) for row in results], bytes_read=cache.bytes_read,
+                           seconds=round(time.perf_counter() - start, 3), settings=settings).to_json()

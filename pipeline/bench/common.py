@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import torch
 
+from pipeline.forward import native_bf16
 from pipeline.machine import cpu_isa, cpu_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,7 +52,7 @@ def matmul_ceiling(device: torch.device, dtype: torch.dtype, size: int = 2048, r
 def machine(device: torch.device) -> dict[str, Any]:
     info = {"cpu": cpu_model(), "isa": cpu_isa(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
-            "bf16_cpu": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()), "device": str(device),
+            "bf16_cpu": native_bf16(torch.device("cpu")), "device": str(device),
             "load_average": [round(x, 2) for x in os.getloadavg()]}
     try:
         info["memory_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from pipeline.bench.common import matmul_ceiling, median_time, r, sync
+from pipeline.forward import native_bf16
 
 BATCH = 32
 LLMEMBED_LEN = 128
@@ -175,10 +176,6 @@ def run_project(model, tokenizer, texts, settings, device, workdir: Path, num_la
 
 
 # -- ceilings and bounds ---------------------------------------------------------------------------
-def native_bf16(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def ceiling_notes(device: torch.device, compute_dtype: torch.dtype) -> dict[str, str]:
