@@ -29,20 +29,22 @@ from pipeline.config import ExtractSettings, Params
 from pipeline.corpora import Corpus, read_corpus
 from pipeline.devices import resolve_device
 from pipeline.fingerprint import package_versions
-from pipeline.forward import (Encoded, Forward, PoolingSpec, count_tokens, eager_forward, encode, pool_batch,
-                              resolve_compute_dtype, to_host)
+from pipeline.forward import (Encoded, Forward, PoolingSpec, PositionRule, config_position_rule, count_tokens,
+                              eager_forward, encode, pool_batch, position_rule, resolve_compute_dtype, to_host)
 from pipeline.layer_tap import text_config
 from pipeline.models import is_decoder, load_model, read_source
-from pipeline.store import SAMPLED, Float16Overflow, SplitRows, StoreWriter, entropy_sample
+from pipeline.store import POSITIONS_KEY, SAMPLED, Float16Overflow, SplitRows, StoreWriter, entropy_sample
 from pipeline.world import LocalWorld, World, agree, from_rank_zero, raise_first, status_of
 
 
 def fingerprint_for(params: Params, model_name: str, corpus: Corpus, source: dict[str, Any],
                     compute_dtype: torch.dtype, forward: str = "eager",
-                    settings: ExtractSettings | None = None) -> dict[str, Any]:
+                    settings: ExtractSettings | None = None, positions: PositionRule = PositionRule()) -> dict[str, Any]:
     """What the stored numbers depend on; a store whose fingerprint differs is refused. `forward`: the
     resolved extract.forward (eager | compiled: they round differently); eager leaves no key, as before.
-    `settings`: the extraction settings as resolved for this model (default: the corpus's)."""
+    `settings`: the extraction settings as resolved for this model (default: the corpus's). `positions`:
+    a model that numbers positions from elsewhere than 0 records where (POSITIONS_KEY): its stores from
+    before issue 21 fed it 0-based positions, and are refused; every other model's fingerprint is as before."""
     settings = settings or params.extract_for(corpus.name)
     return {
         "model": {"name": model_name, "source": params.model(model_name).source,
@@ -51,7 +53,8 @@ def fingerprint_for(params: Params, model_name: str, corpus: Corpus, source: dic
                     "block_rows": settings.block_rows, "compute_dtype": str(compute_dtype).removeprefix("torch."),
                     "attention": settings.attention, "attention_entropy_rows": settings.attention_entropy_rows,
                     "token_budget": settings.token_budget,    # batch shapes move stored values (README: The store)
-                    **({"forward": forward} if forward != "eager" else {})},
+                    **({"forward": forward} if forward != "eager" else {}),
+                    **({POSITIONS_KEY: positions.first} if positions.first else {})},
         "dataset": {"name": corpus.name, "sha256": corpus.meta["sha256"], "label_names": corpus.label_names,
                     "carve": corpus.meta["carve"], **({"caps": corpus.meta["caps"]} if corpus.meta.get("caps") else {}),
                     **({"resplit": corpus.meta["resplit"]} if corpus.meta.get("resplit") else {})},
@@ -136,7 +139,8 @@ def open_extraction(params: Params, model_name: str, dataset_name: str, device: 
             "decoder": is_decoder(config), "model_type": config.model_type, "dataset_source": corpus.meta["source"],
             "layer_convention": "0 = embedding output, i = output of block i, last = last_hidden_state"}
     writer = StoreWriter(params.embeddings_path(model_name, dataset_name),
-                         fingerprint_for(params, model_name, corpus, source, compute_dtype, forward, settings), info,
+                         fingerprint_for(params, model_name, corpus, source, compute_dtype, forward, settings,
+                                         config_position_rule(config, spec.trust_remote_code)), info,
                          num_layers=num_layers, dim=dim, poolings=settings.poolings,
                          block_rows=settings.block_rows, dtype=settings.dtype, compressor=settings.compressor,
                          rebuild=rebuild and create, attention_entropy=entropy_attrs(settings, params.data.seed))
@@ -186,6 +190,7 @@ class BlockLoop:
             forward = compiled_forward.shared() if wanted == "compiled" else eager_forward
         self.writer, self.texts, self.tokenizer, self.model = writer, texts, tokenizer, model
         self.settings, self.device, self.forward = settings, device, forward
+        self.positions = position_rule(model)
         self.texts_done, self.tokens, self.write_seconds, self.entropy_seconds = 0, 0, 0.0, 0.0
         self.overflows: list[Float16Overflow] = []
         self._token_counts: dict[str, np.ndarray] = {}
@@ -229,7 +234,8 @@ class BlockLoop:
                        for rows in token_budget_batches(lengths, self.settings.token_budget)]
 
     def _encode(self, texts: list[str]) -> Encoded:
-        return encode(self.tokenizer, texts, self.settings.max_len, self.settings.padding_side, self.device)
+        return encode(self.tokenizer, texts, self.settings.max_len, self.settings.padding_side, self.device,
+                      self.positions)
 
     # -- compute and pool -----------------------------------------------------------------------
     def _compute(self, split: str, block: int, bar, started: float) -> dict[str, np.ndarray]:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from pipeline.config import ExtractSettings
-from pipeline.layer_tap import find_blocks, run_with_layers, text_config
+from pipeline.layer_tap import run_with_layers, text_config
 from pipeline.pooling import LayerPooler
 
 COUNT_CHUNK = 4096
@@ -62,8 +62,52 @@ def count_tokens(tokenizer, texts: list[str], max_len: int) -> tuple[np.ndarray,
     return counts, counts > max_len
 
 
-def encode(tokenizer, texts: list[str], max_len: int, padding_side: str, device: torch.device) -> Encoded:
-    """Tokenise and pad by hand; position ids follow the real tokens, so left padding changes nothing."""
+@dataclass(frozen=True)
+class PositionRule:
+    """How a model numbers the positions of a text fed alone, so that a padded batch gives every text
+    exactly those positions (issue 21: RoBERTa, XLM-R and MPNet number from padding_idx + 1, not 0).
+
+    first: the position id of a text's first token; takes_ids: whether the model's forward accepts
+    `position_ids` at all (Bloom's ALiBi, for one, derives everything from the attention mask).
+    """
+    first: int = 0
+    takes_ids: bool = True
+
+    def padding_side(self, wanted: str) -> str:
+        """Right padding needs no position ids: every model numbers a right-padded text's real tokens as it
+        numbers the text alone. Left padding needs them; a model that takes none is padded on the right
+        (pooled vectors do not depend on the side, so this changes nothing stored)."""
+        return wanted if self.takes_ids else "right"
+
+
+def position_rule(model) -> PositionRule:
+    """Read the rule off the model itself, not a list of family names: a learned position table that
+    reserves a padding row (nn.Embedding with padding_idx, the fairseq convention of RoBERTa, XLM-R,
+    MPNet, CamemBERT, ...) numbers real tokens from padding_idx + 1; every other model from 0 (models
+    with their own offset, like OPT's, add it inside forward)."""
+    import inspect
+    first = 0
+    for name, module in model.named_modules():
+        if (isinstance(module, torch.nn.Embedding) and name.rsplit(".", 1)[-1] == "position_embeddings"
+                and module.padding_idx is not None):
+            first = module.padding_idx + 1
+            break
+    return PositionRule(first, "position_ids" in inspect.signature(model.forward).parameters)
+
+
+def config_position_rule(config, trust_remote_code: bool = False) -> PositionRule:
+    """The rule of the model a config builds, read off a weightless (meta-device) instance of it: the store's
+    fingerprint needs it before the weights are loaded."""
+    from transformers import AutoModel
+    with torch.device("meta"):
+        return position_rule(AutoModel.from_config(config, trust_remote_code=trust_remote_code))
+
+
+def encode(tokenizer, texts: list[str], max_len: int, padding_side: str, device: torch.device,
+           positions: PositionRule) -> Encoded:
+    """Tokenise and pad by hand. Right padding passes no position ids, so the model numbers every text as
+    it does alone; left padding passes the ids `positions` says the model would give each text alone."""
+    padding_side = positions.padding_side(padding_side)
     encoded = tokenizer(texts, truncation=True, max_length=max_len, return_special_tokens_mask=True,
                         return_attention_mask=False)
     ids, specials = encoded["input_ids"], encoded["special_tokens_mask"]
@@ -77,8 +121,10 @@ def encode(tokenizer, texts: list[str], max_len: int, padding_side: str, device:
         input_ids[row, span] = torch.tensor(tokens)
         mask[row, span] = True
         special[row, span] = torch.tensor(flags, dtype=torch.bool)
-    positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
-    inputs = {"input_ids": input_ids, "attention_mask": mask.long(), "position_ids": positions}
+    inputs = {"input_ids": input_ids, "attention_mask": mask.long()}
+    if padding_side == "left":       # pads get the padding row (RoBERTa-style) or 0; attention never reads them
+        counted = positions.first + mask.long().cumsum(dim=1) - 1
+        inputs["position_ids"] = torch.where(mask, counted, max(positions.first - 1, 0))
     tokens = int(mask.sum())
     content = mask & ~special
     if device.type == "cuda":   # pinned host memory: the copies below run asynchronously
@@ -116,7 +162,7 @@ def eager_forward(model, batch: Encoded, poolings: Sequence[str], num_layers: in
     """Hooks hand each layer's states to LayerPooler as the forward pass produces them (one float32
     copy per layer, no host syncs); blocks past the deepest wanted layer are skipped."""
     poolings = list(poolings)
-    total = len(find_blocks(model)) + 1
+    total = text_config(model.config).num_hidden_layers + 1
     if not 1 <= num_layers <= total:
         raise ValueError(f"num_layers must lie in 1..{total}, got {num_layers}")
     dim = text_config(model.config).hidden_size
@@ -150,6 +196,6 @@ def pool_batch(model, tokenizer, texts: list[str], spec: PoolingSpec, device: to
     `batch`: the texts already encoded (the block loop tokenises the next batch while this one runs).
     """
     if batch is None:
-        batch = encode(tokenizer, texts, spec.max_len, spec.padding_side, device)
+        batch = encode(tokenizer, texts, spec.max_len, spec.padding_side, device, position_rule(model))
     values = to_host(forward(model, batch, spec.poolings, num_layers))
     return {name: values[i] for i, name in enumerate(spec.poolings)}, batch.tokens

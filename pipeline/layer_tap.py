@@ -22,39 +22,49 @@ def text_config(config):
 
 
 def find_blocks(model: nn.Module) -> nn.ModuleList:
-    """The stack of transformer blocks: the ModuleList as long as the config's layer count."""
-    count = text_config(model.config).num_hidden_layers
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == count:
-            return module
-    raise TypeError(f"cannot find the {count} transformer blocks of {type(model).__name__}")
+    """The transformer blocks in the order they run: the ModuleList as long as the config's layer count,
+    or, where blocks share weights (ALBERT: `num_hidden_groups` groups, run `num_hidden_layers` times in
+    turn), the ModuleList of those groups. A block's k-th run overall produces layer k."""
+    config = text_config(model.config)
+    count = config.num_hidden_layers
+    groups = getattr(config, "num_hidden_groups", None)
+    for size in (count, groups) if groups and groups != count else (count,):
+        for module in model.modules():
+            if isinstance(module, nn.ModuleList) and len(module) == size:
+                return module
+    raise TypeError(f"cannot find the {count} transformer blocks of {type(model).__name__}: no ModuleList of "
+                    f"{count} blocks (nor of shared block groups); this model family is not supported")
 
 
 def run_with_layers(model: nn.Module, inputs: dict[str, torch.Tensor],
                     on_layer: Callable[[int, torch.Tensor], None], stop_after: int | None = None) -> None:
-    """Run `model(**inputs)` calling `on_layer(index, hidden)` for layers 0..L (or 0..stop_after)."""
+    """Run `model(**inputs)` calling `on_layer(index, hidden)` for layers 0..L (or 0..stop_after).
+
+    Block runs are counted, not blocks: shared blocks (ALBERT) run several times and give a layer each."""
     blocks = find_blocks(model)
-    last = len(blocks)
+    last = text_config(model.config).num_hidden_layers
     stop_after = last if stop_after is None else stop_after
     if not 0 <= stop_after <= last:
         raise ValueError(f"stop_after must lie in 0..{last}, got {stop_after}")
+    runs = 0
 
-    def before_first(module, args, kwargs):
-        on_layer(0, args[0] if args else kwargs["hidden_states"])
-        if stop_after == 0:
-            raise _Stop
-
-    def after_block(index: int):
-        def hook(module, args, output):
-            if index < last:                   # the last layer comes from last_hidden_state below
-                on_layer(index, output[0] if isinstance(output, (tuple, list)) else output)
-            if index == stop_after:
+    def before_block(module, args, kwargs):
+        if runs == 0:
+            on_layer(0, args[0] if args else kwargs["hidden_states"])
+            if stop_after == 0:
                 raise _Stop
-        return hook
 
-    handles = [blocks[0].register_forward_pre_hook(before_first, with_kwargs=True)]
-    handles += [block.register_forward_hook(after_block(i + 1)) for i, block in enumerate(blocks)
-                if i + 1 < last and i + 1 <= stop_after]
+    def after_block(module, args, output):
+        nonlocal runs
+        runs += 1
+        if runs < last:                        # the last layer comes from last_hidden_state below
+            on_layer(runs, output[0] if isinstance(output, (tuple, list)) else output)
+            if runs == stop_after:
+                raise _Stop
+
+    distinct = list({id(block): block for block in blocks}.values())
+    handles = [block.register_forward_pre_hook(before_block, with_kwargs=True) for block in distinct]
+    handles += [block.register_forward_hook(after_block) for block in distinct]
     try:
         output = model(**inputs)
         on_layer(last, output.last_hidden_state)

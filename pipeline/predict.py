@@ -24,7 +24,7 @@ from pipeline.batching import token_budget_batches
 from pipeline.config import ExtractSettings, ModelSpec
 from pipeline.errors import HeadError, ModelSourceError, PipelineError
 from pipeline.devices import resolve_device
-from pipeline.forward import PoolingSpec, count_tokens, pool_batch
+from pipeline.forward import PoolingSpec, count_tokens, pool_batch, position_rule
 from pipeline.fingerprint import differences
 from pipeline.heads import load_head, load_standardisation, read_head_config
 from pipeline.layer_tap import text_config
@@ -46,6 +46,7 @@ class ModelUse:
     stored_dtype: dict[str, str]         # pooling -> float16 | float32 (a float16 overflow fell back)
     layers: dict[str, list[int]] = field(default_factory=dict)   # pooling -> layers used
     attention: str = TRANSFORMERS_DEFAULT   # extract.attention (stores from before it existed ran this)
+    position_ids_from: int = 0           # the store's extract.position_ids_from: 0 where the key is absent
 
     @property
     def deepest(self) -> int:
@@ -58,12 +59,13 @@ class ModelUse:
 
     def as_dict(self) -> dict[str, Any]:
         return {"weights_sha256": self.weights_sha256, "num_layers": self.num_layers, "max_len": self.max_len,
-                "compute_dtype": self.compute_dtype, "stored_dtype": self.stored_dtype, "attention": self.attention}
+                "compute_dtype": self.compute_dtype, "stored_dtype": self.stored_dtype, "attention": self.attention,
+                "position_ids_from": self.position_ids_from}
 
 
 def uses_from_store(head_config: dict[str, Any], store_root: Path, dataset: str, models_root: Path) -> dict[str, ModelUse]:
     """How each model of a head's inputs was extracted, read from its store's attributes."""
-    from pipeline.store import open_store, with_legacy_defaults
+    from pipeline.store import POSITIONS_KEY, open_store, with_legacy_defaults
     uses: dict[str, ModelUse] = {}
     for model, _, _ in head_config["inputs"]:
         if model in uses:
@@ -76,7 +78,7 @@ def uses_from_store(head_config: dict[str, Any], store_root: Path, dataset: str,
         uses[model] = ModelUse(model, models_root / model, store.attrs["fingerprint"]["model"]["weights_sha256"],
                                store.num_layers, extract["max_len"], extract["compute_dtype"],
                                {p: "float32" if p in fallback else extract["dtype"] for p in store.poolings},
-                               attention=extract["attention"])
+                               attention=extract["attention"], position_ids_from=extract.get(POSITIONS_KEY, 0))
     return uses
 
 
@@ -140,7 +142,8 @@ class Predictor:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         uses = {name: ModelUse(name, folder / "models" / name, info["weights_sha256"], info["num_layers"],
                                info["max_len"], info["compute_dtype"], info["stored_dtype"],
-                               attention=info.get("attention", TRANSFORMERS_DEFAULT))
+                               attention=info.get("attention", TRANSFORMERS_DEFAULT),
+                               position_ids_from=info.get("position_ids_from", 0))
                 for name, info in manifest["models"].items()}
         return cls(folder / "head", uses, **kwargs)
 
@@ -151,6 +154,11 @@ class Predictor:
             dtype = getattr(torch, use.compute_dtype)
             self.loaded[use.name] = load_model(use.folder, ModelSpec(name=use.name, source="local", path=str(use.folder)),
                                                str(self.device), dtype, use.attention)
+            numbered_from = position_rule(self.loaded[use.name][0]).first
+            if numbered_from != use.position_ids_from:
+                raise HeadError(f"{use.name} numbers positions from {numbered_from}, but the vectors this head was "
+                                f"trained on were computed with position ids from {use.position_ids_from} (a store "
+                                f"from before issue 21's fix): re-extract with --rebuild and retrain the head")
         return self.loaded[use.name]
 
     def settings_for(self, use: ModelUse, poolings) -> ExtractSettings:

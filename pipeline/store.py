@@ -76,6 +76,9 @@ LEGACY_EXTRACT = {"attention": TRANSFORMERS_DEFAULT, "token_budget": 1024, "atte
 and params.yaml's token_budget since the commit that made it 1024 (the value is not recorded anywhere
 reliable: a store resumed with another budget was accepted and its `runs` name only the last one); no
 attention entropy (such a store resumes only with extract.attention_entropy_rows: 0)."""
+POSITIONS_KEY = "position_ids_from"
+"""extract.<this key> in a fingerprint: the first position id of a model that does not number from 0
+(RoBERTa, XLM-R, MPNet: padding_idx + 1). Stores written before it fed such models 0-based positions."""
 ENTROPY = "attention_entropy"
 SAMPLED = "attention_sampled"
 ENTROPY_DIGEST = "_entropy_digest"
@@ -217,8 +220,12 @@ class StoreWriter:
             self.root = zarr.open_group(location.zarr_store(self.path), mode="r+")
             diff = differences(with_legacy_defaults(self.root.attrs.get("fingerprint", {})), fingerprint)
             if diff:
+                why = ("\nIts vectors were computed with position ids numbered from 0, but this model numbers "
+                       "them from padding_idx + 1, so every token got another position's embedding (issue 21): "
+                       "they are not what the model computes." if any(f"extract.{POSITIONS_KEY}:" in line
+                                                                     for line in diff) else "")
                 raise StoreMismatchError(
-                    f"{self.path} was written with other settings:\n  - " + "\n  - ".join(diff)
+                    f"{self.path} was written with other settings:\n  - " + "\n  - ".join(diff) + why
                     + "\nRerun with --rebuild to delete it and extract again, or restore the old params.")
         else:
             self.root = zarr.open_group(location.zarr_store(self.path), mode="w")

@@ -21,9 +21,10 @@ from pipeline.bench.common import r, sync
 
 def _batches(tokenizer, texts: list[str], settings, budget: int, device) -> tuple[np.ndarray, list]:
     from pipeline.batching import token_budget_batches
-    from pipeline.forward import encode
+    from pipeline.forward import PositionRule, encode
     lengths = np.array([len(ids) for ids in tokenizer(texts, truncation=True, max_length=settings.max_len)["input_ids"]])
-    return lengths, [encode(tokenizer, [texts[i] for i in rows], settings.max_len, "right", device)
+    return lengths, [encode(tokenizer, [texts[i] for i in rows], settings.max_len, "right", device,
+                                    PositionRule())   # right padding: the model numbers positions itself
                      for rows in token_budget_batches(lengths, budget)]
 
 
