@@ -1,11 +1,12 @@
 # `make run`: set up .venv and run the whole pipeline (dvc repro) on the selection in params.yaml.
-# `make test`: set up .venv and run the test suite.
+# `make test`: set up .venv (every shipped model: the peer checks read them all) and run the test suite.
+# `make test-fast`: the tests not marked slow.
 # `make study`: also install MPNet and Gemma, then run the cross-corpus study (study.yaml, resumable).
 VENV := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test setup inspect study stress-distributed
+.PHONY: run test test-fast setup inspect study stress-distributed
 
 $(VENV)/.installed: pyproject.toml setup.sh
 	bash setup.sh
@@ -17,8 +18,11 @@ run: setup
 	dvc repro
 	python -m pipeline inspect
 
-test: setup
+test: $(VENV)/.all_models
 	python -m pytest -q -ra --durations=15
+
+test-fast: setup
+	python -m pytest -q -ra -m "not slow" --durations=10
 
 inspect: setup
 	python -m pipeline inspect

@@ -4,8 +4,8 @@ This is the one place where test is read to judge the method, never to pick a re
 protocol (`validation`: fit on train, score on the carved validation split; `cv`: k folds of train)
 the score and fuse searches run as in their stages, and each rule (`best`, `one_se`) chooses each
 model's best layer, its best within-model fusion, the multi-model fusion and the overall candidate.
-Every chosen candidate, and the top candidates of each leaderboard, is then fitted on train and scored
-on test with the same probe. Regret = the best test score among the top candidates minus the
+Every chosen candidate, and the top candidates of each leaderboard, is then fitted on train, with the
+ridge penalty its own selection rows chose, and scored on test with the same probe. Regret = the best test score among the top candidates minus the
 chosen one's. The protocols' costs are their measured seconds.
 """
 
@@ -51,16 +51,18 @@ class TestJudge:
         return scorer.features(Candidate(tuple(group["layers"]), operator, "judged"))
 
     def score(self, row: LeaderboardRow) -> dict[str, float]:
-        """Test accuracy and macro-F1 of a leaderboard row (cached by candidate name)."""
-        name = row.candidate
-        if name not in self.cache:
+        """Test accuracy and macro-F1 of a leaderboard row: the probe refitted on train with the ridge penalty
+        the row's own selection rows chose (`row.alpha`), then only scored on test. Test picks nothing, not
+        even alpha (cached by candidate and alpha)."""
+        key = f"{row.candidate}@{row.alpha!r}"
+        if key not in self.cache:
             groups = row.groups
             X = torch.cat([self.features(g) for g in groups], dim=1)
             bank, _ = self._scorer(groups[0]["model"], groups[0]["pooling"])
-            result = evaluate_features(X, bank.folds, self.protocol)
-            self.cache[name] = {"test_accuracy": round(result["accuracy"], 5),
-                                "test_macro_f1": round(result["macro_f1"], 5)}
-        return self.cache[name]
+            result = evaluate_features(X, bank.folds, replace(self.protocol, alphas=(row.alpha,)))
+            self.cache[key] = {"test_accuracy": round(result["accuracy"], 5),
+                               "test_macro_f1": round(result["macro_f1"], 5)}
+        return self.cache[key]
 
 
 def _selections(search: SearchResult, models: list[str]) -> dict[str, list[LeaderboardRow]]:

@@ -9,6 +9,10 @@ class ConfigError(PipelineError):
     """params.yaml names something unknown or holds a bad value."""
 
 
+class UnsupportedModelError(PipelineError):
+    """A model family whose layers the extraction cannot tap: said before any store is created."""
+
+
 class DataError(PipelineError):
     """A corpus cannot be read or holds rows we refuse to embed."""
 

@@ -29,9 +29,10 @@ from pipeline.config import ExtractSettings, Params
 from pipeline.corpora import Corpus, read_corpus
 from pipeline.devices import resolve_device
 from pipeline.fingerprint import package_versions
-from pipeline.forward import (Encoded, Forward, PoolingSpec, PositionRule, config_position_rule, count_tokens,
-                              eager_forward, encode, pool_batch, position_rule, resolve_compute_dtype, to_host)
-from pipeline.layer_tap import text_config
+from pipeline.forward import (Encoded, Forward, PoolingSpec, PositionRule, count_tokens,
+                              eager_forward, encode, model_skeleton, pool_batch, position_rule, resolve_compute_dtype,
+                              to_host)
+from pipeline.layer_tap import find_blocks, text_config
 from pipeline.models import is_decoder, load_model, read_source
 from pipeline.store import POSITIONS_KEY, SAMPLED, Float16Overflow, SplitRows, StoreWriter, entropy_sample
 from pipeline.world import LocalWorld, World, agree, from_rank_zero, raise_first, status_of
@@ -131,6 +132,8 @@ def open_extraction(params: Params, model_name: str, dataset_name: str, device: 
     num_layers, dim = config.num_hidden_layers + 1, config.hidden_size
     settings = entropy_for_model(settings, config, model_name)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=spec.trust_remote_code)
+    skeleton = model_skeleton(config, spec.trust_remote_code)
+    find_blocks(skeleton)            # a family whose layers cannot be tapped stops here, before any store exists
     forward = compiled_forward.resolve_forward(settings.forward, device, config.model_type)
     if forward == "compiled":        # compiled code is cached per machine, under the store
         compiled_forward.use_compile_cache(params.store / "compile_cache")
@@ -140,7 +143,7 @@ def open_extraction(params: Params, model_name: str, dataset_name: str, device: 
             "layer_convention": "0 = embedding output, i = output of block i, last = last_hidden_state"}
     writer = StoreWriter(params.embeddings_path(model_name, dataset_name),
                          fingerprint_for(params, model_name, corpus, source, compute_dtype, forward, settings,
-                                         config_position_rule(config, spec.trust_remote_code)), info,
+                                         position_rule(skeleton)), info,
                          num_layers=num_layers, dim=dim, poolings=settings.poolings,
                          block_rows=settings.block_rows, dtype=settings.dtype, compressor=settings.compressor,
                          rebuild=rebuild and create, attention_entropy=entropy_attrs(settings, params.data.seed))

@@ -95,12 +95,12 @@ def position_rule(model) -> PositionRule:
     return PositionRule(first, "position_ids" in inspect.signature(model.forward).parameters)
 
 
-def config_position_rule(config, trust_remote_code: bool = False) -> PositionRule:
-    """The rule of the model a config builds, read off a weightless (meta-device) instance of it: the store's
-    fingerprint needs it before the weights are loaded."""
+def model_skeleton(config, trust_remote_code: bool = False):
+    """A weightless (meta-device) instance of the model a config builds: what the store's fingerprint
+    and the family checks need to know before any weights are loaded or any store is created."""
     from transformers import AutoModel
     with torch.device("meta"):
-        return position_rule(AutoModel.from_config(config, trust_remote_code=trust_remote_code))
+        return AutoModel.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def encode(tokenizer, texts: list[str], max_len: int, padding_side: str, device: torch.device,

@@ -12,6 +12,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from pipeline.errors import UnsupportedModelError
+
 
 class _Stop(Exception):
     """Raised inside a hook to skip the blocks after the deepest layer anyone needs."""
@@ -32,7 +34,7 @@ def find_blocks(model: nn.Module) -> nn.ModuleList:
         for module in model.modules():
             if isinstance(module, nn.ModuleList) and len(module) == size:
                 return module
-    raise TypeError(f"cannot find the {count} transformer blocks of {type(model).__name__}: no ModuleList of "
+    raise UnsupportedModelError(f"cannot find the {count} transformer blocks of {type(model).__name__}: no ModuleList of "
                     f"{count} blocks (nor of shared block groups); this model family is not supported")
 
 

@@ -100,6 +100,16 @@ def check_head_fits_store(head_config: dict[str, Any], model: str, fingerprint: 
                         + "\nRetrain the head (dvc repro, stage train) before predict or export.")
 
 
+def check_positions(model, use: ModelUse) -> None:
+    """Refuse a head whose vectors came from other position ids than the model numbers itself (a store
+    written before issue 21's fix fed RoBERTa-style models 0-based positions)."""
+    numbered_from = position_rule(model).first
+    if numbered_from != use.position_ids_from:
+        raise HeadError(f"{use.name} numbers positions from {numbered_from}, but the vectors this head was trained "
+                        f"on were computed with position ids from {use.position_ids_from} (a store from before "
+                        f"that was fixed): re-extract with --rebuild and retrain the head")
+
+
 class Predictor:
     """A trained head plus the models it reads; `predict_proba(texts)` -> [N, classes]."""
 
@@ -154,11 +164,7 @@ class Predictor:
             dtype = getattr(torch, use.compute_dtype)
             self.loaded[use.name] = load_model(use.folder, ModelSpec(name=use.name, source="local", path=str(use.folder)),
                                                str(self.device), dtype, use.attention)
-            numbered_from = position_rule(self.loaded[use.name][0]).first
-            if numbered_from != use.position_ids_from:
-                raise HeadError(f"{use.name} numbers positions from {numbered_from}, but the vectors this head was "
-                                f"trained on were computed with position ids from {use.position_ids_from} (a store "
-                                f"from before issue 21's fix): re-extract with --rebuild and retrain the head")
+            check_positions(self.loaded[use.name][0], use)
         return self.loaded[use.name]
 
     def settings_for(self, use: ModelUse, poolings) -> ExtractSettings:

@@ -159,3 +159,53 @@ def test_compiled(root, family):
                                   compute_dtype="float32", forward="compiled")
     assert_matches(stored(store), family_reference(root, family, tuple(texts), "float32"), 1e-5,
                    f"{family} compiled")
+
+
+def test_untappable_family_is_refused_before_any_store(root):
+    """A family whose blocks cannot be found (Funnel: blocks nested by pooling stage) is a clear error
+    before a store exists, not a traceback after the first block."""
+    import transformers
+    from tiny_families import make_tokenizer
+    from pipeline.errors import UnsupportedModelError
+    source = root / "sources" / "funnel"
+    tokenizer = make_tokenizer([row["text"] for row in corpus_rows("mr", "train", 200)], "bert")
+    config = transformers.FunnelConfig(vocab_size=len(tokenizer), block_sizes=[1, 2], block_repeats=[1, 1], d_model=32, n_head=4,
+                                       d_head=8, d_inner=64, pad_token_id=tokenizer.pad_token_id,
+                                       architectures=["FunnelModel"])
+    transformers.AutoModel.from_config(config).save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    with pytest.raises(UnsupportedModelError, match="cannot find the 3 transformer blocks of FunnelModel"):
+        extract_family(root, "funnel", source, "refused", compute_dtype="float32")
+    assert not (root / "funnel" / "refused" / "store" / "embeddings" / "faith" / "funnel").exists()
+
+
+def test_stores_from_before_the_position_fix_are_refused(root):
+    """A RoBERTa-style store written with 0-based positions (its fingerprint lacks position_ids_from) is
+    refused, saying why; a BERT store's fingerprint is as it always was (no key), so it stays valid."""
+    import zarr
+    from pipeline.errors import StoreMismatchError
+    from pipeline.store import POSITIONS_KEY
+    store, _ = extract_family(root, "roberta", family_source(root, "roberta"), "f32-right",
+                              compute_dtype="float32", padding_side="right")
+    fingerprint = store.attrs["fingerprint"]
+    assert fingerprint["extract"][POSITIONS_KEY] == 2           # RoBERTa: padding_idx 1, so positions from 2
+    old = {**fingerprint, "extract": {k: v for k, v in fingerprint["extract"].items() if k != POSITIONS_KEY}}
+    group = zarr.open_group(str(store.path), mode="r+")
+    group.update_attributes({"fingerprint": old})
+    with pytest.raises(StoreMismatchError, match="numbered from 0, but this model numbers them from padding_idx"):
+        extract_family(root, "roberta", family_source(root, "roberta"), "f32-right",
+                       compute_dtype="float32", padding_side="right")
+    bert, _ = extract_family(root, "bert", family_source(root, "bert"), "f32-right", compute_dtype="float32")
+    assert POSITIONS_KEY not in bert.attrs["fingerprint"]["extract"]
+
+
+def test_predict_refuses_vectors_from_other_positions(root):
+    """A head whose store was computed with 0-based positions for MPNet cannot be applied: predict would
+    feed it vectors from other positions than it learnt from."""
+    from transformers import AutoModel
+    from pipeline.errors import HeadError
+    from pipeline.predict import ModelUse, check_positions
+    model = AutoModel.from_pretrained(family_source(root, "mpnet"))
+    check_positions(model, ModelUse("mpnet", Path(), "", 4, MAX_LEN, "float32", {}, position_ids_from=2))
+    with pytest.raises(HeadError, match="numbers positions from 2, but the vectors this head was trained on"):
+        check_positions(model, ModelUse("mpnet", Path(), "", 4, MAX_LEN, "float32", {}, position_ids_from=0))

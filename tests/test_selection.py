@@ -143,11 +143,11 @@ def test_one_se_on_a_store_with_a_planted_near_tie(tmp_path):
     assert best_half["drop"] == pytest.approx(best_half["score_choosing_half"] - best_half["score_fresh_half"], abs=2e-5)
 
 
-def board_row(name: str, score: float, layers: list[int], model: str = "m") -> LeaderboardRow:
+def board_row(name: str, score: float, layers: list[int], model: str = "m", alpha: float = 1.0) -> LeaderboardRow:
     """A leaderboard row of one model's mean pooling with the given score (other probe figures zero)."""
     return LeaderboardRow(candidate=name, family="single", operator="mean", layers=layers, models=[model],
                           pooling="mean", width=8 * len(layers), accuracy=score, accuracy_std=0.0, macro_f1=score,
-                          macro_f1_std=0.0, alpha=1.0, score=score, std=0.0, seconds=0.0,
+                          macro_f1_std=0.0, alpha=alpha, score=score, std=0.0, seconds=0.0,
                           groups=[{"model": model, "pooling": "mean", "layers": layers, "operator": "mean"}])
 
 
@@ -228,10 +228,36 @@ def test_the_audit_judges_both_protocols_and_rules_on_test(tmp_path):
     bank, _ = judge._scorer("enc-a", "mean")
     folds = make_folds(store.labels("train"), store.labels("test"), dataclasses.replace(protocol, name="validation"), 2)
     assert torch.equal(bank.folds.y, folds.y)
-    by_hand = evaluate_features(bank.F[:, 4], folds, dataclasses.replace(protocol, name="validation"))
+    by_hand = evaluate_features(bank.F[:, 4], folds, dataclasses.replace(protocol, name="validation", alphas=(1.0,)))
     assert judge.score(row)["test_accuracy"] == pytest.approx(by_hand["accuracy"], abs=1e-5)
     summary = summarise_audits([audit])
     assert len(summary["table"]) == 4 and summary["winner"] in summary["table"].values()
+
+
+def test_the_audit_keeps_the_alpha_chosen_on_validation(tmp_path):
+    """Where the ridge penalty that scores best on test differs from the one validation chose, the audit's
+    test figure is the validation alpha's: the judge refits on train with it and only scores test."""
+    from _stage2_store import make_store
+    from pipeline.audit import TestJudge
+    from pipeline.probe import evaluate_features
+    from pipeline.store import open_store
+    make_store(tmp_path, "enc-a", num_layers=6, best_layer=1, dim=32, signal_dims=slice(0, 3), seed=5)
+    protocol = Protocol(name="validation", rank=32, alphas=(1e-3, 1e-1, 10.0, 100.0))
+    rows = score_layers(open_store(tmp_path, "enc-a", "toy"), protocol, "enc-a")["rows"]
+    judge = TestJudge(tmp_path, "toy", protocol)
+    differing = []
+    for row in (r for r in rows if r.pooling == "mean"):
+        bank, _ = judge._scorer("enc-a", "mean")
+        def on_test(alpha: float) -> float:
+            return evaluate_features(bank.F[:, row.layer], bank.folds,
+                                     dataclasses.replace(protocol, alphas=(alpha,)))["accuracy"]
+        best_on_test = max(on_test(alpha) for alpha in protocol.alphas)
+        if best_on_test > on_test(row.alpha) + 1e-9:
+            differing.append(row)
+            judged = judge.score(board_row(f"enc-a:L{row.layer}", row.score, [row.layer], "enc-a", row.alpha))
+            assert judged["test_accuracy"] == pytest.approx(on_test(row.alpha), abs=1e-5)
+            assert judged["test_accuracy"] < best_on_test - 1e-6
+    assert differing, "the fixture must hold a layer whose best alpha on test is not validation's"
 
 
 def test_cv_with_more_folds_than_rows_is_refused(tmp_path):
