@@ -125,10 +125,11 @@ def rank_key(row: C, score: Callable[[C], float] | None = None) -> tuple:
 
 
 def simplicity(row: C) -> tuple:
-    """Sort key of the one-SE rule: fewer layers, fewer models, narrower, then better."""
+    """Sort key of the one-SE rule: fewer layers, fewer models, narrower, then the shallowest deepest layer
+    (predict stops after it, so fewer blocks run), then better."""
     layers = row.layers
     flat = [l for part in layers for l in part] if layers and isinstance(layers[0], list) else list(layers)
-    return len(flat), len(row.models), row.width, -row.score
+    return len(flat), len(row.models), row.width, max(flat, default=0), -row.score
 
 
 @one_thread

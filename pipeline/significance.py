@@ -52,7 +52,34 @@ class TestRows:
         low, high = torch.quantile(d, torch.tensor([ALPHA / 2, 1 - ALPHA / 2])).tolist()
         p = float(((d - observed).abs() >= abs(observed)).float().mean()) if observed else 1.0
         return {"metric": metric, "diff": round(observed, 5), "low": round(low, 5), "high": round(high, 5),
-                "p_value": round(p, 4), "significant": bool(p < ALPHA)}
+                "p_value": round(p, 4), "significant": bool(p < ALPHA), "resamples": int(self.counts.shape[0])}
+
+
+def p_text(test: dict[str, Any], key: str = "p_value") -> str:
+    """A bootstrap p-value as text: none of n resamples as far out reads "< 1/n" (2,000: "< 0.0005"), never 0."""
+    p, resamples = test[key], test.get("resamples")
+    if resamples and p < 1 / resamples:
+        return f"< {1 / resamples:.2g}"
+    return f"{p:.3f}" if p < 0.1 else f"{p:.2f}"
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment (Holm 1979): the i-th smallest of m p-values becomes
+    max over j <= i of min(1, (m - j + 1) * p_(j)); controls the family-wise error rate."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted, running = [0.0] * len(p_values), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def add_holm(results: list[dict[str, Any]]) -> None:
+    """Give every paired test of a dataset's heads its Holm-adjusted p-value (`p_holm`), the family being all
+    the paired tests the report shows for that dataset; `significant` stays the uncorrected 5% verdict."""
+    tests = [test for row in results for test in row.get("paired_tests", {}).values()]
+    for test, adjusted in zip(tests, holm([t["p_value"] for t in tests])):
+        test["p_holm"] = round(adjusted, 4)
 
 
 def verdict(test: dict[str, Any], against: str) -> str:
@@ -60,9 +87,11 @@ def verdict(test: dict[str, Any], against: str) -> str:
     points = 100 * test["diff"]
     interval = f"{100 * test['low']:+.1f} to {100 * test['high']:+.1f}"
     if not test["significant"]:
-        return f"{points:+.1f} points vs {against} (95% CI {interval}, p = {test['p_value']:.2f}): not significant"
+        return f"{points:+.1f} points vs {against} (95% CI {interval}, p = {p_text(test)}): not significant"
     direction = "better" if points > 0 else "worse"
-    return f"{points:+.1f} points vs {against} (95% CI {interval}, p = {test['p_value']:.3f}): significantly {direction}"
+    holm_note = f", Holm-adjusted {p_text(test, 'p_holm')}" if "p_holm" in test else ""
+    return (f"{points:+.1f} points vs {against} (95% CI {interval}, p = {p_text(test)}{holm_note}): "
+            f"significantly {direction}")
 
 
 SINGLE_MODEL_KINDS = ("last", "best_layer", "best_fusion", "llmembed", "all_layers")

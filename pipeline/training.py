@@ -37,7 +37,7 @@ from pipeline.config import TrainSettings
 from pipeline.heads import HeadModule, build_net
 from pipeline.probe import metrics, torch_threads
 from pipeline.records import HeadResult, HeadResults
-from pipeline.significance import TestRows, add_test_uncertainty
+from pipeline.significance import TestRows, add_holm, add_test_uncertainty
 
 FUSED_HEADS = ("linear", "mlp")
 HEADS_WITH_OPTIONS = ("mlp", "cooccurrence", "scalar_mix", "gated")
@@ -269,6 +269,7 @@ def train_dataset(store_root: Path, dataset: str, chosen: dict[str, Any], settin
         tests = TestRows(cache.labels(first_model, "test").numpy(), len(label_names), seed=int(settings["seeds"][0]))
         add_test_uncertainty(results, predictions, tests)
         add_same_input_tests(results, predictions, tests)
+        add_holm(results)
         if gates:
             write_json_atomic(out_root / "gate_weights.json", gates)
         return HeadResults(dataset=dataset, results=[HeadResult(**row) for row in results], bytes_read=cache.bytes_read,

@@ -136,3 +136,23 @@ def test_the_study_report_reads_the_same_records(stage2, tmp_path):
     study = json.loads((tmp_path / "study" / "study.json").read_text())
     assert study["best_layers"]["toy"] == {m: data.chosen.models[m].best_layer.layers for m in MODELS}
     assert "- **toy**: " + data.chosen.best_multi.candidate in text
+
+
+def test_holm_adjustment_and_p_value_text():
+    """Holm's step-down worked by hand for four p-values, and a bootstrap p of 0 printed as a bound."""
+    from pipeline.significance import holm, p_text
+    # sorted: 0.005*4 = 0.02, 0.01*3 = 0.03, 0.03*2 = 0.06, 0.04*1 = 0.04 -> raised to 0.06 (monotone)
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+    assert p_text({"p_value": 0.0, "resamples": 2000}) == "< 0.0005"
+    assert p_text({"p_value": 0.0123, "resamples": 2000}) == "0.012"
+    assert p_text({"p_value": 0.0}) == "0.000"                    # a record from before resamples were kept
+
+
+def test_every_paired_test_has_its_holm_p_in_the_report(stage2):
+    results = read_record(stage2 / "heads" / "toy" / "results.json", HeadResults).results
+    tests = [t for r in results for t in r.paired_tests.values()]
+    assert tests and all(t["p_holm"] >= t["p_value"] and t["resamples"] == 2000 for t in tests)
+    lines = heads_section(results, "accuracy")
+    assert sum(line.count("(Holm ") for line in lines if line.startswith("| ")) == sum(
+        len([a for a in r.paired_tests if a in ("last layer", "best single layer")]) for r in results)

@@ -130,7 +130,8 @@ def test_one_se_on_a_store_with_a_planted_near_tie(tmp_path):
     rows = {r.layer: r for r in layers["rows"]}
     assert rows[1].within_one_se and rows[4].within_one_se                            # the planted near-tie
     assert not rows[2].within_one_se and not rows[0].within_one_se
-    assert {layers["chosen"].layer, results["best"][0]["chosen"].layer} == {layers["best"].layer}
+    assert results["best"][0]["chosen"].layer == layers["best"].layer
+    assert layers["chosen"].layer == 1            # one_se: of the near-tie, the shallower layer (fewer blocks)
     assert rows[4].vs_reference_low > 0                                              # beats the last layer (5)
     board = search.leaderboard
     leader, pick = board[0], search.chosen.chosen
@@ -171,6 +172,21 @@ def test_one_se_takes_the_simpler_candidate_within_one_paired_se():
     assert choose(rows, key, evidence, "best").candidate == "pair"
     assert choose(rows, key, evidence, "one_se").candidate == "near"
     assert choose([rows[0], rows[2]], key, evidence, "one_se").candidate == "pair"      # 10 points: outside
+
+
+def test_one_se_breaks_ties_by_the_shallowest_deepest_layer():
+    """Two single layers of the same width within one SE of a pair: the shallower one costs fewer blocks."""
+    y = torch.zeros(1000, dtype=torch.long)
+    leader, deep, shallow = (torch.zeros(1000, dtype=torch.long) for _ in range(3))
+    leader[:200] = 1                                           # 80% right
+    deep[100:305] = 1                                          # 79.5%, within one SE of the leader
+    shallow[120:330] = 1                                       # 79%, within too, and lower than `deep`
+    evidence = Evidence(y, 2, "accuracy", resamples=1000, seed=0)
+    rows = []
+    for name, pred, layers in (("pair", leader, [1, 4]), ("deep", deep, [5]), ("shallow", shallow, [2])):
+        evidence.add(name, {"_predictions": pred[None].to(torch.int16), "_alpha_index": 0})
+        rows.append(board_row(name, evidence.value(name), layers))
+    assert choose(rows, lambda r: r.candidate, evidence, "one_se").candidate == "shallow"
 
 
 def test_choose_refuses_an_unknown_rule():
