@@ -134,3 +134,25 @@ def summarise_audits(audits: list[dict[str, Any]]) -> dict[str, Any]:
                 "seconds": round(sum(a["protocols"][name]["seconds"] for a in audits), 1)}
     winner = max(table.values(), key=lambda row: (row["mean_test_accuracy"], -row["seconds"]))
     return {"table": table, "winner": winner}
+
+
+def leave_one_corpus_out(audits: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each corpus: the protocol / rule that the other corpora's audits choose (best mean test accuracy of
+    their choices, as `summarise_audits`), judged on the left-out corpus against the one it would have chosen
+    for itself. A method is confirmed where corpora that did not choose it agree; `cost` is what following the
+    others' choice lost on the left-out corpus (points of mean test accuracy of the choices, >= 0)."""
+    out = []
+    for i, audit in enumerate(audits):
+        others = audits[:i] + audits[i + 1:]
+        if not others:
+            continue
+        chosen = summarise_audits(others)["winner"]
+        own = summarise_audits([audit])
+        name, best = f"{chosen['protocol']} / {chosen['rule']}", own["winner"]
+        own_name = f"{best['protocol']} / {best['rule']}"
+        followed = own["table"][name]["mean_test_accuracy"]
+        out.append({"dataset": audit["dataset"], "chosen_by_others": name, "own_best": own_name,
+                    "agrees": name == own_name, "followed_test_accuracy": followed,
+                    "own_best_test_accuracy": best["mean_test_accuracy"],
+                    "cost": round(best["mean_test_accuracy"] - followed, 5)})
+    return out

@@ -283,3 +283,25 @@ def test_cv_with_more_folds_than_rows_is_refused(tmp_path):
     make_store(tmp_path, "enc-a", num_layers=3)
     with pytest.raises(ConfigError, match="score.folds is 500 but train has 240 rows"):
         score_layers(open_store(tmp_path, "enc-a", "toy"), Protocol(name="cv", folds=500, rank=4), "enc-a")
+
+
+def test_leave_one_corpus_out_judges_the_others_choice_on_the_left_out_corpus():
+    """Three corpora whose audits are written by hand: cv/best wins on a and b, validation/one_se on c."""
+    from pipeline.audit import PROTOCOLS, leave_one_corpus_out
+
+    def audit(dataset: str, accuracy: dict[str, float]) -> dict:
+        return {"dataset": dataset, "protocols": {p: {"seconds": 1.0, "choices": {
+            r: {"overall": {"test_accuracy": accuracy[f"{p} / {r}"]}} for r in ("best", "one_se")},
+            "regret": {r: {"overall": 0.0} for r in ("best", "one_se")}} for p in PROTOCOLS}}
+
+    audits = [audit("a", {"cv / best": 0.90, "cv / one_se": 0.88, "validation / best": 0.87, "validation / one_se": 0.86}),
+              audit("b", {"cv / best": 0.80, "cv / one_se": 0.79, "validation / best": 0.77, "validation / one_se": 0.70}),
+              audit("c", {"cv / best": 0.60, "cv / one_se": 0.58, "validation / best": 0.62, "validation / one_se": 0.65})]
+    rows = {r["dataset"]: r for r in leave_one_corpus_out(audits)}
+    # left out a: b + c average cv/best 0.70, cv/one_se 0.685, validation/best 0.695, validation/one_se 0.675
+    assert rows["a"]["chosen_by_others"] == "cv / best" and rows["a"]["agrees"] and rows["a"]["cost"] == 0
+    # left out c: a + b average cv/best 0.85 is the best -> c would have taken validation / one_se (0.65)
+    assert rows["c"]["chosen_by_others"] == "cv / best" and rows["c"]["own_best"] == "validation / one_se"
+    assert rows["c"]["cost"] == pytest.approx(0.65 - 0.60)
+    # left out b: a + c average cv/best 0.75, cv/one_se 0.73, validation/best 0.745, validation/one_se 0.755
+    assert rows["b"]["chosen_by_others"] == "validation / one_se" and rows["b"]["cost"] == pytest.approx(0.80 - 0.70)
