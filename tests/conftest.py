@@ -120,3 +120,30 @@ def link_prepared(prepared: Path, store: Path, names: list[str]) -> None:
 
 def tiny_llama_entry(prepared: Path) -> dict:
     return {"tiny-llama": {"source": "local", "path": str(prepared / "tiny-llama-src")}}
+
+
+def extract_through_stages(folder: Path, mirror: Path, dataset: str, model: str, model_entry: dict | None = None,
+                           **extract) -> tuple:
+    """prepare_data, prepare_model and extract (the stages' own functions) for one model on a mirror's
+    `dataset/{train,test}.jsonl`, into `folder/store`; returns the store and its texts in store order."""
+    from pipeline.config import load_params
+    from pipeline.corpora import build_corpus, read_corpus, write_corpus
+    from pipeline.extract import extract as run_extract
+    from pipeline.models import materialise
+    from pipeline.store import open_store
+    raw = registry()
+    folder.mkdir(parents=True, exist_ok=True)
+    raw["paths"] = {"store": str(folder / "store"), "data_mirror": str(mirror)}
+    raw["select"] = {"models": [model], "datasets": [dataset]}
+    raw["models"] = {model: model_entry or raw["models"][model]}
+    raw["datasets"] = {dataset: {"text_column": "text", "label_column": "label",
+                                 "local": {"train": f"{dataset}/train.jsonl", "test": f"{dataset}/test.jsonl"}}}
+    raw["extract"].update({"attention_entropy_rows": 0, **extract})
+    (folder / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    params = load_params(folder / "params.yaml")
+    write_corpus(build_corpus(params.dataset(dataset), params.data_mirror, params.data), params.data_dir(dataset))
+    materialise(params.model(model), params.model_dir(model))
+    run_extract(params, model, dataset, show_progress=False)
+    store = open_store(params.store, model, dataset)
+    corpus = read_corpus(params.data_dir(dataset))
+    return store, [text for split in store.splits for text in corpus.splits[split].texts]

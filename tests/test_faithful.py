@@ -16,9 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
-from conftest import REPO, SHARED_DATA, corpus_rows, write_jsonl
+from conftest import corpus_rows, extract_through_stages, write_jsonl
 from tiny_families import FAMILIES, make_family
 
 MAX_LEN = 64
@@ -63,31 +62,10 @@ def mirror(root: Path) -> Path:
 
 
 def extract_family(root: Path, family: str, source: Path, variant: str, **extract):
-    """prepare_data, prepare_model and extract (the stages' own functions) into a store of its own;
-    returns the store and the texts in store order, split by split."""
-    from pipeline.config import load_params
-    from pipeline.corpora import build_corpus, read_corpus, write_corpus
-    from pipeline.extract import extract as run_extract
-    from pipeline.models import materialise
-    from pipeline.store import open_store
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    folder = root / family / variant
-    folder.mkdir(parents=True, exist_ok=True)
-    raw["paths"] = {"store": str(folder / "store"), "data_mirror": str(mirror(root))}
-    raw["select"] = {"models": [family], "datasets": ["faith"]}
-    raw["models"] = {family: {"source": "local", "path": str(source)}}
-    raw["datasets"] = {"faith": {"text_column": "text", "label_column": "label",
-                                 "local": {"train": "faith/train.jsonl", "test": "faith/test.jsonl"}}}
-    raw["extract"].update({"max_len": MAX_LEN, "token_budget": BUDGET, "block_rows": 32, "dtype": "float32",
-                           "attention_entropy_rows": 0, **extract})
-    (folder / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    params = load_params(folder / "params.yaml")
-    write_corpus(build_corpus(params.dataset("faith"), params.data_mirror, params.data), params.data_dir("faith"))
-    materialise(params.model(family), params.model_dir(family))
-    run_extract(params, family, "faith", show_progress=False)
-    store = open_store(params.store, family, "faith")
-    corpus = read_corpus(params.data_dir("faith"))
-    return store, [text for split in store.splits for text in corpus.splits[split].texts]
+    """The family through the real stages into a store of its own: (store, texts in store order)."""
+    return extract_through_stages(root / family / variant, mirror(root), "faith", family,
+                                  {"source": "local", "path": str(source)}, max_len=MAX_LEN, token_budget=BUDGET,
+                                  block_rows=32, dtype="float32", **extract)
 
 
 def stored(store) -> dict[str, np.ndarray]:

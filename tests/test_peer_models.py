@@ -11,9 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
-from conftest import REPO, corpus_rows, write_jsonl
+from conftest import REPO, corpus_rows, extract_through_stages, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -30,30 +29,12 @@ def joined(items: tuple[str, ...], target: Path) -> Path:
     return target
 
 
-def extract_real(tmp_path: Path, model: str) -> tuple[np.ndarray, list[str], object]:
-    """(stored vectors [N, L+1, D] of every pooling, texts in store order, the store)."""
-    from pipeline.config import load_params
-    from pipeline.corpora import build_corpus, read_corpus, write_corpus
-    from pipeline.extract import extract
-    from pipeline.models import materialise
-    from pipeline.store import open_store
+def extract_real(tmp_path: Path, model: str) -> tuple:
+    """48 MR texts through the real stages in float32: (store, texts in store order); none truncated."""
     write_jsonl(tmp_path / "mirror" / "peer" / "train.jsonl", corpus_rows("mr", "train", 40))
     write_jsonl(tmp_path / "mirror" / "peer" / "test.jsonl", corpus_rows("mr", "test", 8))
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["paths"] = {"store": str(tmp_path / "store"), "data_mirror": str(tmp_path / "mirror")}
-    raw["select"] = {"models": [model], "datasets": ["peer"]}
-    raw["datasets"] = {"peer": {"text_column": "text", "label_column": "label",
-                                "local": {"train": "peer/train.jsonl", "test": "peer/test.jsonl"}}}
-    raw["extract"].update({"max_len": 256, "compute_dtype": "float32", "dtype": "float32", "block_rows": 64,
-                           "attention_entropy_rows": 0})
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    params = load_params(tmp_path / "params.yaml")
-    write_corpus(build_corpus(params.dataset("peer"), params.data_mirror, params.data), params.data_dir("peer"))
-    materialise(params.model(model), params.model_dir(model))
-    extract(params, model, "peer", show_progress=False)
-    store = open_store(params.store, model, "peer")
-    corpus = read_corpus(params.data_dir("peer"))
-    texts = [text for split in store.splits for text in corpus.splits[split].texts]
+    store, texts = extract_through_stages(tmp_path, tmp_path / "mirror", "peer", model, max_len=256,
+                                          compute_dtype="float32", dtype="float32", block_rows=64)
     assert not any(store.meta(split, "truncated").any() for split in store.splits)
     return store, texts
 
