@@ -166,6 +166,7 @@ class TrainSettings:
     max_epochs: int = 30
     patience: int = 3
     batch_size: int = 1024
+    min_steps_per_epoch: int = 16    # a small train split gets smaller batches (see LayerDataModule)
     lr: float = 0.002
     weight_decay: float = 0.0001
     device: str = "auto"             # auto | cpu | cuda | cuda:N | mps
@@ -403,7 +404,8 @@ def _parse_train(problems: _Problems, value: Any) -> TrainSettings:
     return TrainSettings(
         heads=section.names("heads", HEAD_NAMES), seeds=_unique(section, "seeds"),
         max_epochs=section.integer("max_epochs", 1), patience=section.integer("patience", 0),
-        batch_size=section.integer("batch_size", 1), lr=section.number("lr", 0, above=True),
+        batch_size=section.integer("batch_size", 1), min_steps_per_epoch=section.integer("min_steps_per_epoch", 1),
+        lr=section.number("lr", 0, above=True),
         weight_decay=section.number("weight_decay", 0), device=device, threads=section.integer("threads", 0),
         mlp=MlpOptions(widths=mlp.integers("widths", 1), dropout=mlp.number("dropout", 0, below=1)),
         cooccurrence=CooccurrenceOptions(width=co.integer("width", 1), sigma=co.number("sigma", 0, above=True),

@@ -11,6 +11,7 @@ training), once for all heads.
 
 from __future__ import annotations
 
+import math
 from typing import Iterable, Iterator
 
 import lightning as L
@@ -158,11 +159,18 @@ class FusedRows(Dataset):
 
 
 class LayerDataModule(L.LightningDataModule):
-    """Train / validation / test batches for one list of inputs, gathered from the shared cache."""
+    """Train / validation / test batches for one list of inputs, gathered from the shared cache.
 
-    def __init__(self, cache: LayerCache, inputs: list[Input], batch_size: int = 512, seed: int = 0):
+    Train batches hold at most `batch_size` rows and shrink so that an epoch takes at least
+    `min_steps_per_epoch` optimiser steps: with one step per epoch (1,000 train rows, batch 1024),
+    early stopping judged the first few Adam steps alone and kept near-chance heads.
+    """
+
+    def __init__(self, cache: LayerCache, inputs: list[Input], batch_size: int = 512, seed: int = 0,
+                 min_steps_per_epoch: int = 1):
         super().__init__()
         self.cache, self.inputs, self.batch_size, self.seed = cache, [tuple(i) for i in inputs], batch_size, seed
+        self.min_steps_per_epoch = min_steps_per_epoch
         self.data: dict[str, FusedRows] = {}
 
     def setup(self, stage: str | None = None) -> None:
@@ -198,18 +206,23 @@ class LayerDataModule(L.LightningDataModule):
         stds = [torch.from_numpy(self.cache.stats[(m, p, int(l))][1]) for m, p, l in self.inputs]
         return {"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous()}
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    @property
+    def train_batch_size(self) -> int:
+        """`batch_size`, or fewer rows where that gives an epoch fewer than `min_steps_per_epoch` steps."""
+        return max(1, min(self.batch_size, math.ceil(len(self.rows("train")) / self.min_steps_per_epoch)))
+
+    def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
         data = self.rows(split)
         generator = torch.Generator().manual_seed(self.seed)
         sampler = RandomSampler(data, generator=generator) if shuffle else SequentialSampler(data)
-        return DataLoader(data, sampler=BatchSampler(sampler, self.batch_size, drop_last=False), batch_size=None)
+        return DataLoader(data, sampler=BatchSampler(sampler, batch_size, drop_last=False), batch_size=None)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
+        return self._loader("train", True, self.train_batch_size)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("validation", False)
+        return self._loader("validation", False, self.batch_size)
 
     def eval_dataloader(self, split: str) -> DataLoader:
         """Every row of a split in order, for `trainer.predict` (test: read here, after training)."""
-        return self._loader(split, False)
+        return self._loader(split, False, self.batch_size)

@@ -149,13 +149,14 @@ def fit_head(cache: LayerCache, run: dict[str, Any], head: str, seed: int, setti
     start = time.perf_counter()
     L.seed_everything(seed, workers=True, verbose=False)
     inputs, groups = spec_from_groups(run["groups"])
-    data = LayerDataModule(cache, inputs, settings["batch_size"], seed)
+    data = LayerDataModule(cache, inputs, settings["batch_size"], seed, settings["min_steps_per_epoch"])
     data.setup()
     config = {"head": head, "row": run["row"], "inputs": [list(i) for i in inputs], "input_dims": data.input_dims,
               "groups": groups, "decoder": [decoders[m] for m, _, _ in inputs], "label_names": label_names,
               "options": dict(settings.get(head, {})) if head in HEADS_WITH_OPTIONS else {},
               "standardisation": "standardisation.safetensors", "seed": seed,
-              "training": {k: settings[k] for k in ("max_epochs", "patience", "batch_size", "lr", "weight_decay")},
+              "training": {**{k: settings[k] for k in ("max_epochs", "patience", "batch_size", "min_steps_per_epoch",
+                                                         "lr", "weight_decay")}, "train_batch_size": data.train_batch_size},
               # what predict and export check the current stores against (a rebuilt store makes the head stale)
               "store_fingerprints": {m: cache.store(m).attrs["fingerprint"] for m in dict.fromkeys(i[0] for i in inputs)}}
     net = build_net(config)

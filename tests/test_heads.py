@@ -166,6 +166,22 @@ def test_cache_reads_each_layer_once_and_batches_match_a_concatenation(tmp_path)
     assert cache.tensors[("toy-dec", "mean")]["test"].shape == (120, 3, 16)
 
 
+def test_a_small_train_split_gets_enough_steps_per_epoch(tmp_path):
+    """240 train rows at batch_size 1024 would be one Adam step per epoch, and early stopping would judge the
+    first noisy steps alone (the study's SmolLM2 SST-2 heads stopped near chance that way)."""
+    from pipeline.datamodule import LayerCache, LayerDataModule
+    make_store(tmp_path / "store", "toy-dec", decoder=True)
+    cache = LayerCache(tmp_path / "store", "toy")
+    small = LayerDataModule(cache, [("toy-dec", "mean", 1)], 1024, 0, min_steps_per_epoch=16)
+    small.setup()
+    batches = [len(y) for _, y in small.train_dataloader()]
+    assert len(batches) >= 16 and sum(batches) == 240 and max(batches) == 15        # ceil(240 / 16)
+    assert [len(y) for _, y in small.val_dataloader()] == [80]                       # evaluation keeps batch_size
+    large = LayerDataModule(cache, [("toy-dec", "mean", 1)], 32, 0, min_steps_per_epoch=4)
+    large.setup()
+    assert large.train_batch_size == 32                                              # 240 / 32 is already 8 steps
+
+
 def test_lightning_stops_early_keeps_the_best_epoch_and_leaves_no_checkpoint(tmp_path, monkeypatch):
     """Early stopping on validation loss, the best epoch's weights through ModelCheckpoint in a temporary
     folder that is gone after the fit, and evaluation with those weights."""
