@@ -22,7 +22,7 @@ from test_extract import prepare
 
 MODEL, DATASET = "minilm-l6", "mrslice"
 INPUTS = [{"model": MODEL, "pooling": "mean", "layers": [2, 4], "operator": "mean"}]
-HEAD_SETTINGS = {"max_epochs": 3, "patience": 2, "batch_size": 512, "lr": 1e-3, "weight_decay": 1e-4,
+HEAD_SETTINGS = {"max_epochs": 3, "patience": 2, "batch_size": 512, "min_steps_per_epoch": 1, "lr": 1e-3, "weight_decay": 1e-4,
                  "device": "cpu", "mlp": {"widths": [32], "dropout": 0.1}}
 MISSING_GPU = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
 
