@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from pipeline import location
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, exit_status_on_signals
 
 
 def _store_paths(args) -> list[Path]:
@@ -152,11 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     _result_options(export)
     export.set_defaults(run=cmd_export, from_export=None)
     args = parser.parse_args(argv)
-    try:
-        return args.run(args)
-    except (PipelineError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    with exit_status_on_signals():
+        try:
+            return args.run(args)
+        except (PipelineError, FileNotFoundError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Callable
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, exit_status_on_signals
 
 
 def stage_parser(description: str) -> argparse.ArgumentParser:
@@ -18,12 +18,14 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
 
 
 def run_stage(main: Callable[[], None]) -> None:
-    """Run a stage; a PipelineError is the user's to fix, so print its message alone and exit 2."""
+    """Run a stage; a PipelineError is the user's to fix, so print its message alone and exit 2; SIGTERM and
+    SIGINT exit 143 and 130 (never 0), whatever Lightning or the stage does with them."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for name in ("transformers", "datasets", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        main()
-    except PipelineError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    with exit_status_on_signals():
+        try:
+            main()
+        except PipelineError as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)

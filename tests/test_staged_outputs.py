@@ -246,3 +246,59 @@ def test_a_train_stage_killed_half_way_leaves_the_old_heads_whole(tmp_path):
     refused = stage(params, "report", "--out", ".")
     output, _ = refused.communicate(timeout=300)
     assert refused.returncode == 2 and "error: --out .: the report needs a folder of its own" in output, output
+
+
+# -- SIGTERM and SIGINT: a stopped stage never exits 0 -------------------------------------------------------
+SWALLOWER = """
+import os, signal, sys, time
+from pipeline.errors import exit_status_on_signals
+with exit_status_on_signals():
+    try:
+        open(sys.argv[1], "w").close()          # the test's cue: the handlers are set
+        time.sleep(60)
+    except BaseException:
+        sys.exit(0)                             # what Lightning does with SIGTERM inside trainer.fit
+print("finished")
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_exits_128_plus_its_number_even_when_the_code_inside_exits_0(tmp_path, signum):
+    ready = tmp_path / "ready"
+    process = subprocess.Popen([sys.executable, "-c", SWALLOWER, str(ready)], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not ready.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    process.send_signal(signum)
+    output, errors = process.communicate(timeout=60)
+    assert process.returncode == 128 + signum, errors
+    assert "finished" not in output and f"stopped by {signal.Signals(signum).name}" in errors
+
+
+@pytest.mark.slow
+def test_a_train_stage_sent_sigterm_mid_work_exits_143_and_leaves_the_old_heads(tmp_path):
+    """Lightning turns SIGTERM into SystemExit(0) (SLURM and Kubernetes preempt with SIGTERM): the stage said
+    success having written nothing. Sent once the new run's first head exists, while Lightning fits the next."""
+    params = toy_project(tmp_path)
+    run_stage(params, "score", "--model", "toy-a", "--dataset", "toy")
+    run_stage(params, "fuse", "--dataset", "toy")
+    run_stage(params, "train", "--dataset", "toy")
+    out = tmp_path / "store" / "heads" / "toy"
+    old = _files(out)
+    raw = yaml.safe_load(params.read_text())
+    raw["train"].update(max_epochs=3000, patience=3000)     # each later fit takes seconds: the signal lands inside one
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    started = time.time_ns()
+    process = stage(params, "train", "--dataset", "toy")
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if any(p.stat().st_mtime_ns >= started for p in out.parent.rglob("config.json")):
+            break
+        time.sleep(0.01)
+    assert process.poll() is None, "the stage finished before the signal: the toy run is too short"
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, output
+    assert "stopped by SIGTERM" in output
+    assert _files(out) == old
