@@ -63,21 +63,34 @@ def _predictor(args):
     resolve_device(args.device, "--device")       # a GPU this machine lacks: named before any loading
     options = {"device": args.device}
     if args.from_export:
-        return Predictor.from_export(Path(args.from_export), **options), None
+        return Predictor.from_export(Path(args.from_export), **options), None, None
     params = load_params(args.params)
     dataset = args.dataset or (params.selected_datasets or [None])[0]
     predictor = Predictor.from_project(params.store, dataset, args.row, args.head, args.seed,
                                        token_budget=params.extract.token_budget, **options)
-    return predictor, dataset
+    return predictor, dataset, Path(params.store)
+
+
+def _summary(store: Path, dataset: str, config: dict) -> str | None:
+    """The report's one-line summary of the head predict uses: test figures, gain, blocks run, cost."""
+    from pipeline.recommendation import summary_line
+    from pipeline.records import CostResult, HeadResults, read_record
+    results = read_record(store / "heads" / dataset / "results.json", HeadResults).results
+    result = next((r for r in results if r.row == config["row"] and r.head == config["head"]), None)
+    cost_path = store / "cost" / dataset / "cost.json"
+    cost = read_record(cost_path, CostResult) if cost_path.is_file() else None
+    return summary_line(dataset, result, cost) if result else None
 
 
 def cmd_predict(args) -> int:
     """Write one JSON line per input: id, label, per-label probabilities, truncated (or id, error)."""
     import json
     from pipeline.predict import read_records
-    predictor, _ = _predictor(args)
+    predictor, dataset, store = _predictor(args)
     print(f"head {predictor.head_dir} ({predictor.config['row']}, {predictor.config['head']}, "
           f"seed {predictor.config['seed']}); {predictor.describe()}", file=sys.stderr)
+    if store is not None and (summary := _summary(store, dataset, predictor.config)):
+        print(summary, file=sys.stderr)
     stdin = None if args.texts or args.file else sys.stdin.buffer
     records = read_records(args.texts, args.file, args.text_field, stream=stdin)
     results = (json.dumps(r, ensure_ascii=False) + "\n" for r in predictor.predict(records, bool(args.out)))
@@ -92,7 +105,7 @@ def cmd_predict(args) -> int:
 
 def cmd_export(args) -> int:
     from pipeline.export import export
-    predictor, dataset = _predictor(args)
+    predictor, dataset, _ = _predictor(args)
     folder = export(predictor, Path(args.out), dataset)
     print(f"exported {predictor.config['row']} / {predictor.config['head']} / seed {predictor.config['seed']} "
           f"to {folder}; run: layerfuse predict --from-export {folder} \"some text\"")

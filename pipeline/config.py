@@ -25,7 +25,7 @@ STORE_DTYPES = ("float16", "float32")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float32")
 HUB_OPTIONS = ("path", "config", "revision", "splits", "text_column", "label_column")
 DATA_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-SECTIONS = ("paths", "select", "data", "extract", "models", "datasets", "score", "fuse", "train", "report")
+SECTIONS = ("paths", "select", "data", "extract", "models", "datasets", "score", "fuse", "train", "cost", "report")
 # Stage 2's choices, here so that load_params needs neither torch heads nor Lightning; tests keep them
 # equal to pipeline.probe.METRICS, pipeline.fusion.OPERATORS and pipeline.heads.HEADS
 SCORE_PROTOCOLS = ("validation", "cv")
@@ -186,6 +186,15 @@ def head_options(head: str) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class CostSettings:
+    """`cost:` how the predict path is timed (stage cost): on this many validation texts, the median of this many
+    repeats, each model at this many depths (the embeddings, the last block and evenly between), a line fitted through them."""
+    texts: int = 256
+    repeats: int = 3
+    depths: int = 4
+
+
+@dataclass(frozen=True)
 class ReportSettings:
     """`report:` where the report goes."""
     out: str = "reports"
@@ -205,6 +214,7 @@ class Params:
     score: ScoreSettings = field(default_factory=ScoreSettings)
     fuse: FuseSettings = field(default_factory=FuseSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
+    cost: CostSettings = field(default_factory=CostSettings)
     report: ReportSettings = field(default_factory=ReportSettings)
     embeddings: str | Path | None = None   # paths.embeddings: a folder or an fsspec URL (s3://...); default store/embeddings
 
@@ -419,6 +429,12 @@ def _unique(section: _Section, key: str) -> tuple[int, ...]:
     """Seeds: at least one (none would train nothing and exit 0), each once."""
     seeds = section.integers(key, 0, empty=False)
     return seeds if len(set(seeds)) == len(seeds) else section.bad(key, "a list of distinct integers")
+
+
+def _parse_cost(problems: _Problems, value: Any) -> CostSettings:
+    section = _Section(problems, "cost", value, CostSettings())
+    return CostSettings(texts=section.integer("texts", 1), repeats=section.integer("repeats", 1),
+                        depths=section.integer("depths", 2))
 
 
 def _parse_report(problems: _Problems, value: Any) -> ReportSettings:
@@ -681,11 +697,12 @@ def load_params(path: str | Path = "params.yaml", models: list[str] | None = Non
     data = _parse_data(problems, raw.get("data"))
     score, fuse = _parse_score(problems, raw.get("score")), _parse_fuse(problems, raw.get("fuse"), extract.poolings)
     train, report = _parse_train(problems, raw.get("train")), _parse_report(problems, raw.get("report"))
+    cost = _parse_cost(problems, raw.get("cost"))
     problems.raise_if_any(path)
     return Params(root=root, store=store, data_mirror=(root / str(mirror)) if mirror else None,
                   models=model_specs, datasets=dataset_specs, selected_models=list(selected_models),
                   selected_datasets=list(selected_datasets), data=data, extract=extract,
-                  score=score, fuse=fuse, train=train, report=report,
+                  score=score, fuse=fuse, train=train, cost=cost, report=report,
                   embeddings=None if embeddings is None else location.as_location(embeddings, root))
 
 

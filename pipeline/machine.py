@@ -26,3 +26,11 @@ def cpu_isa() -> str:
     found = [name for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX512"),
                                      ("avx2", "AVX2")) if flag in flags]
     return ", ".join(found) or platform.machine()
+
+
+def machine_in_words(device) -> str:
+    """'AMD EPYC 7B13 (AVX512-BF16, AVX512, AVX2), 2 threads' or the GPU's name: what a timing ran on."""
+    import torch
+    if getattr(device, "type", str(device)) == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_model()} ({cpu_isa()}), {torch.get_num_threads()} threads"

@@ -83,3 +83,16 @@ def plot_gate_weights(path: Path, sources: list[str], per_class: dict[str, tuple
         ax.errorbar(positions, mean, yerr=std, marker="o", ms=3, capsize=2, label=name)
     ax.set_xticks(positions, sources, rotation=90, fontsize=7)
     finish(fig, ax, path, "source (model:pooling:layer)", "mean gate weight", title)
+
+
+def plot_cost_front(path: Path, costs: list[float], scores: list[float], errors: list[float], front: list[int],
+                    marked: dict[str, int], title: str) -> None:
+    """Probe score against predict cost for every candidate (grey), the Pareto front (with its ± paired SE to
+    the top) and the marked configurations (the choice, the cheapest within one SE)."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    ax.scatter(costs, scores, s=6, color="0.75", label="candidates")
+    ax.errorbar([costs[i] for i in front], [scores[i] for i in front], yerr=[errors[i] for i in front],
+                fmt="o-", ms=4, lw=1, capsize=2, color="tab:blue", label="Pareto front (± paired SE to the top)")
+    for (label, index), colour in zip(marked.items(), ("tab:red", "tab:green", "tab:purple")):
+        ax.scatter([costs[index]], [scores[index]], s=70, marker="*", color=colour, zorder=5, label=label)
+    finish(fig, ax, path, "predict cost, seconds per 1,000 texts (this machine)", "probe score", title)

@@ -65,7 +65,7 @@ class ModelUse:
 
 def uses_from_store(head_config: dict[str, Any], store_root: Path, dataset: str, models_root: Path) -> dict[str, ModelUse]:
     """How each model of a head's inputs was extracted, read from its store's attributes."""
-    from pipeline.store import POSITIONS_KEY, open_store, with_legacy_defaults
+    from pipeline.store import open_store
     uses: dict[str, ModelUse] = {}
     for model, _, _ in head_config["inputs"]:
         if model in uses:
@@ -73,13 +73,19 @@ def uses_from_store(head_config: dict[str, Any], store_root: Path, dataset: str,
         store = open_store(store_root, model, dataset)
         check_head_fits_store(head_config, model, store.attrs["fingerprint"], store.path)
         store.check(sorted({p for m, p, _ in head_config["inputs"] if m == model}))   # what the head learnt from is intact
-        extract = with_legacy_defaults(store.attrs["fingerprint"])["extract"]
-        fallback = {key.split("/")[1] for key in store.attrs.get("dtype_fallback", {})}
-        uses[model] = ModelUse(model, models_root / model, store.attrs["fingerprint"]["model"]["weights_sha256"],
-                               store.num_layers, extract["max_len"], extract["compute_dtype"],
-                               {p: "float32" if p in fallback else extract["dtype"] for p in store.poolings},
-                               attention=extract["attention"], position_ids_from=extract.get(POSITIONS_KEY, 0))
+        uses[model] = model_use(store, model, models_root)
     return uses
+
+
+def model_use(store, model: str, models_root: Path) -> ModelUse:
+    """How one model's stored vectors were computed (no layers yet), from an opened store's attributes."""
+    from pipeline.store import POSITIONS_KEY, with_legacy_defaults
+    extract = with_legacy_defaults(store.attrs["fingerprint"])["extract"]
+    fallback = {key.split("/")[1] for key in store.attrs.get("dtype_fallback", {})}
+    return ModelUse(model, models_root / model, store.attrs["fingerprint"]["model"]["weights_sha256"],
+                    store.num_layers, extract["max_len"], extract["compute_dtype"],
+                    {p: "float32" if p in fallback else extract["dtype"] for p in store.poolings},
+                    attention=extract["attention"], position_ids_from=extract.get(POSITIONS_KEY, 0))
 
 
 def check_head_fits_store(head_config: dict[str, Any], model: str, fingerprint: dict[str, Any], where) -> None:
@@ -175,18 +181,7 @@ class Predictor:
 
     def _model_features(self, use: ModelUse, texts: list[str]) -> tuple[dict[tuple[str, int], np.ndarray], np.ndarray]:
         model, tokenizer = self.model_for(use)
-        counts, truncated = count_tokens(tokenizer, texts, use.max_len)
-        spec = PoolingSpec(tuple(use.layers), use.max_len)
-        dim = text_config(model.config).hidden_size
-        out = {(p, l): np.empty((len(texts), dim), np.float32) for p, layers in use.layers.items() for l in layers}
-        for rows in token_budget_batches(np.minimum(counts, use.max_len), self.token_budget):
-            vectors, _ = pool_batch(model, tokenizer, [texts[r] for r in rows], spec, self.device, use.deepest + 1)
-            for (pooling, layer), target in out.items():
-                values = vectors[pooling][:, layer]
-                if use.stored_dtype.get(pooling, "float16") == "float16":
-                    values = values.astype(np.float16)        # exactly what the store holds
-                target[rows] = values
-        return out, truncated
+        return model_features(model, tokenizer, use, texts, self.device, self.token_budget)
 
     def features(self, texts: list[str]) -> tuple[torch.Tensor, np.ndarray]:
         """Standardised, concatenated head inputs [N, sum(dims)] and a truncation flag per text."""
@@ -240,6 +235,24 @@ class Predictor:
                    "probabilities": {name: round(float(v), 6) for name, v in zip(self.label_names, p)},
                    "truncated": bool(truncated[row])}
         bar.update(len(chunk))
+
+
+def model_features(model, tokenizer, use: ModelUse, texts: list[str], device, token_budget: int
+                   ) -> tuple[dict[tuple[str, int], np.ndarray], np.ndarray]:
+    """The (pooling, layer) vectors `use.layers` asks for, each forward pass stopped after `use.deepest`,
+    rounded to the store's dtype; and a truncation flag per text. Predict and stage cost share it."""
+    counts, truncated = count_tokens(tokenizer, texts, use.max_len)
+    spec = PoolingSpec(tuple(use.layers), use.max_len)
+    dim = text_config(model.config).hidden_size
+    out = {(p, l): np.empty((len(texts), dim), np.float32) for p, layers in use.layers.items() for l in layers}
+    for rows in token_budget_batches(np.minimum(counts, use.max_len), token_budget):
+        vectors, _ = pool_batch(model, tokenizer, [texts[r] for r in rows], spec, device, use.deepest + 1)
+        for (pooling, layer), target in out.items():
+            values = vectors[pooling][:, layer]
+            if use.stored_dtype.get(pooling, "float16") == "float16":
+                values = values.astype(np.float16)        # exactly what the store holds
+            target[rows] = values
+    return out, truncated
 
 
 def choose_head(heads_root: Path, row: str | None, head: str | None, seed: int | str) -> Path:

@@ -282,3 +282,36 @@ class HeadResults(Record):
     seconds: float
     settings: dict[str, Any]
     stage_seconds: float = 0.0                  # set by stages/train.py
+
+
+# -- cost stage: store/cost/<dataset>/cost.json ----------------------------------------------------------------
+@dataclass
+class CostCandidate(Record):
+    """One configuration of the fusion leaderboard with its probe score and its predict cost."""
+    candidate: str
+    family: str
+    score: float
+    vs_leader: float | None
+    vs_leader_se: float | None
+    within_one_se: bool | None
+    deepest: dict[str, int]                     # model -> the deepest layer read: where its forward pass stops
+    seconds_per_1000: float                     # estimated from the measured per-depth costs
+
+
+@dataclass
+class CostResult(Record):
+    """cost.json: per-model cost curves, the head chosen on validation timed end to end, every candidate's
+    estimated cost, and the cheapest candidate within one paired SE of the top, with probe figures on test."""
+    dataset: str
+    machine: str                                # CPU model and ISA (or GPU) the timings come from
+    device: str
+    texts: int                                  # validation texts timed
+    repeats: int
+    curves: dict[str, dict[str, Any]]           # model -> num_layers, compute_dtype, depths, seconds_per_1000
+    head: dict[str, Any]                        # folder, row, head, seed, deepest, measured and estimated seconds
+    candidates: list[CostCandidate]
+    choice: CostCandidate                       # the fuse stage's overall choice
+    cheapest: CostCandidate
+    choice_test: dict[str, float]               # the probe refitted on train, scored on test (reported only)
+    cheapest_test: dict[str, float]
+    stage_seconds: float = 0.0                  # set by stages/cost.py

@@ -15,7 +15,8 @@ from typing import Any
 from pipeline.atomic import write_json_atomic, write_text_atomic
 from pipeline.layer_report import layer_scores_section
 from pipeline.plots import plot_gate_weights, plot_layer_scores, plot_layer_weights
-from pipeline.records import (ChosenFusion, HeadResult, HeadResults, LeaderboardRow, ScoreRow, read_json,
+from pipeline.recommendation import chosen_head, recommendation_section
+from pipeline.records import (ChosenFusion, CostResult, HeadResult, HeadResults, LeaderboardRow, ScoreRow, read_json,
                               read_record, read_records, read_scores)
 from pipeline.significance import p_text, verdict
 
@@ -35,6 +36,7 @@ class DatasetResults:
     heads: HeadResults
     resources: dict[str, dict[str, Any]]
     gates: list[dict[str, Any]] = field(default_factory=list)   # heads/<dataset>/gate_weights.json, when gated ran
+    cost: CostResult | None = None              # cost/<dataset>/cost.json, when stage cost ran
 
     @property
     def metric(self) -> str:
@@ -49,7 +51,8 @@ def load_dataset(store: Path, dataset: str, models: list[str]) -> DatasetResults
         read_records(store / "fusion" / dataset / "leaderboard.json", LeaderboardRow),
         read_record(store / "heads" / dataset / "results.json", HeadResults),
         read_json(store / "heads" / dataset / "resources.json"),
-        read_json(gates) if (gates := store / "heads" / dataset / "gate_weights.json").is_file() else [])
+        read_json(gates) if (gates := store / "heads" / dataset / "gate_weights.json").is_file() else [],
+        read_record(cost, CostResult) if (cost := store / "cost" / dataset / "cost.json").is_file() else None)
 
 
 # -- cells --------------------------------------------------------------------------------------------------
@@ -231,8 +234,8 @@ def stage_times(data: DatasetResults) -> list[tuple[str, float]]:
     """The wall time of each stage that produced this dataset's results."""
     times = [(f"score {model} x {data.name}", result.get("stage_seconds", result["seconds"]))
              for model, result in data.scores.items()]
-    return times + [(f"fuse {data.name}", data.chosen.stage_seconds),
-                    (f"train {data.name}", data.heads.stage_seconds)]
+    times += [(f"fuse {data.name}", data.chosen.stage_seconds), (f"train {data.name}", data.heads.stage_seconds)]
+    return times + ([(f"cost {data.name}", data.cost.stage_seconds)] if data.cost else [])
 
 
 def wall_time_section(times: list[tuple[str, float]]) -> list[str]:
@@ -250,12 +253,14 @@ def dataset_metrics(data: DatasetResults) -> dict[str, Any]:
         models[model] = {"best_layer": best.layer, "best_layer_score": round(best.score, 4),
                          "last_layer_score": round(last.score, 4), "best_fusion_score": round(info.best_fusion.score, 4),
                          "llmembed_recipe_score": round(info.llmembed.score, 4)}
-    best_head = max(data.heads.results, key=lambda r: r.validation_accuracy)
+    best_head = chosen_head(data.heads.results)
+    cost = data.cost.head["measured_seconds_per_1000"] if data.cost else None
     return {"models": models,
             "best_multi_score": round(chosen.best_multi.score, 4) if chosen.best_multi else None,
             "chosen_fusion": chosen.chosen.candidate, "chosen_fusion_score": round(chosen.chosen.score, 4),
             "head_chosen_on_validation": f"{best_head.row} / {best_head.head}",
             "test_accuracy": round(best_head.test_accuracy, 4), "test_macro_f1": round(best_head.test_macro_f1, 4),
+            "predict_seconds_per_1000_texts": cost,
             "candidates_per_s": {m: t["candidates_per_s"] for m, t in chosen.timing.items()}}
 
 
@@ -263,11 +268,16 @@ def write_report(params, out: Path) -> Path:
     """reports/report.md, reports/figures/*.png and reports/metrics.json for every selected dataset."""
     figures = out / "figures"
     lines, metrics, times = list(TITLE), {}, []
-    for dataset in params.selected_datasets:
-        data = load_dataset(Path(params.store), dataset, params.selected_models)
+    loaded = [load_dataset(Path(params.store), dataset, params.selected_models) for dataset in params.selected_datasets]
+    lines += ["## Recommendation", "", "What to deploy per dataset: the head chosen on validation, its test figures, "
+              "what it beats, what it runs and what it costs; then the cheapest configuration the probe cannot tell "
+              "from the best.", ""]
+    for data in loaded:
+        lines += recommendation_section(data.name, data.heads.results, data.cost, figures)
+    for data in loaded:
         lines += dataset_section(data, figures)
         times += stage_times(data)
-        metrics[dataset] = dataset_metrics(data)
+        metrics[data.name] = dataset_metrics(data)
     lines += wall_time_section(times)
     write_json_atomic(out / "metrics.json", metrics)
     write_text_atomic(out / "report.md", "\n".join(lines))

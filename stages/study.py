@@ -3,7 +3,8 @@
 The same stage entry points as dvc.yaml, run in its order, each in its own process: prepare the models
 and corpora, extract model by model (resumes block by block after a kill; a complete store is skipped
 in a second), then per corpus score, fuse, train and the selection audit (`--jobs` corpora at once:
-Stage 2 runs on one thread per process), then the report and the study report. Stage 2 reruns each time.
+Stage 2 runs on one thread per process), then the predict cost of each corpus, one at a time (a timing beside
+another corpus's work would be a timing of both), then the report and the study report. Stage 2 reruns each time.
 """
 
 import subprocess
@@ -14,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pipeline.config import load_params
 from stages import run_stage, stage_parser
 
-STEPS = ("prepare", "extract", "score", "fuse", "train", "audit", "report")
+STEPS = ("prepare", "extract", "score", "fuse", "train", "audit", "cost", "report")
 PER_CORPUS = ("score", "fuse", "train", "audit")
 
 
@@ -59,6 +60,8 @@ def main() -> None:
         with ThreadPoolExecutor(max(1, args.jobs)) as pool:
             for future in [pool.submit(run_all, chain, args.params) for chain in chains.values()]:
                 future.result()
+        if "cost" in args.steps:
+            run_all([["stages.cost", "--dataset", d] for d in datasets], args.params)
         if "report" in args.steps:
             run_all([["stages.report"], ["stages.study_report"]], args.params)
     except StepFailed as failed:

@@ -21,12 +21,12 @@ LAYERS = (
     "config", "devices", "machine",
     "corpora", "models",
     "lock", "store", "resources", "verify", "forward", "compiled_forward", "world", "extract", "distributed",
-    "probe", "selection", "significance",
+    "probe", "selection", "significance", "cost",
     "layer_geometry", "layer_importance", "layer_agreement",
     "scoring", "fusion", "audit",
     "datamodule", "heads", "training",
-    "predict", "export",
-    "plots", "layer_report", "report", "study_report", "inspect_store", "cli",
+    "predict", "export", "predict_timing",
+    "plots", "layer_report", "recommendation", "report", "study_report", "inspect_store", "cli",
     "bench",     # pipeline/bench/*: benchmark tools, above everything they measure
     "stages",    # the DVC stages: entry points, never imported by pipeline
 )

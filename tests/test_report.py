@@ -71,7 +71,8 @@ def test_the_report_shows_every_head_and_every_choice(stage2, tmp_path):
         assert f"{row.test_accuracy_low:.4f} – {row.test_accuracy_high:.4f}" in line
         assert f"{row.test_macro_f1:.4f} ± {row.test_macro_f1_std:.4f}" in line
     headings = [l for l in text.splitlines() if l.startswith("#")]
-    assert headings == ["# Layer scores, fusions and heads", "## toy", "### Heads on test (read once, after training)",
+    assert headings == ["# Layer scores, fusions and heads", "## Recommendation", "### toy",
+                        "## toy", "### Heads on test (read once, after training)",
                         "### Selection", "### Layers (probe)",
                         "### Label-free and gradient layer scores against the probe",
                         "### Fusion search (probe, top 10)", "### Resources", "## Stage wall time"]
@@ -91,6 +92,11 @@ def test_the_report_shows_every_head_and_every_choice(stage2, tmp_path):
     assert metrics["toy"]["test_accuracy"] == round(best_head.test_accuracy, 4)
     assert metrics["toy"]["head_chosen_on_validation"] == f"{best_head.row} / {best_head.head}"
     assert metrics["toy"]["chosen_fusion"] == chosen.chosen.candidate
+    # the report opens with the head chosen on validation, its test figures and its gain over the last layer
+    opening = text.split("\n## toy")[0]
+    assert f"**Use {best_head.row} with the `{best_head.head}` head**" in opening
+    assert f"Test accuracy {best_head.test_accuracy:.4f} [{best_head.test_accuracy_low:.3f}, " in opening
+    assert "Cost not measured: run stage cost" in opening and metrics["toy"]["predict_seconds_per_1000_texts"] is None
 
 
 def test_the_plain_words_name_each_paired_test(stage2):

@@ -1,5 +1,6 @@
 """The real DVC graph of Stage 2 in a temporary git clone: `dvc repro`, then `dvc exp run -S` on a
-head parameter reruns only train and report."""
+head parameter reruns only train, cost and report. The report opens with the recommendation, whose cost the
+cost stage measured, and `predict` prints the same one-line summary."""
 
 from __future__ import annotations
 
@@ -12,19 +13,31 @@ from test_dvc_stage1 import clone_project, run
 
 
 @pytest.mark.slow
-def test_dvc_repro_then_head_param_reruns_only_train_and_report(tmp_path, mr_slice):
+def test_dvc_repro_then_head_param_reruns_only_train_cost_and_report(tmp_path, mr_slice):
     repo = clone_project(tmp_path, mr_slice, {"models": ["minilm-l6"], "datasets": ["mrslice"]})
     raw = yaml.safe_load((repo / "params.yaml").read_text())
     raw["score"].update(rank=32, pca_rows=200, bootstrap=50)
     raw["fuse"].update(top_k=3)
     raw["train"].update(seeds=[0], max_epochs=2, batch_size=64)
+    raw["cost"].update(texts=16, repeats=1, depths=2)
     (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     run(["git", "add", "-A"], repo)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"], repo)
 
     first = run(["dvc", "repro"], repo)
-    for stage in ("score@minilm-l6-mrslice", "fuse@mrslice", "train@mrslice", "report"):
+    for stage in ("score@minilm-l6-mrslice", "fuse@mrslice", "train@mrslice", "cost@mrslice", "report"):
         assert f"Running stage '{stage}'" in first, first
+    cost = json.loads((repo / "store" / "cost" / "mrslice" / "cost.json").read_text())
+    curve = cost["curves"]["minilm-l6"]
+    assert curve["depths"] == [0, 6] and all(s > 0 for s in curve["seconds_per_1000"])
+    assert cost["head"]["measured_seconds_per_1000"] > 0 and cost["texts"] == 16
+    report = (repo / "reports" / "report.md").read_text()
+    opening = report.split("\n## mrslice")[0]
+    assert f"**{cost['head']['measured_seconds_per_1000']:.2f} s per 1,000 texts**" in opening
+    assert f"**{cost['cheapest']['candidate']}**" in opening and "figures/mrslice_cost_front.png" in opening
+    printed = run(["python", "-m", "pipeline", "predict", "a fine film"], repo)
+    summary = next(l for l in printed.splitlines() if l.startswith("mrslice: "))
+    assert f"`predict` prints: `{summary}`" in opening
     metrics = json.loads((repo / "reports" / "metrics.json").read_text())
     assert metrics["mrslice"]["models"]["minilm-l6"]["best_layer"] in range(7)
     assert (repo / "reports" / "report.md").read_text().count("| minilm-l6: last layer |") == 2
@@ -35,6 +48,6 @@ def test_dvc_repro_then_head_param_reruns_only_train_and_report(tmp_path, mr_sli
 
     second = run(["dvc", "exp", "run", "-S", "train.max_epochs=3"], repo)
     ran = {line.split("'")[1] for line in second.splitlines() if line.startswith("Running stage")}
-    assert ran == {"train@mrslice", "report"}, second
+    assert ran == {"train@mrslice", "cost@mrslice", "report"}, second
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert lock["stages"]["train@mrslice"]["params"]["params.yaml"]["train"]["max_epochs"] == 3

@@ -1,0 +1,61 @@
+"""Timing the predict path on this machine: each model's cost curve over depth, and a head end to end.
+
+Each model is timed at a few depths on the dataset's validation texts (the median of repeats, after a warm-up
+pass) through the same function predict computes its vectors with; the head chosen on validation is timed end
+to end through `Predictor`, so that the curves' estimate (pipeline/cost.py) can be checked against it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from pipeline.config import CostSettings, ModelSpec
+from pipeline.cost import fit_curve
+from pipeline.models import load_model
+from pipeline.predict import Predictor, model_features, model_use
+
+
+def measured_depths(num_blocks: int, points: int) -> list[int]:
+    """`points` depths from 0 (the embeddings alone) to the last block, evenly spaced, each once."""
+    return sorted({int(round(d)) for d in np.linspace(0, num_blocks, max(2, points))})
+
+
+def median_seconds_per_1000(run: Callable[[], Any], texts: int, repeats: int) -> float:
+    """One warm-up call, then the median of `repeats` timed calls, per 1,000 texts."""
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return round(1000 * statistics.median(times) / texts, 4)
+
+
+def model_cost_curve(store, model: str, models_root: Path, texts: list[str], settings: CostSettings,
+                     device: torch.device, token_budget: int) -> dict[str, Any]:
+    """One model's predict-path seconds per 1,000 texts at `settings.depths` depths (mean pooling, the store's
+    compute dtype, attention kernel and max_len), and the line fitted through them."""
+    use = model_use(store, model, models_root)
+    loaded, tokenizer = load_model(use.folder, ModelSpec(name=model, source="local", path=str(use.folder)),
+                                   str(device), getattr(torch, use.compute_dtype), use.attention)
+    depths = measured_depths(use.num_layers - 1, settings.depths)
+    seconds = []
+    for depth in depths:
+        at_depth = replace(use, layers={"mean": [depth]})
+        seconds.append(median_seconds_per_1000(
+            lambda: model_features(loaded, tokenizer, at_depth, texts, device, token_budget), len(texts),
+            settings.repeats))
+    return {"num_layers": use.num_layers, "compute_dtype": use.compute_dtype, "depths": depths,
+            "seconds_per_1000": seconds, **fit_curve(depths, seconds)}
+
+
+def time_predictor(predictor: Predictor, texts: list[str], repeats: int) -> float:
+    """The whole predict path of a head (every model it reads, its head), per 1,000 texts."""
+    return median_seconds_per_1000(lambda: predictor.predict_proba(texts), len(texts), repeats)

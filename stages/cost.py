@@ -1,0 +1,69 @@
+"""Stage cost: what the head chosen on validation and every fusion candidate cost at predict time on this
+machine, into store/cost/<dataset>/cost.json (pipeline/predict_timing.py, pipeline/cost.py).
+
+Test is read only by the audit's judge, for the fuse stage's choice and for the cheapest candidate within one
+paired standard error of the top: reported beside each other, never used to choose.
+"""
+
+import time
+from pathlib import Path
+
+from pipeline.atomic import staged_folder, write_json_atomic
+from pipeline.audit import TestJudge
+from pipeline.config import load_params
+from pipeline.corpora import read_corpus
+from pipeline.cost import cheapest_within_one_se, deepest_layers, estimate_seconds
+from pipeline.devices import resolve_device
+from pipeline.machine import machine_in_words
+from pipeline.predict import Predictor
+from pipeline.predict_timing import model_cost_curve, time_predictor
+from pipeline.probe import protocol_from_params
+from pipeline.records import ChosenFusion, LeaderboardRow, read_record, read_records
+from pipeline.store import open_store
+from stages import run_stage, stage_parser
+
+
+def main() -> None:
+    parser = stage_parser(__doc__)
+    parser.add_argument("--dataset", required=True)
+    args = parser.parse_args()
+    start = time.perf_counter()
+    params = load_params(args.params, datasets=[args.dataset])
+    store, dataset, settings = Path(params.store), args.dataset, params.cost
+    texts = read_corpus(store / "data" / dataset).splits["validation"].texts[:settings.texts]
+    device, budget = resolve_device(params.extract.device), params.extract.token_budget
+    curves = {model: model_cost_curve(open_store(store, model, dataset), model, store / "models", texts, settings,
+                                      device, budget) for model in params.selected_models}
+
+    predictor = Predictor.from_project(store, dataset, device=str(device), token_budget=budget)
+    groups = [{"model": m, "layers": [l]} for m, _, l in predictor.inputs]
+    head = {"folder": str(predictor.head_dir.relative_to(store / "heads" / dataset)),
+            "row": predictor.config["row"], "head": predictor.config["head"], "seed": predictor.config["seed"],
+            "deepest": deepest_layers(groups), "estimated_seconds_per_1000": estimate_seconds(groups, curves),
+            "measured_seconds_per_1000": time_predictor(predictor, texts, settings.repeats)}
+
+    board = read_records(store / "fusion" / dataset / "leaderboard.json", LeaderboardRow)
+    rows = {row.candidate: row for row in board}
+    candidates = [{"candidate": row.candidate, "family": row.family, "score": row.score, "vs_leader": row.vs_leader,
+                   "vs_leader_se": row.vs_leader_se, "within_one_se": row.within_one_se,
+                   "deepest": deepest_layers(row.groups), "seconds_per_1000": estimate_seconds(row.groups, curves)}
+                  for row in board]
+    chosen = read_record(store / "fusion" / dataset / "chosen.json", ChosenFusion).chosen.candidate
+    choice = next(c for c in candidates if c["candidate"] == chosen)
+    cheapest = cheapest_within_one_se(candidates)
+    judge = TestJudge(store, dataset, protocol_from_params(params.score))
+    result = {"dataset": dataset, "machine": machine_in_words(device), "device": str(device), "texts": len(texts),
+              "repeats": settings.repeats, "curves": curves, "head": head, "candidates": candidates,
+              "choice": choice, "cheapest": cheapest, "choice_test": judge.score(rows[chosen]),
+              "cheapest_test": judge.score(rows[cheapest["candidate"]]),
+              "stage_seconds": round(time.perf_counter() - start, 3)}
+    with staged_folder(store / "cost" / dataset) as staged:
+        write_json_atomic(staged / "cost.json", result)
+    print(f"cost {dataset}: {head['row']} / {head['head']}: {head['measured_seconds_per_1000']:.2f} s per 1,000 texts "
+          f"measured, {head['estimated_seconds_per_1000']:.2f} estimated; cheapest within one SE of the top: "
+          f"{cheapest['candidate']} at {cheapest['seconds_per_1000']:.2f} s; {result['machine']}; "
+          f"{result['stage_seconds']:.0f}s")
+
+
+if __name__ == "__main__":
+    run_stage(main)
