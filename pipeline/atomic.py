@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Iterator
 
+from pipeline.errors import OutputError
+
 
 @contextmanager
 def atomic_writer(path: str | Path, mode: str = "wb") -> Iterator[IO]:
@@ -145,6 +147,9 @@ def staged_folder(out: str | Path, keep_others: bool = False) -> Iterator[Path]:
     before the swap), for an output folder shared with other producers (reports/); a file another
     process replaces in `out` between that linking and the swap keeps its previous version."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out} is a file, not a folder: a stage writes a folder of outputs there and would "
+                          f"replace it; choose another path")
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_leftovers(out)
     new = Path(tempfile.mkdtemp(prefix=f".{out.name}.staged-{os.getpid()}-", dir=out.parent))

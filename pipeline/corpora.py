@@ -125,7 +125,17 @@ def _label_decoder(dataset, column: str):
     feature = dataset.features.get(column)
     if feature is not None and hasattr(feature, "int2str"):
         return lambda value: None if value is None or value < 0 else feature.int2str(int(value))
-    return lambda value: None if value is None else str(value)
+    return lambda value: value
+
+
+def _label_problem(value: Any) -> str | None:
+    """Why a label cannot name a class, or None. Strings (non-empty, no surrounding whitespace) and integers
+    only: str() of a list, a float or a padded string would silently make a class of its own."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        return f"is a {type(value).__name__}, not a string or an integer"
+    if isinstance(value, str) and (not value or value != value.strip()):
+        return "is empty" if not value else "has surrounding whitespace"
+    return None
 
 
 def _normalise(name: str, split: str, dataset, text_column: str, label_column: str, id_column: str | None,
@@ -148,6 +158,9 @@ def _normalise(name: str, split: str, dataset, text_column: str, label_column: s
             reason = "empty or whitespace-only text"
         elif label is None:
             reason = "missing label"
+        elif problem := _label_problem(label):
+            raise DataError(f"dataset {name!r} split {split!r} row {index}: label {label!r} {problem}; labels are "
+                            f"strings without surrounding whitespace, or integers: fix the file")
         if reason:
             if on_bad_row == "error":
                 raise DataError(f"dataset {name!r} split {split!r} row {index}: {reason}; fix the row or set "
@@ -156,7 +169,7 @@ def _normalise(name: str, split: str, dataset, text_column: str, label_column: s
             continue
         out.ids.append(str(row_id))
         out.texts.append(text)
-        out.labels.append(label)
+        out.labels.append(str(label))
         out.source_split.append(split)
         out.source_index.append(index)
     if not out.texts:

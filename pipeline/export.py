@@ -1,13 +1,15 @@
 """Export a trained head as a self-contained classifier folder that `predict` loads anywhere.
 
   export.json   dataset, row, head, seed, label names, inputs (model, pooling, layer), fusion groups,
-                and per model: weights/tokenizer sha256, layer count, max_len, compute and stored dtypes
+                per model: weights/tokenizer sha256, layer count, max_len, compute and stored dtypes;
+                and the sha256 of every other file of the folder, checked by `predict --from-export`
   head/         model.safetensors, standardisation.safetensors (train mean/std), config.json
   models/<m>/   the safetensors folder of each model the head reads (only those), with its tokenizer
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from datetime import datetime, timezone
@@ -62,5 +64,7 @@ def _write(predictor: Predictor, build: Path, dataset: str) -> None:
         "models": {name: use.as_dict() | {"source": json.loads((use.folder / SOURCE_FILE).read_text())["spec"]}
                    for name, use in predictor.uses.items()},
         "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": package_versions(),
+        "files_sha256": {str(path.relative_to(build)): hashlib.sha256(path.read_bytes()).hexdigest()
+                         for path in sorted(build.rglob("*")) if path.is_file()},
     }
     write_json_atomic(build / "export.json", manifest)

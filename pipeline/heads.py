@@ -8,6 +8,7 @@ everything `predict`/`export` need. Heads return logits; CrossEntropyLoss applie
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import lightning as L
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load
 from torch import nn
 from torchmetrics import MeanMetric
 
@@ -237,6 +238,28 @@ def _damaged(path: Path, error: Exception) -> HeadError:
                      f"retrain the head (dvc repro, stage train) or export it again")
 
 
+def verified_bytes(path: Path, expected: str | None, record: Path, what: str = "head file") -> bytes:
+    """A file's bytes when their sha256 is the one `record` holds; else a HeadError naming the file. One flipped
+    bit in the standardisation once turned a confident positive into a confident negative, silently."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise _damaged(path, error) from error
+    if expected is None:
+        raise HeadError(f"{what} {path}: {record} records no sha256 for it (a head from before heads were "
+                        f"verified); retrain the head (dvc repro, stage train) or export it again")
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected:
+        raise HeadError(f"{what} {path} is missing or damaged: sha256 {actual[:16]}… differs from the "
+                        f"{expected[:16]}… recorded in {record}; retrain the head (dvc repro, stage train) or "
+                        f"export it again")
+    return data
+
+
+def _head_file(folder: Path, name: str, config: dict[str, Any]) -> bytes:
+    return verified_bytes(folder / name, config.get("files_sha256", {}).get(name), folder / "config.json")
+
+
 def read_head_config(folder: str | Path) -> dict[str, Any]:
     """A head's config.json, or a HeadError naming the file."""
     path = Path(folder) / "config.json"
@@ -259,7 +282,7 @@ def load_head(folder: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     except UNREADABLE as error:
         raise _damaged(folder / "config.json", error) from error
     try:
-        net.load_state_dict(load_file(str(folder / "model.safetensors")))
+        net.load_state_dict(load(_head_file(folder, "model.safetensors", config)))
     except UNREADABLE as error:
         raise _damaged(folder / "model.safetensors", error) from error
     return net.eval(), config
@@ -267,9 +290,11 @@ def load_head(folder: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 
 def load_standardisation(folder: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     """Train-split mean and std per input dimension ([sum(input_dims)] each), as saved with the head."""
-    path = Path(folder) / read_head_config(folder).get("standardisation", "standardisation.safetensors")
+    config = read_head_config(folder)
+    name = config.get("standardisation", "standardisation.safetensors")
+    path = Path(folder) / name
     try:
-        stats = load_file(str(path))
+        stats = load(_head_file(Path(folder), name, config))
         return stats["mean"], stats["std"]
     except UNREADABLE as error:
         raise _damaged(path, error) from error

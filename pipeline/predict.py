@@ -26,7 +26,7 @@ from pipeline.errors import HeadError, ModelSourceError, PipelineError
 from pipeline.devices import resolve_device
 from pipeline.forward import PoolingSpec, count_tokens, pool_batch, position_rule
 from pipeline.fingerprint import differences
-from pipeline.heads import load_head, load_standardisation, read_head_config
+from pipeline.heads import load_head, load_standardisation, read_head_config, verified_bytes
 from pipeline.layer_tap import text_config
 from pipeline.models import folder_fingerprint, load_model
 from pipeline.records import HeadResults, read_record
@@ -106,6 +106,17 @@ def check_head_fits_store(head_config: dict[str, Any], model: str, fingerprint: 
                         + "\nRetrain the head (dvc repro, stage train) before predict or export.")
 
 
+def check_export_files(folder: Path, manifest: dict[str, Any]) -> None:
+    """Every file an export lists has the sha256 export.json records (a HeadError names the first that
+    differs); an export from before exports listed them is refused: nothing shows it is intact."""
+    listed = manifest.get("files_sha256")
+    if listed is None:
+        raise HeadError(f"{folder / 'export.json'} lists no sha256 of its files (an export from before exports "
+                        f"were verified): export it again")
+    for name, digest in listed.items():
+        verified_bytes(folder / name, digest, folder / "export.json", what="exported file")
+
+
 def check_positions(model, use: ModelUse) -> None:
     """Refuse a head whose vectors came from other position ids than the model numbers itself (a store
     written before issue 21's fix fed RoBERTa-style models 0-based positions)."""
@@ -156,6 +167,7 @@ class Predictor:
         if not manifest_path.is_file():
             raise PipelineError(f"{folder} is not an exported classifier (no export.json)")
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        check_export_files(folder, manifest)
         uses = {name: ModelUse(name, folder / "models" / name, info["weights_sha256"], info["num_layers"],
                                info["max_len"], info["compute_dtype"], info["stored_dtype"],
                                attention=info.get("attention", TRANSFORMERS_DEFAULT),
@@ -313,4 +325,9 @@ def _check(record_id: str, text: Any) -> dict[str, Any]:
         return {"id": record_id, "error": f"text is {type(text).__name__}, not a string"}
     if not text.strip():
         return {"id": record_id, "error": "empty or whitespace-only text"}
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:     # JSON's "\\ud800" decodes to a str no tokenizer can take
+        return {"id": record_id, "error": f"text holds a lone surrogate (U+{ord(text[error.start]):04X}) at character "
+                                          f"{error.start}, not valid Unicode"}
     return {"id": record_id, "text": text}

@@ -15,6 +15,7 @@ evaluation through `trainer.predict` with those weights; the test split is read 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -186,8 +187,11 @@ def fit_head(cache: LayerCache, run: dict[str, Any], head: str, seed: int, setti
                  "per_class": gate_weights_per_class(validation["gates"], validation["labels"], len(label_names))}
         write_json_atomic(out_dir / "gate_weights.json", gates)
     weights = {k: v.contiguous() for k, v in net.state_dict().items()}
-    write_bytes_atomic(out_dir / "model.safetensors", safetensors_bytes(weights))
-    write_bytes_atomic(out_dir / "standardisation.safetensors", safetensors_bytes(data.standardisation()))
+    files = {"model.safetensors": safetensors_bytes(weights),
+             "standardisation.safetensors": safetensors_bytes(data.standardisation())}
+    for name, blob in files.items():
+        write_bytes_atomic(out_dir / name, blob)
+    config["files_sha256"] = {name: hashlib.sha256(blob).hexdigest() for name, blob in files.items()}
     write_bytes_atomic(out_dir / "test_predictions.safetensors",
                        safetensors_bytes({"predictions": test_pred.to(torch.int32), "labels": test_y.to(torch.int32)}))
     write_json_atomic(out_dir / "config.json", config)

@@ -13,6 +13,9 @@ from stages import run_stage, stage_parser
 def report_folder(root: Path, store: Path, name: str) -> Path:
     """The report's folder, which is replaced whole on success: never the project, or one holding the store."""
     out = (root / name).resolve()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {name}: {out.name} is a file, not a folder; the report needs a folder of its own "
+                          f"(it is replaced whole)")
     if out == root.resolve() or out in root.resolve().parents or store.resolve().is_relative_to(out):
         raise ConfigError(f"--out {name}: the report needs a folder of its own (it is replaced whole), "
                           f"not the project folder or one holding the store")

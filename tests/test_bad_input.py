@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -57,6 +58,21 @@ def test_missing_label_is_dropped_or_refused(tmp_path, make_params):
     strict, _ = corpus_with(tmp_path, make_params, rows, data={"on_bad_row": "error"})
     with pytest.raises(DataError, match="row 20: missing label"):
         build(strict)
+
+
+@pytest.mark.parametrize("label, why", [(["a"], "is a list"), (1.5, "is a float"), (True, "is a bool"),
+                                        ("a ", "has surrounding whitespace"), ("\tb", "has surrounding whitespace")])
+def test_a_label_that_is_not_a_clean_string_or_integer_is_refused(tmp_path, make_params, label, why):
+    """str() of a list or a padded string would silently become a class of its own (issue 22, item 8)."""
+    params, _ = corpus_with(tmp_path, make_params, base_rows() + [{"text": "an odd label", "label": label}])
+    with pytest.raises(DataError, match=rf"split 'train' row 20: label {re.escape(repr(label))} {why}"):
+        build(params)
+
+
+def test_integer_labels_are_classes_by_their_text(tmp_path, make_params):
+    rows = [{"text": f"text number {i}", "label": i % 2} for i in range(20)]
+    params, _ = corpus_with(tmp_path, make_params, rows, test_rows=[{"text": "x", "label": 0}, {"text": "y", "label": 1}])
+    assert build(params).label_names == ["0", "1"]
 
 
 def test_unknown_label_column_names_the_columns(tmp_path, make_params):

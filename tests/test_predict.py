@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+import shutil
 import subprocess
 import sys
 
@@ -12,7 +15,7 @@ import torch
 
 from conftest import REPO
 from pipeline.corpora import read_corpus
-from pipeline.errors import ModelSourceError
+from pipeline.errors import HeadError, ModelSourceError
 from pipeline.export import export
 from pipeline.extract import extract
 from pipeline.predict import Predictor, uses_from_store
@@ -100,8 +103,51 @@ def test_export_runs_elsewhere_and_refuses_other_weights(trained, tmp_path, monk
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
+    with pytest.raises(HeadError, match="models/minilm-l6/model.safetensors is missing or damaged: sha256"):
+        Predictor.from_export(folder)
+    manifest["files_sha256"]["models/minilm-l6/model.safetensors"] = hashlib.sha256(bytes(data)).hexdigest()
+    (folder / "export.json").write_text(json.dumps(manifest))    # listed anew: still not the weights it was trained on
     with pytest.raises(ModelSourceError, match="has weights sha256 .* refusing to predict"):
         Predictor.from_export(folder)
+
+
+def _flip_last_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "standardisation.safetensors"])
+def test_a_head_file_changed_by_one_bit_is_refused_by_name(trained, tmp_path, name):
+    """One flipped bit in standardisation.safetensors once turned positive 0.88 into negative 1.0, rc 0
+    (issue 22, item 5): every head file's sha256 is in its config.json."""
+    params, head_dir, cache = trained
+    _, config = _reference(head_dir, cache)
+    assert set(config["files_sha256"]) == {"model.safetensors", "standardisation.safetensors"}
+    copy = tmp_path / "head"
+    shutil.copytree(head_dir, copy)
+    _flip_last_byte(copy / name)
+    with pytest.raises(HeadError, match=rf"{name} is missing or damaged: sha256 .* differs from the .* recorded in "
+                                        rf".*config.json"):
+        Predictor(copy, uses_from_store(config, params.store, "mrslice", params.store / "models"))
+
+
+def test_an_export_lists_every_file_digest_and_refuses_a_changed_file(trained, tmp_path):
+    params, head_dir, cache = trained
+    _, config = _reference(head_dir, cache)
+    predictor = Predictor(head_dir, uses_from_store(config, params.store, "mrslice", params.store / "models"))
+    folder = export(predictor, tmp_path / "classifier", "mrslice")
+    listed = json.loads((folder / "export.json").read_text())["files_sha256"]
+    on_disk = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != "export.json")
+    assert sorted(listed) == on_disk
+    for name, digest in listed.items():                  # independent: hashlib over each file
+        assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest
+    for name in ("head/config.json", "head/standardisation.safetensors", "models/minilm-l6/tokenizer.json"):
+        changed = tmp_path / name.replace("/", "_")
+        shutil.copytree(folder, changed)
+        _flip_last_byte(changed / name)
+        with pytest.raises(HeadError, match=re.escape(name) + " is missing or damaged: sha256 .* recorded in .*export.json"):
+            Predictor.from_export(changed)
 
 
 def test_bad_lines_get_their_own_result_and_the_file_goes_on(trained, tmp_path):
@@ -110,7 +156,8 @@ def test_bad_lines_get_their_own_result_and_the_file_goes_on(trained, tmp_path):
     predictor = Predictor(head_dir, uses_from_store(config, params.store, "mrslice", params.store / "models"))
     folder = export(predictor, tmp_path / "classifier", "mrslice")
     lines = [b'{"id": "a", "text": "lovely"}', b"", b'{"id": "b", "text": "caf\xe9"}',
-             b'{"id": "c", "text": "' + b"long " * 200_000 + b'"}', b"not json", b'{"id": "d", "text": "awful"}']
+             b'{"id": "c", "text": "' + b"long " * 200_000 + b'"}', b"not json", b'{"id": "d", "text": "awful"}',
+             b'{"id": "e", "text": "half an emoji \\ud83d here"}']
     source = tmp_path / "in.jsonl"
     source.write_bytes(b"\n".join(lines) + b"\n")
     out = tmp_path / "out.jsonl"
@@ -119,11 +166,12 @@ def test_bad_lines_get_their_own_result_and_the_file_goes_on(trained, tmp_path):
                             capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["id"] for r in rows] == ["a", "2", "3", "c", "5", "d"]
+    assert [r["id"] for r in rows] == ["a", "2", "3", "c", "5", "d", "e"]
     assert "label" in rows[0] and rows[3]["truncated"] is True and rows[5]["truncated"] is False
     assert rows[1]["error"].startswith("not a JSON object")
     assert rows[2]["error"] == "invalid UTF-8 at byte 24"
     assert rows[4]["error"].startswith("not a JSON object")
+    assert rows[6]["error"] == "text holds a lone surrogate (U+D83D) at character 14, not valid Unicode"
 
 
 @pytest.fixture(scope="module")

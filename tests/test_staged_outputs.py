@@ -73,6 +73,17 @@ def test_keep_others_swaps_only_what_the_block_wrote(tmp_path):
     assert (out / "benchmarks.md").stat().st_ino == inode                         # the same file, not a copy
 
 
+def test_a_staged_output_never_replaces_a_file(tmp_path):
+    """`--out params.yaml` once turned params.yaml into a folder of report files (issue 22, item 7)."""
+    from pipeline.errors import OutputError
+    out = tmp_path / "params.yaml"
+    out.write_text("keep me")
+    with pytest.raises(OutputError, match="params.yaml is a file, not a folder"):
+        with staged_folder(out, keep_others=True) as staged:
+            (staged / "report.md").write_text("new")
+    assert out.read_text() == "keep me" and [p.name for p in tmp_path.iterdir()] == ["params.yaml"]
+
+
 def test_leftovers_of_killed_runs_are_removed_and_an_old_set_moved_aside_comes_back(tmp_path):
     out, dead = tmp_path / "heads" / "toy", _dead_pid()
     write_text_atomic(out.parent / f".toy.staged-{dead}-x1" / "seed0" / "config.json", "partial new")
@@ -246,6 +257,12 @@ def test_a_train_stage_killed_half_way_leaves_the_old_heads_whole(tmp_path):
     refused = stage(params, "report", "--out", ".")
     output, _ = refused.communicate(timeout=300)
     assert refused.returncode == 2 and "error: --out .: the report needs a folder of its own" in output, output
+    mine = params.parent / "notes.txt"                    # an existing file is never turned into a folder
+    mine.write_text("a file of the user's")
+    refused = stage(params, "report", "--out", "notes.txt")
+    output, _ = refused.communicate(timeout=300)
+    assert refused.returncode == 2 and "notes.txt is a file" in output, output
+    assert mine.read_text() == "a file of the user's" and not list(params.parent.glob(".notes.txt*"))
 
 
 # -- SIGTERM and SIGINT: a stopped stage never exits 0 -------------------------------------------------------
