@@ -1,9 +1,12 @@
-"""The machine a run happened on, in words, for reports and benchmarks alike."""
+"""The machine a run happened on, in words, and how a run on it is timed, for reports and benchmarks alike."""
 
 from __future__ import annotations
 
 import platform
+import statistics
+import time
 from pathlib import Path
+from typing import Any, Callable
 
 
 def cpu_model() -> str:
@@ -34,3 +37,15 @@ def machine_in_words(device) -> str:
     if getattr(device, "type", str(device)) == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{cpu_model()} ({cpu_isa()}), {torch.get_num_threads()} threads"
+
+
+def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    """Seconds of one call of `fn`: the median of `repeats` timed calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)

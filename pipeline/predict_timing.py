@@ -7,8 +7,6 @@ to end through `Predictor`, so that the curves' estimate (pipeline/cost.py) can 
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
@@ -18,6 +16,7 @@ import torch
 
 from pipeline.config import CostSettings, ModelSpec
 from pipeline.cost import fit_curve
+from pipeline.machine import median_time
 from pipeline.models import load_model
 from pipeline.predict import Predictor, model_features, model_use
 
@@ -29,13 +28,7 @@ def measured_depths(num_blocks: int, points: int) -> list[int]:
 
 def median_seconds_per_1000(run: Callable[[], Any], texts: int, repeats: int) -> float:
     """One warm-up call, then the median of `repeats` timed calls, per 1,000 texts."""
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return round(1000 * statistics.median(times) / texts, 4)
+    return round(1000 * median_time(run, repeats) / texts, 4)
 
 
 def model_cost_curve(store, model: str, models_root: Path, texts: list[str], settings: CostSettings,

@@ -6,8 +6,10 @@ import argparse
 import logging
 import os
 import sys
+import time
 from typing import Callable
 
+from pipeline.config import Params, load_params
 from pipeline.errors import PipelineError, exit_status_on_signals
 
 
@@ -15,6 +17,16 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
     return parser
+
+
+def dataset_stage(description: str) -> tuple[argparse.Namespace, Params, float]:
+    """The start of a per-dataset Stage 2 entry point: its arguments (`--params`, `--dataset`), the params for
+    that dataset, and the start time its `stage_seconds` counts from."""
+    parser = stage_parser(description)
+    parser.add_argument("--dataset", required=True)
+    args = parser.parse_args()
+    start = time.perf_counter()
+    return args, load_params(args.params, datasets=[args.dataset]), start
 
 
 def run_stage(main: Callable[[], None]) -> None:

@@ -10,18 +10,13 @@ from pathlib import Path
 
 from pipeline.atomic import staged_folder, write_json_atomic
 from pipeline.audit import audit_dataset
-from pipeline.config import load_params
 from pipeline.fusion import fuse_settings
 from pipeline.probe import protocol_from_params
-from stages import run_stage, stage_parser
+from stages import dataset_stage, run_stage
 
 
 def main() -> None:
-    parser = stage_parser(__doc__)
-    parser.add_argument("--dataset", required=True)
-    args = parser.parse_args()
-    start = time.perf_counter()
-    params = load_params(args.params, datasets=[args.dataset])
+    args, params, start = dataset_stage(__doc__)
     result = audit_dataset(params.store, args.dataset, params.selected_models, protocol_from_params(params.score),
                            fuse_settings(params.fuse))
     result["stage_seconds"] = round(time.perf_counter() - start, 3)

@@ -10,7 +10,6 @@ from pathlib import Path
 
 from pipeline.atomic import staged_folder, write_json_atomic
 from pipeline.audit import TestJudge
-from pipeline.config import load_params
 from pipeline.corpora import read_corpus
 from pipeline.cost import cheapest_within_one_se, deepest_layers, estimate_seconds
 from pipeline.devices import resolve_device
@@ -20,15 +19,11 @@ from pipeline.predict_timing import model_cost_curve, time_predictor
 from pipeline.probe import protocol_from_params
 from pipeline.records import ChosenFusion, LeaderboardRow, read_record, read_records
 from pipeline.store import open_store
-from stages import run_stage, stage_parser
+from stages import dataset_stage, run_stage
 
 
 def main() -> None:
-    parser = stage_parser(__doc__)
-    parser.add_argument("--dataset", required=True)
-    args = parser.parse_args()
-    start = time.perf_counter()
-    params = load_params(args.params, datasets=[args.dataset])
+    args, params, start = dataset_stage(__doc__)
     store, dataset, settings = Path(params.store), args.dataset, params.cost
     texts = read_corpus(store / "data" / dataset).splits["validation"].texts[:settings.texts]
     device, budget = resolve_device(params.extract.device), params.extract.token_budget

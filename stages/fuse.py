@@ -10,11 +10,10 @@ import time
 from pathlib import Path
 
 from pipeline.atomic import staged_folder, write_json_atomic, write_text_atomic
-from pipeline.config import load_params
 from pipeline.fusion import fuse_settings, search_dataset
 from pipeline.probe import protocol_from_params
 from pipeline.records import LeaderboardRow, read_scores
-from stages import run_stage, stage_parser
+from stages import dataset_stage, run_stage
 
 COLUMNS = ["rank", "candidate", "family", "operator", "layers", "models", "pooling", "width", "score", "std",
            "accuracy", "accuracy_std", "macro_f1", "macro_f1_std", "vs_reference", "vs_reference_low",
@@ -35,11 +34,7 @@ def leaderboard_csv(rows: list[LeaderboardRow]) -> str:
 
 
 def main() -> None:
-    parser = stage_parser(__doc__)
-    parser.add_argument("--dataset", required=True)
-    args = parser.parse_args()
-    start = time.perf_counter()
-    params = load_params(args.params, datasets=[args.dataset])
+    args, params, start = dataset_stage(__doc__)
     protocol, settings = protocol_from_params(params.score), fuse_settings(params.fuse)
     scores = {m: read_scores(Path(params.store) / "scores" / args.dataset / m / "scores.json")
               for m in params.selected_models}

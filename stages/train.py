@@ -8,19 +8,14 @@ import time
 from pathlib import Path
 
 from pipeline.atomic import staged_folder, write_json_atomic
-from pipeline.config import load_params
 from pipeline.resources import resources_of
 from pipeline.training import quiet_lightning, train_dataset, train_settings
-from stages import run_stage, stage_parser
+from stages import dataset_stage, run_stage
 
 
 def main() -> None:
-    parser = stage_parser(__doc__)
-    parser.add_argument("--dataset", required=True)
-    args = parser.parse_args()
+    args, params, start = dataset_stage(__doc__)
     quiet_lightning()
-    start = time.perf_counter()
-    params = load_params(args.params, datasets=[args.dataset])
     settings = train_settings(params.train)
     chosen = json.loads((Path(params.store) / "fusion" / args.dataset / "chosen.json").read_text())
     out = Path(params.store) / "heads" / args.dataset

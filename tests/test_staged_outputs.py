@@ -208,14 +208,19 @@ def timed_files(files: dict[str, bytes]) -> dict[str, bytes]:
     return {k: v for k, v in files.items() if k == "results.json" or k.endswith("config.json")}
 
 
-@pytest.mark.slow
-def test_a_train_stage_killed_half_way_leaves_the_old_heads_whole(tmp_path):
+def trained_toy_project(tmp_path: Path) -> tuple[Path, Path, dict[str, bytes]]:
+    """The toy project after score, fuse and train: its params, its heads folder and that folder's files."""
     params = toy_project(tmp_path)
     run_stage(params, "score", "--model", "toy-a", "--dataset", "toy")
     run_stage(params, "fuse", "--dataset", "toy")
     run_stage(params, "train", "--dataset", "toy")
     out = tmp_path / "store" / "heads" / "toy"
-    old = _files(out)
+    return params, out, _files(out)
+
+
+@pytest.mark.slow
+def test_a_train_stage_killed_half_way_leaves_the_old_heads_whole(tmp_path):
+    params, out, old = trained_toy_project(tmp_path)
     heads = sum(k.endswith("config.json") for k in old)
     assert heads >= 6 and "results.json" in old
     for written in (1, heads // 2, heads):                 # kill after this many heads of the new run exist
@@ -297,12 +302,7 @@ def test_a_signal_exits_128_plus_its_number_even_when_the_code_inside_exits_0(tm
 def test_a_train_stage_sent_sigterm_mid_work_exits_143_and_leaves_the_old_heads(tmp_path):
     """Lightning turns SIGTERM into SystemExit(0) (SLURM and Kubernetes preempt with SIGTERM): the stage said
     success having written nothing. Sent once the new run's first head exists, while Lightning fits the next."""
-    params = toy_project(tmp_path)
-    run_stage(params, "score", "--model", "toy-a", "--dataset", "toy")
-    run_stage(params, "fuse", "--dataset", "toy")
-    run_stage(params, "train", "--dataset", "toy")
-    out = tmp_path / "store" / "heads" / "toy"
-    old = _files(out)
+    params, out, old = trained_toy_project(tmp_path)
     raw = yaml.safe_load(params.read_text())
     raw["train"].update(max_epochs=3000, patience=3000)     # each later fit takes seconds: the signal lands inside one
     params.write_text(yaml.safe_dump(raw, sort_keys=False))

@@ -5,28 +5,15 @@ from __future__ import annotations
 import os
 import platform
 import resource
-import statistics
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from pipeline.forward import native_bf16
-from pipeline.machine import cpu_isa, cpu_model
+from pipeline.machine import cpu_isa, cpu_model, median_time
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def sync(device: torch.device) -> None:
