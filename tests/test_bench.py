@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import link_prepared
 from pipeline.bench.__main__ import main
 from pipeline.config import load_params
 from pipeline.corpora import build_corpus, write_corpus
+
+pytestmark = pytest.mark.slow     # real models timed by the benchmark
 
 
 def test_quick_benchmark_runs_and_writes_results(mr_slice, make_params, prepared_models, tmp_path, monkeypatch):

@@ -20,6 +20,8 @@ import pytest
 
 from conftest import REPO, corpus_rows, minilm_folder, write_jsonl
 
+pytestmark = pytest.mark.slow     # a real model and dataset via a local HF cache, in subprocesses
+
 REVISION = "3f1f9a0b2c4d5e6f708192a3b4c5d6e7f8091a2b"
 MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 DATASET_ID = "cornell-movie-review-data/rotten_tomatoes"

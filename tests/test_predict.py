@@ -21,6 +21,8 @@ from pipeline.extract import extract
 from pipeline.predict import Predictor, uses_from_store
 from test_extract import prepare
 
+pytestmark = pytest.mark.slow     # real MiniLM store, a trained head, predict in subprocesses
+
 INPUTS = [{"model": "minilm-l6", "pooling": "mean", "layers": [2, 4], "operator": "mean"},
           {"model": "minilm-l6", "pooling": "first", "layers": [3], "operator": "concat"}]
 

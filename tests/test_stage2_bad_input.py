@@ -20,6 +20,8 @@ from pipeline.extract import extract
 from pipeline.records import HeadResult, HeadResults
 from test_extract import prepare
 
+pytestmark = pytest.mark.slow     # real MiniLM project, trained heads, the CLI in subprocesses
+
 MODEL, DATASET = "minilm-l6", "mrslice"
 INPUTS = [{"model": MODEL, "pooling": "mean", "layers": [2, 4], "operator": "mean"}]
 HEAD_SETTINGS = {"max_epochs": 3, "patience": 2, "batch_size": 512, "min_steps_per_epoch": 1, "lr": 1e-3, "weight_decay": 1e-4,
