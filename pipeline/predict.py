@@ -29,7 +29,7 @@ from pipeline.fingerprint import differences
 from pipeline.heads import load_head, load_standardisation, read_head_config, verified_bytes
 from pipeline.layer_tap import text_config
 from pipeline.models import folder_fingerprint, load_model
-from pipeline.records import HeadResults, read_record
+from pipeline.records import HeadResults, chosen_on_validation, read_record
 
 CHUNK_TEXTS = 2048   # texts per pass: bounds memory on huge inputs, and paces the progress bar
 
@@ -277,7 +277,7 @@ def choose_head(heads_root: Path, row: str | None, head: str | None, seed: int |
     if not candidates:
         known = sorted({(r.row, r.head) for r in results})
         raise PipelineError(f"no trained head for row={row!r} head={head!r}; trained: {known}")
-    best = max(candidates, key=lambda r: r.validation_accuracy)
+    best = chosen_on_validation(candidates)
     folder = heads_root / best.folder
     seeds = {int(p.name.removeprefix("seed")): p for p in folder.glob("seed*") if (p / "config.json").is_file()}
     if seed == "best":

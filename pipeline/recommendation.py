@@ -11,13 +11,8 @@ from typing import Any
 
 from pipeline.cost import deepest_layers, estimate_seconds, pareto_front
 from pipeline.plots import plot_cost_front
-from pipeline.records import CostResult, HeadResult
+from pipeline.records import CostResult, HeadResult, chosen_on_validation
 from pipeline.significance import p_text
-
-
-def chosen_head(results: list[HeadResult]) -> HeadResult:
-    """The head with the best validation accuracy: what predict uses by default."""
-    return max(results, key=lambda r: r.validation_accuracy)
 
 
 def inputs_in_words(groups: list[dict[str, Any]]) -> str:
@@ -72,7 +67,7 @@ def summary_line(dataset: str, result: HeadResult, cost: CostResult | None) -> s
 def recommendation_section(dataset: str, results: list[HeadResult], cost: CostResult | None,
                            figures: Path) -> list[str]:
     """The report's opening lines for one dataset, and the cost figure."""
-    result = chosen_head(results)
+    result = chosen_on_validation(results)
     lines = [f"### {dataset}", "",
              f"**Use {result.row} with the `{result.head}` head**: {inputs_in_words(result.groups)}. Chosen on "
              f"validation (accuracy {result.validation_accuracy:.4f}); test read once, after training.", "",

@@ -284,6 +284,12 @@ class HeadResults(Record):
     stage_seconds: float = 0.0                  # set by stages/train.py
 
 
+
+def chosen_on_validation(results: list[HeadResult]) -> HeadResult:
+    """The head with the best validation accuracy: predict's default and the report's recommendation, one rule
+    so that the head the cost stage times is the head the report recommends."""
+    return max(results, key=lambda r: r.validation_accuracy)
+
 # -- cost stage: store/cost/<dataset>/cost.json ----------------------------------------------------------------
 @dataclass
 class CostCandidate(Record):

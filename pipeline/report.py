@@ -15,9 +15,9 @@ from typing import Any
 from pipeline.atomic import write_json_atomic, write_text_atomic
 from pipeline.layer_report import layer_scores_section
 from pipeline.plots import plot_gate_weights, plot_layer_scores, plot_layer_weights
-from pipeline.recommendation import chosen_head, recommendation_section
-from pipeline.records import (ChosenFusion, CostResult, HeadResult, HeadResults, LeaderboardRow, ScoreRow, read_json,
-                              read_record, read_records, read_scores)
+from pipeline.recommendation import recommendation_section
+from pipeline.records import (ChosenFusion, CostResult, HeadResult, HeadResults, LeaderboardRow, ScoreRow,
+                              chosen_on_validation, read_json, read_record, read_records, read_scores)
 from pipeline.significance import p_text, verdict
 
 TITLE = ["# Layer scores, fusions and heads", "",
@@ -253,7 +253,7 @@ def dataset_metrics(data: DatasetResults) -> dict[str, Any]:
         models[model] = {"best_layer": best.layer, "best_layer_score": round(best.score, 4),
                          "last_layer_score": round(last.score, 4), "best_fusion_score": round(info.best_fusion.score, 4),
                          "llmembed_recipe_score": round(info.llmembed.score, 4)}
-    best_head = chosen_head(data.heads.results)
+    best_head = chosen_on_validation(data.heads.results)
     cost = data.cost.head["measured_seconds_per_1000"] if data.cost else None
     return {"models": models,
             "best_multi_score": round(chosen.best_multi.score, 4) if chosen.best_multi else None,
