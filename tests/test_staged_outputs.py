@@ -33,6 +33,19 @@ def _dead_pid() -> int:
     return process.pid
 
 
+def _heads_written_since(folder: Path, started_ns: int) -> int:
+    """config.json files under folder modified since started_ns, read while a stage renames its staged
+    folder into place: a folder or file that vanishes between listing and stat counts as not seen yet."""
+    count = 0
+    for parent, _, names in os.walk(folder):        # os.walk skips a folder that vanishes while it lists
+        if "config.json" in names:
+            try:
+                count += os.stat(os.path.join(parent, "config.json")).st_mtime_ns >= started_ns
+            except FileNotFoundError:
+                pass
+    return count
+
+
 def _siblings(out: Path) -> list[str]:
     return sorted(p.name for p in out.parent.iterdir())
 
@@ -228,7 +241,7 @@ def test_a_train_stage_killed_half_way_leaves_the_old_heads_whole(tmp_path):
         process = stage(params, "train", "--dataset", "toy")
         deadline = time.time() + 300
         while time.time() < deadline and process.poll() is None:
-            if sum(p.stat().st_mtime_ns >= started for p in out.parent.rglob("config.json")) >= written:
+            if _heads_written_since(out.parent, started) >= written:
                 break
             time.sleep(0.01)
         process.send_signal(signal.SIGKILL)
@@ -310,7 +323,7 @@ def test_a_train_stage_sent_sigterm_mid_work_exits_143_and_leaves_the_old_heads(
     process = stage(params, "train", "--dataset", "toy")
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
-        if any(p.stat().st_mtime_ns >= started for p in out.parent.rglob("config.json")):
+        if _heads_written_since(out.parent, started):
             break
         time.sleep(0.01)
     assert process.poll() is None, "the stage finished before the signal: the toy run is too short"
