@@ -33,14 +33,14 @@ class TestJudge:
 
     __test__ = False
 
-    def __init__(self, store_root, dataset: str, protocol: Protocol):
-        self.store_root, self.dataset, self.protocol = store_root, dataset, replace(protocol, name="validation")
+    def __init__(self, embeddings_root, dataset: str, protocol: Protocol):
+        self.embeddings_root, self.dataset, self.protocol = embeddings_root, dataset, replace(protocol, name="validation")
         self.banks: dict[tuple[str, str], tuple[LayerBank, BlockScorer]] = {}
         self.cache: dict[str, dict[str, float]] = {}
 
     def _scorer(self, model: str, pooling: str) -> tuple[LayerBank, BlockScorer]:
         if (model, pooling) not in self.banks:
-            store = open_store(self.store_root, model, self.dataset)
+            store = open_store(self.embeddings_root, model, self.dataset)
             bank = load_bank(store, pooling, self.protocol, keep_standardised=True, model=model, judge_on_test=True)
             self.banks[(model, pooling)] = bank, BlockScorer(bank, self.protocol)
         return self.banks[(model, pooling)]
@@ -84,17 +84,17 @@ def _brief(row: LeaderboardRow) -> dict[str, Any]:
     return {"candidate": row.candidate, "layers": row.layers, "score": round(row.score, 5)}
 
 
-def audit_dataset(store_root, dataset: str, models: list[str], protocol: Protocol,
+def audit_dataset(embeddings_root, dataset: str, models: list[str], protocol: Protocol,
                   fuse: dict[str, Any]) -> dict[str, Any]:
     """Both protocols x both rules on one dataset, judged on test."""
-    judge = TestJudge(store_root, dataset, protocol)
+    judge = TestJudge(embeddings_root, dataset, protocol)
     out: dict[str, Any] = {"dataset": dataset, "models": models, "metric": protocol.metric, "top": TOP,
                            "protocols": {}}
     for name in PROTOCOLS:
         chosen_protocol = replace(protocol, name=name)
         start = time.perf_counter()
-        scores = {m: score_layers(open_store(store_root, m, dataset), chosen_protocol, m) for m in models}
-        search = search_dataset(store_root, dataset, models, scores, chosen_protocol, fuse)
+        scores = {m: score_layers(open_store(embeddings_root, m, dataset), chosen_protocol, m) for m in models}
+        search = search_dataset(embeddings_root, dataset, models, scores, chosen_protocol, fuse)
         seconds = time.perf_counter() - start
         evidence = search.evidence
         sets = _selections(search, models)

@@ -39,7 +39,10 @@ def cmd_verify(args) -> int:
         for problem in problems:
             print(f"  - {problem}")
         serious = [p for p in problems if p.serious]
-        if args.repair and (serious or any(p.kind == "leftover" for p in problems)):
+        if any(p.kind == "failure" for p in problems):
+            print("  not judged: a read failed for a reason outside the store; nothing was marked or deleted"
+                  + (" (--repair does nothing until verify reads the store whole)" if args.repair else ""))
+        elif args.repair and (serious or any(p.kind == "leftover" for p in problems)):
             done = repair(path, serious)
             print(f"  repaired: {len(done['blocks'])} block(s) marked not done {done['blocks']}, "
                   f"split(s) to recreate {done['splits']}, {done['temporary_files_removed']} temporary file(s) "
@@ -67,7 +70,7 @@ def _predictor(args):
     params = load_params(args.params)
     dataset = args.dataset or (params.selected_datasets or [None])[0]
     predictor = Predictor.from_project(params.store, dataset, args.row, args.head, args.seed,
-                                       token_budget=params.extract.token_budget, **options)
+                                       embeddings_root=params.embeddings_root, token_budget=params.extract.token_budget, **options)
     return predictor, dataset, Path(params.store)
 
 

@@ -235,10 +235,14 @@ class Params:
                               f"add an entry under `datasets:` in params.yaml")
         return self.datasets[name]
 
+    @property
+    def embeddings_root(self) -> Path | str:
+        """Where the stores live, for the writer and every reader: paths.embeddings (a folder, or a URL string),
+        else store/embeddings. Models, corpora, scores and heads stay under paths.store."""
+        return self.embeddings if self.embeddings is not None else self.store / "embeddings"
+
     def embeddings_path(self, model: str, dataset: str) -> Path | str:
-        """A folder, or a URL string when paths.embeddings is one (models and corpora stay local)."""
-        root = self.embeddings if self.embeddings is not None else self.store / "embeddings"
-        return location.join(root, check_name(dataset, "dataset"), check_name(model, "model"))
+        return location.join(self.embeddings_root, check_name(dataset, "dataset"), check_name(model, "model"))
 
     def data_dir(self, dataset: str) -> Path:
         return self.store / "data" / check_name(dataset, "dataset")

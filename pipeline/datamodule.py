@@ -28,8 +28,8 @@ Input = tuple[str, str, int]     # (model, pooling, layer)
 class LayerCache:
     """Standardised layer slices of one dataset, read once per stage and shared by every head."""
 
-    def __init__(self, store_root, dataset: str, splits: Iterable[str] = ("train", "validation", "test")):
-        self.store_root, self.dataset, self.splits = store_root, dataset, tuple(splits)
+    def __init__(self, embeddings_root, dataset: str, splits: Iterable[str] = ("train", "validation", "test")):
+        self.embeddings_root, self.dataset, self.splits = embeddings_root, dataset, tuple(splits)
         self.stores: dict[str, EmbeddingStore] = {}
         # (model, pooling) -> split -> [N, len(layers), D]; layers in `self.layers[(model, pooling)]` order
         self.tensors: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
@@ -39,7 +39,7 @@ class LayerCache:
 
     def store(self, model: str) -> EmbeddingStore:
         if model not in self.stores:
-            self.stores[model] = open_store(self.store_root, model, self.dataset)
+            self.stores[model] = open_store(self.embeddings_root, model, self.dataset)
         return self.stores[model]
 
     def load(self, inputs: Iterable[Input], splits: Iterable[str] = ("train", "validation")) -> None:

@@ -46,6 +46,42 @@ class StoreDamagedError(PipelineError):
     zarr.json. Readers stop instead of computing on zeros or garbage."""
 
 
+class StoreAccessError(PipelineError):
+    """A store could not be read for a reason outside its bytes: memory, permissions, open-file or thread
+    limits, the network. Not damage: nothing is marked or deleted, and the same read may work on a retry."""
+
+
+FAILURE_MODULES = ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "s3fs", "gcsfs", "adlfs")
+
+
+def is_failure(error: BaseException) -> bool:
+    """True for I/O, permission, memory, thread and connection errors (anywhere in the cause chain); False
+    for what counts as damage: a missing object (FileNotFoundError, KeyError) or bytes that do not decode."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, FileNotFoundError):
+            return False
+        if isinstance(error, (MemoryError, OSError, ConnectionError, TimeoutError)):
+            return True
+        if isinstance(error, RuntimeError) and "thread" in str(error):
+            return True
+        if type(error).__module__.split(".")[0] in FAILURE_MODULES and "NoSuchKey" not in type(error).__name__:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def failure_message(where, error: BaseException) -> str:
+    return (f"{where} could not be read ({type(error).__name__}: {error}): a failure of the machine or the network "
+            f"(memory, permissions, open files, threads, connection), not damage to the store; nothing was "
+            f"marked or deleted. Fix the cause and retry")
+
+
+class StoreChangedError(PipelineError):
+    """The store was rebuilt (or its rebuild began) while a reader read it: what it read would mix two builds."""
+
+
 class ProbeError(PipelineError):
     """The probe cannot score a candidate honestly (e.g. NaN from empty folds): nothing is chosen on it."""
 

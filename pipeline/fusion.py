@@ -248,7 +248,7 @@ def aligned(ids_a: np.ndarray, ids_b: np.ndarray) -> bool:
     return len(ids_a) == len(ids_b) and bool(np.all(ids_a == ids_b))
 
 
-def search_dataset(store_root, dataset: str, models: list[str], scores: dict[str, dict[str, Any]],
+def search_dataset(embeddings_root, dataset: str, models: list[str], scores: dict[str, dict[str, Any]],
                    protocol: Protocol, settings: dict[str, Any]) -> SearchResult:
     """The whole search for one dataset: each model's space on its pooling, then across models.
 
@@ -267,7 +267,7 @@ def search_dataset(store_root, dataset: str, models: list[str], scores: dict[str
         score = scores[model]
         pooling = score["best_pooling"] if settings["pooling"] == "best" else settings["pooling"]
         ranking = [r.layer for r in sorted((r for r in score["rows"] if r.pooling == pooling), key=lambda r: -r.score)]
-        store = open_store(store_root, model, dataset)
+        store = open_store(embeddings_root, model, dataset)
         ids = np.concatenate([store.meta(split, "text_id") for split in ("train", "validation") if split in store.splits])
         if reference_ids is not None and not aligned(ids, reference_ids):
             raise StoreMismatchError(f"{model}'s store on {dataset} holds other rows than {models[0]}'s: "

@@ -76,11 +76,16 @@ def is_empty(location: Location) -> bool:
     return not exists(location)
 
 
-def remove(location: Location) -> None:
+def remove(location: Location, first: str | None = None) -> None:
+    """Delete a folder or prefix; `first` (a name inside it) is deleted before everything else."""
     if not is_url(location):
+        if first is not None and (Path(location) / first).is_file():
+            os.remove(Path(location) / first)
         shutil.rmtree(location)
         return
     fs, path = filesystem(str(location))
+    if first is not None and fs.exists(f"{path}/{first}"):
+        fs.rm_file(f"{path}/{first}")
     if fs.exists(path):
         fs.rm(path, recursive=True)
     fs.invalidate_cache()

@@ -63,14 +63,15 @@ class ModelUse:
                 "position_ids_from": self.position_ids_from}
 
 
-def uses_from_store(head_config: dict[str, Any], store_root: Path, dataset: str, models_root: Path) -> dict[str, ModelUse]:
+def uses_from_store(head_config: dict[str, Any], embeddings_root: Path | str, dataset: str, models_root: Path
+                    ) -> dict[str, ModelUse]:
     """How each model of a head's inputs was extracted, read from its store's attributes."""
     from pipeline.store import open_store
     uses: dict[str, ModelUse] = {}
     for model, _, _ in head_config["inputs"]:
         if model in uses:
             continue
-        store = open_store(store_root, model, dataset)
+        store = open_store(embeddings_root, model, dataset)
         check_head_fits_store(head_config, model, store.attrs["fingerprint"], store.path)
         store.check(sorted({p for m, p, _ in head_config["inputs"] if m == model}))   # what the head learnt from is intact
         uses[model] = model_use(store, model, models_root)
@@ -155,10 +156,13 @@ class Predictor:
     # -- construction ---------------------------------------------------------------------------
     @classmethod
     def from_project(cls, store_root: Path, dataset: str, row: str | None = None, head: str | None = None,
-                     seed: int | str = "best", **kwargs) -> "Predictor":
+                     seed: int | str = "best", embeddings_root: Path | str | None = None, **kwargs) -> "Predictor":
+        """A head under store_root/heads, its models under store_root/models, its stores under embeddings_root
+        (paths.embeddings; store_root/embeddings when None)."""
         head_dir = choose_head(Path(store_root) / "heads" / dataset, row, head, seed)
         config = read_head_config(head_dir)
-        return cls(head_dir, uses_from_store(config, Path(store_root), dataset, Path(store_root) / "models"), **kwargs)
+        embeddings_root = Path(store_root) / "embeddings" if embeddings_root is None else embeddings_root
+        return cls(head_dir, uses_from_store(config, embeddings_root, dataset, Path(store_root) / "models"), **kwargs)
 
     @classmethod
     def from_export(cls, folder: Path, **kwargs) -> "Predictor":

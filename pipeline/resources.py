@@ -18,11 +18,11 @@ def store_bytes(path: location.Location) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def resources_of(store_root: Path, dataset: str, models: list[str]) -> dict[str, Any]:
+def resources_of(embeddings_root: Path, dataset: str, models: list[str]) -> dict[str, Any]:
     """Extraction cost and store size per model, from the store's own attributes."""
     out = {}
     for model in models:
-        store = open_store(store_root, model, dataset)
+        store = open_store(embeddings_root, model, dataset)
         runs = store.attrs.get("runs", [])
         last = runs[-1] if runs else {}
         out[model] = {"extraction_seconds": round(sum(r.get("seconds", 0) for r in runs), 1),

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,7 +38,8 @@ from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
 
 from pipeline import location
 from pipeline.attention import TRANSFORMERS_DEFAULT
-from pipeline.errors import StoreDamagedError, StoreIncompleteError, StoreMismatchError, StoreMissingError
+from pipeline.errors import (StoreAccessError, StoreChangedError, StoreDamagedError, StoreIncompleteError,
+                             StoreMismatchError, StoreMissingError, failure_message, is_failure)
 from pipeline.fingerprint import differences
 
 FORMAT = "layerfuse.embeddings/1"
@@ -123,6 +125,26 @@ def with_legacy_defaults(fingerprint: dict[str, Any]) -> dict[str, Any]:
     if isinstance(extract, dict) and not LEGACY_EXTRACT.keys() <= extract.keys():
         return {**fingerprint, "extract": {**LEGACY_EXTRACT, **extract}}
     return fingerprint
+
+
+def build_of(attrs: dict[str, Any]) -> tuple[str | None, str]:
+    """What names one build of a store: the generation id written when it was created (stores from before
+    generations: their creation time) and its settings. A rebuild changes it; resuming and repair do not."""
+    return (attrs.get("generation") or attrs.get("created_at"),
+            json.dumps(attrs.get("fingerprint"), sort_keys=True, default=str))
+
+
+def read_root_attributes(path) -> dict[str, Any]:
+    """The root zarr.json's attributes as they are now (zarr caches what it opened), or StoreMissingError."""
+    try:
+        if location.is_url(path):
+            fs, inner = location.filesystem(str(path))
+            raw = fs.cat_file(f"{inner}/zarr.json")
+        else:
+            raw = (Path(path) / "zarr.json").read_bytes()
+    except FileNotFoundError:
+        raise StoreMissingError(f"no embeddings store at {path}") from None
+    return json.loads(raw).get("attributes", {})
 
 
 def store_digest(attrs: dict[str, Any]) -> str:
@@ -215,7 +237,9 @@ class StoreWriter:
                 if not rebuild:
                     raise StoreMismatchError(f"{self.path} exists but is not an embeddings store; "
                                              f"move it away or rerun with --rebuild to replace it")
-                location.remove(self.path)
+                # the root zarr.json goes first: from then on a reader of the old build fails its build
+                # check (EmbeddingStore.same_build) before it could return a value read from a deleted chunk
+                location.remove(self.path, first="zarr.json")
         if is_store(self.path):
             self.root = zarr.open_group(location.zarr_store(self.path), mode="r+")
             diff = differences(with_legacy_defaults(self.root.attrs.get("fingerprint", {})), fingerprint)
@@ -232,7 +256,7 @@ class StoreWriter:
             # one write of zarr.json: attrs.update() would write it once per key (format first), and a
             # kill in between would leave a store that claims our format but lacks its fingerprint
             self.root.update_attributes({
-                "format": FORMAT, "fingerprint": fingerprint, "info": info,
+                "format": FORMAT, "generation": uuid.uuid4().hex, "fingerprint": fingerprint, "info": info,
                 "num_layers": num_layers, "dim": dim, "poolings": self.poolings, "block_rows": block_rows,
                 "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "dtype_fallback": {}, "dropped": {}, "runs": [], "splits": {}, "digest": DIGEST,
@@ -365,6 +389,8 @@ def open_root(path) -> tuple[zarr.Group, dict[str, Any]]:
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         raise StoreMissingError(f"no embeddings store at {path}: run `dvc repro` (stage extract) first") from None
     except Exception as error:      # zarr.json that no longer parses: JSONDecodeError, UnicodeDecodeError, ...
+        if is_failure(error):       # ... but not a permission, memory, thread or network failure
+            raise StoreAccessError(failure_message(f"{path}/zarr.json", error)) from error
         raise StoreDamagedError(f"{path}: the store's root metadata (zarr.json) is damaged and cannot be read "
                                 f"({type(error).__name__}: {error}); rebuild the store with "
                                 f"`python -m stages.extract --model M --dataset D --rebuild`") from error
@@ -395,11 +421,16 @@ class EmbeddingStore:
     file's identity; a missing shard or a mismatch raises StoreDamagedError naming `verify --repair`.
     The decoded blocks of the pooling read last are held (HELD_BYTES) and serve later one-layer reads.
     `verified=False` skips the digests (benchmarks only).
+
+    One build per read: the reader pins the build it opened (`build_of`) and checks, after every read and
+    before returning its values, that the store is still that build; `--rebuild` retires the old build's
+    zarr.json before it deletes anything, so a read that passes the check read only the build it opened.
     """
 
     def __init__(self, path: str | Path, allow_incomplete: bool = False, verified: bool = True):
         self.path = location.as_location(path)   # a folder, or an fsspec URL such as s3://bucket/prefix
         self.root, self.attrs = open_root(self.path)
+        self.build = build_of(self.attrs)
         self.allow_incomplete = allow_incomplete
         self.verified = verified
         self._fs = None      # a remote store's fsspec filesystem, for shard identities
@@ -439,9 +470,34 @@ class EmbeddingStore:
         done, total = self.completion(split)
         return done == total
 
+    def same_build(self) -> None:
+        """Raise StoreChangedError when the store is no longer the build this reader opened."""
+        try:
+            now = build_of(read_root_attributes(self.path))
+        except StoreMissingError:
+            now = None
+        except (ValueError, UnicodeDecodeError) as error:     # a zarr.json being rewritten, or damaged
+            now = (f"unreadable: {type(error).__name__}",)
+        except Exception as error:
+            if is_failure(error):
+                raise StoreAccessError(failure_message(f"{self.path}/zarr.json", error)) from error
+            raise
+        if now != self.build:
+            state = "is being rebuilt or was removed" if now is None else "was rebuilt"
+            raise StoreChangedError(f"{self.path} {state} while this process read it (it opened generation "
+                                    f"{self.build[0]}): its results would mix two builds; rerun this step "
+                                    f"once the extraction has finished")
+
     def _damaged(self, split: str, name: str, block: int | None, what: str) -> StoreDamagedError:
         where = f"{split}/{name}" + ("" if block is None else f" block {block}")
         return StoreDamagedError(f"{self.path}: {where} is damaged: {what}; {repair_hint(self.path)}")
+
+    def _unreadable(self, error: Exception, split: str, name: str, block: int | None, what: str) -> Exception:
+        """A read that raised: a failure of the machine or network (StoreAccessError), else damage."""
+        if is_failure(error):
+            where = f"{split}/{name}" + ("" if block is None else f" block {block}")
+            return StoreAccessError(failure_message(f"{self.path}: {where}", error))
+        return self._damaged(split, name, block, what)
 
     def _node(self, split: str, name: str | None = None):
         """A split group or one of its arrays; a missing or unreadable one is damage, not an empty read."""
@@ -450,7 +506,7 @@ class EmbeddingStore:
             return group if name is None else group[name]
         except Exception as error:
             what = "missing" if isinstance(error, KeyError) else f"unreadable ({type(error).__name__}: {error})"
-            raise self._damaged(split, name or "(group)", None, f"its metadata is {what}") from error
+            raise self._unreadable(error, split, name or "(group)", None, f"its metadata is {what}") from error
 
     def _group(self, split: str) -> zarr.Group:
         if split not in self.attrs.get("splits", {}):
@@ -544,6 +600,8 @@ class EmbeddingStore:
             try:
                 layers = [array[first:last, layer, :] for layer in range(array.shape[1])]
             except Exception as error:
+                if is_failure(error):
+                    raise self._unreadable(error, split, pooling, run[0], "") from error
                 for block in run:                 # name the block that does not decode
                     self._verify_block(split, pooling, array, block)
                 raise self._damaged(split, pooling, run[0], f"blocks {run[0]}-{run[-1]} cannot be decoded "
@@ -581,8 +639,8 @@ class EmbeddingStore:
         try:
             values = array[first:last]
         except Exception as error:  # codecs raise many types for corrupt bytes (zstd, blosc, crc32c, index)
-            raise self._damaged(split, pooling, block, f"its shard cannot be decoded "
-                                                       f"({type(error).__name__}: {error})") from error
+            raise self._unreadable(error, split, pooling, block, f"its shard cannot be decoded "
+                                                                 f"({type(error).__name__}: {error})") from error
         expected = int(self._recorded_digests(split, pooling, slice(block, block + 1))[0])
         self._check_digest(split, pooling, block, block_digest(values, store_digest(self.attrs)), expected)
 
@@ -593,7 +651,8 @@ class EmbeddingStore:
         except StoreDamagedError:
             raise
         except Exception as error:
-            raise self._damaged(split, "_digest", blocks.start, f"cannot be decoded ({type(error).__name__})") from error
+            raise self._unreadable(error, split, "_digest", blocks.start,
+                                   f"cannot be decoded ({type(error).__name__})") from error
 
     def _check_digest(self, split: str, pooling: str, block: int, actual: int, expected: int) -> None:
         """A block's digest as read against the one recorded when it was written."""
@@ -607,7 +666,7 @@ class EmbeddingStore:
         try:
             values = array[:]
         except Exception as error:
-            raise self._damaged(split, name, None, f"it cannot be decoded ({type(error).__name__})") from error
+            raise self._unreadable(error, split, name, None, f"it cannot be decoded ({type(error).__name__})") from error
         recorded = self.attrs.get("meta_digest", {}).get(split, {}).get(name)
         if self.verified and recorded is not None and meta_digest(values) != recorded:
             raise self._damaged(split, name, None, f"its checksum {meta_digest(values)} differs from {recorded} "
@@ -620,6 +679,7 @@ class EmbeddingStore:
         for split in splits or self.splits:
             for pooling in poolings:
                 self._verify_rows(split, pooling, self._pooling(split, pooling), slice(None), hold=False)
+        self.same_build()
 
     # -- reads ----------------------------------------------------------------------------------
     def layer(self, split: str, pooling: str, layer: int, rows: slice = slice(None)) -> np.ndarray:
@@ -628,8 +688,11 @@ class EmbeddingStore:
         array = self._pooling(split, pooling)
         held = self._verify_rows(split, pooling, array, rows)
         if held is None:
-            return np.asarray(array[rows, index, :], dtype=np.float32)
-        return self._from_held(held, index, rows.indices(array.shape[0]))
+            values = np.asarray(array[rows, index, :], dtype=np.float32)
+        else:
+            values = self._from_held(held, index, rows.indices(array.shape[0]))
+        self.same_build()
+        return values
 
     def _from_held(self, held: list[list[np.ndarray]], index: int, span: tuple[int, int, int]) -> np.ndarray:
         """One layer's rows sliced from held blocks, converted to float32 in one pass as zarr's read is."""
@@ -653,8 +716,11 @@ class EmbeddingStore:
         self._verify_rows(split, pooling, array, rows, hold=False)
         wanted = list(range(self.num_layers)) if layers is None else [range(self.num_layers)[i] for i in layers]
         if wanted == list(range(self.num_layers)):
-            return np.asarray(array[rows], dtype=np.float32)
-        return np.stack([np.asarray(array[rows, i, :], dtype=np.float32) for i in wanted], axis=1)
+            values = np.asarray(array[rows], dtype=np.float32)
+        else:
+            values = np.stack([np.asarray(array[rows, i, :], dtype=np.float32) for i in wanted], axis=1)
+        self.same_build()
+        return values
 
     @property
     def has_attention_entropy(self) -> bool:
@@ -669,7 +735,8 @@ class EmbeddingStore:
         try:
             values = array[:]
         except Exception as error:
-            raise self._damaged(split, ENTROPY, None, f"it cannot be decoded ({type(error).__name__}: {error})") from error
+            raise self._unreadable(error, split, ENTROPY, None,
+                                   f"it cannot be decoded ({type(error).__name__}: {error})") from error
         if self.verified:
             block_rows = int(self.attrs["block_rows"])
             done = self._node(split, "_done")[:].astype(bool)
@@ -678,6 +745,7 @@ class EmbeddingStore:
                 part = values[block * block_rows:(block + 1) * block_rows]
                 self._check_digest(split, ENTROPY, int(block), block_digest(part, self.attrs[ENTROPY]["digest"]),
                                    int(recorded[block]))
+        self.same_build()
         return values
 
     def attention_sampled(self, split: str) -> np.ndarray:
@@ -692,21 +760,24 @@ class EmbeddingStore:
                                      f"the extraction with --rebuild")
 
     def labels(self, split: str) -> np.ndarray:
-        self._group(split)
-        return self._verified_meta(split, "labels").astype(np.int64)
+        return self.meta(split, "labels").astype(np.int64)
 
     def meta(self, split: str, name: str) -> np.ndarray:
         """Row metadata: text_id, source_index, token_count or truncated."""
         self._group(split)
-        return self._verified_meta(split, name)
+        values = self._verified_meta(split, name)
+        self.same_build()
+        return values
 
     def stored_digests(self, split: str) -> np.ndarray:
         return self.root[split]["_digest"][:]
 
 
-def open_store(store_root: str | Path, model: str, dataset: str, allow_incomplete: bool = False) -> EmbeddingStore:
-    """Open the store of one model x dataset under a store root (params `paths.store`)."""
+def open_store(embeddings_root: str | Path, model: str, dataset: str, allow_incomplete: bool = False
+               ) -> EmbeddingStore:
+    """Open the store of one model x dataset under the embeddings root (`Params.embeddings_root`: paths.embeddings,
+    a folder or URL, else store/embeddings), the one place every reader finds a store."""
     from pipeline.config import check_name
-    path = location.join(location.as_location(store_root), "embeddings", check_name(dataset, "dataset"),
+    path = location.join(location.as_location(embeddings_root), check_name(dataset, "dataset"),
                          check_name(model, "model"))
     return EmbeddingStore(path, allow_incomplete=allow_incomplete)

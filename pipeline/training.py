@@ -238,14 +238,14 @@ def add_same_input_tests(results: list[dict[str, Any]], predictions: dict[tuple[
                     **test, "against": f"{other['row']} ({other['head']})"}
 
 
-def train_dataset(store_root: Path, dataset: str, chosen: dict[str, Any], settings: dict[str, Any],
+def train_dataset(embeddings_root: Path, dataset: str, chosen: dict[str, Any], settings: dict[str, Any],
                   out_root: Path) -> dict[str, Any]:
     """Every planned (row, head) with every seed; returns the results table written to results.json (a
     HeadResults record's JSON) and writes gate_weights.json beside it when gated heads were trained."""
     start = time.perf_counter()
     resolve_accelerator(settings["device"])        # refuse a missing GPU before reading anything
     with torch_threads(int(settings.get("threads") or torch.get_num_threads())):   # train.threads, this stage only
-        cache = LayerCache(store_root, dataset)
+        cache = LayerCache(embeddings_root, dataset)
         label_names = cache.store(next(iter(chosen["models"]))).label_names
         decoders = {m: bool(info["decoder"]) for m, info in chosen["models"].items()}
         runs = plan_runs(chosen, settings["heads"], {m: cache.store(m).poolings for m in chosen["models"]})

@@ -30,10 +30,14 @@ import numpy as np
 import zarr
 
 from pipeline import location
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError, PipelineError, is_failure
 from pipeline.store import ENTROPY, ENTROPY_DIGEST, FORMAT, META_ARRAYS, SAMPLED, block_digest, creation_interrupted, meta_digest, store_digest
 
 SERIOUS = ("unreadable", "checksum", "nonfinite", "shape", "missing", "metadata", "dtype")
+FAILURE = "failure"
+"""A read that failed for a reason outside the store's bytes (errors.is_failure: memory, permissions, open
+files, threads, the network): reported with retry advice, never repaired, and while any is reported
+`--repair` changes nothing at all: the store could not be seen whole."""
 
 
 class StoreSpaceError(PipelineError):
@@ -42,7 +46,7 @@ class StoreSpaceError(PipelineError):
 
 @dataclass(frozen=True)
 class Problem:
-    kind: str                 # incomplete | leftover | unreadable | checksum | nonfinite | shape | missing | metadata | dtype
+    kind: str    # incomplete | leftover | failure | unreadable | checksum | nonfinite | shape | missing | metadata | dtype
     message: str
     split: str | None = None
     array: str | None = None
@@ -63,10 +67,16 @@ class Problem:
         return asdict(self)
 
 
+class _Failed(Exception):
+    """A read failed for a reason outside the store (errors.is_failure): verify reports it, repairs nothing."""
+
+
 def _read(array: zarr.Array, selection) -> tuple[np.ndarray | None, str | None]:
     try:
         return array[selection], None
     except Exception as error:  # codecs raise many types for corrupt bytes (blosc, crc32c, zstd, index)
+        if is_failure(error):
+            raise _Failed(f"{array.path}: {type(error).__name__}: {error}") from error
         return None, f"cannot be decoded ({type(error).__name__}: {error})"
 
 
@@ -76,6 +86,8 @@ def _open(group: zarr.Group, name: str, split: str, out: list[Problem]) -> zarr.
     except KeyError:
         out.append(Problem("missing", "array is missing", split, name))
     except Exception as error:
+        if is_failure(error):
+            raise _Failed(f"{split}/{name}: {type(error).__name__}: {error}") from error
         out.append(Problem("unreadable", f"metadata cannot be read ({type(error).__name__}: {error})", split, name))
     return None
 
@@ -85,6 +97,8 @@ def _verify_split(root: zarr.Group, attrs: dict[str, Any], split: str, rows: int
     try:
         group = root[split]
     except Exception as error:
+        if is_failure(error):
+            raise _Failed(f"{split}: {type(error).__name__}: {error}") from error
         return [Problem("unreadable", f"split group cannot be opened ({error})", split)]
     block_rows, poolings = int(attrs["block_rows"]), list(attrs["poolings"])
     layers, dim = int(attrs["num_layers"]), int(attrs["dim"])
@@ -195,14 +209,34 @@ def _verify_entropy(group: zarr.Group, split: str, rows: int, layers: int, block
 
 
 def verify_store(path: str | Path) -> list[Problem]:
-    """Every problem of one store (empty list: complete and intact). `path` may be an fsspec URL."""
+    """Every problem of one store (empty list: complete and intact). `path` may be an fsspec URL. A read
+    that fails for a reason outside the store ends the check with one `failure` problem."""
     path = location.as_location(path)   # a folder, or s3://... (pipeline/location.py)
+    try:
+        return _verify(path)
+    except _Failed as failed:
+        return [_failure(str(failed))]
+    except Exception as error:
+        if is_failure(error):
+            return [_failure(f"{type(error).__name__}: {error}")]
+        raise
+
+
+def _failure(what: str) -> Problem:
+    return Problem(FAILURE, f"{what}: a failure of the machine or the network (memory, permissions, open files, "
+                            f"threads, connection), not damage; nothing was judged, marked or deleted. Fix the "
+                            f"cause and run verify again")
+
+
+def _verify(path: location.Location) -> list[Problem]:
     if not location.exists(path):
         return [Problem("missing", f"no store at {path}: run the extraction first")]
     try:
         root = zarr.open_group(location.zarr_store(path, read_only=True), mode="r")
         attrs = root.attrs.asdict()
     except Exception as error:
+        if is_failure(error):
+            raise _Failed(f"zarr.json: {type(error).__name__}: {error}") from error
         return [Problem("unreadable", f"{path} cannot be opened as a Zarr group ({type(error).__name__}: {error}); "
                                       f"rerun the extraction with --rebuild")]
     if attrs.get("format") != FORMAT:
@@ -231,14 +265,17 @@ def repair(path: str | Path, problems: Iterable[Problem]) -> dict[str, Any]:
     """Clear the done marks (and digests) of every block named in `problems`; a split whose row
     metadata or layout is broken is dropped from `splits`, so the next run recreates it whole."""
     from pipeline.lock import run_lock
-    path = Path(path)
+    path = location.as_location(path)   # a folder, or s3://... as verify takes it
+    problems = list(problems)
+    if failed := [p for p in problems if p.kind == FAILURE]:
+        raise PipelineError(f"{path}: not repaired: verify could not read it all ({failed[0].message})")
     problems = [p for p in problems if p.serious]
     if any(p.split is None for p in problems):
         raise PipelineError(f"{path}: the store's root is damaged; rerun the extraction with --rebuild")
     whole = {p.split for p in problems if p.block is None}
     blocks = {(p.split, p.block) for p in problems if p.block is not None and p.split not in whole}
     with run_lock(path):
-        root = zarr.open_group(str(path), mode="r+")
+        root = zarr.open_group(location.zarr_store(path), mode="r+")
         for split, block in sorted(blocks):
             group = root[split]
             group["_done"][block] = 0          # first: a crash half way leaves the block to redo
@@ -247,7 +284,8 @@ def repair(path: str | Path, problems: Iterable[Problem]) -> dict[str, Any]:
             splits = {s: n for s, n in root.attrs["splits"].items() if s not in whole}
             root.attrs["splits"] = splits
         removed = remove_leftovers(path)
-        cache = remove_cache_twins(path, damaged_files(path, problems))
+        cache = ({"removed": [], "not_found": 0} if location.is_url(path)     # no DVC cache links to an object store
+                 else remove_cache_twins(path, damaged_files(path, problems)))
     return {"blocks": sorted(blocks), "splits": sorted(whole), "temporary_files_removed": removed,
             "cache_objects_removed": cache["removed"], "links_not_found": cache["not_found"]}
 
@@ -394,7 +432,7 @@ def space_error(error: OSError, path: str | Path, settings) -> StoreSpaceError |
 
 
 # -- head configs ---------------------------------------------------------------------------------
-def check_head_inputs(store_root: str | Path, dataset: str, inputs: list, input_dims: list[int] | None = None
+def check_head_inputs(embeddings_root: str | Path, dataset: str, inputs: list, input_dims: list[int] | None = None
                       ) -> list[int]:
     """Check a head config's inputs [(model, pooling, layer), ...] (and its `input_dims`) against the
     stores of `dataset`; returns each input's width, or raises ConfigError naming every misfit."""
@@ -406,7 +444,7 @@ def check_head_inputs(store_root: str | Path, dataset: str, inputs: list, input_
         model, pooling, layer = item
         label = f"input {index} ({model}, {pooling}, layer {layer})"
         try:
-            store = open_store(store_root, model, dataset, allow_incomplete=True)
+            store = open_store(embeddings_root, model, dataset, allow_incomplete=True)
         except FileNotFoundError:
             problems.append(f"{label}: no store for model {model!r} on dataset {dataset!r}; extract it first")
             widths.append(0)

@@ -17,7 +17,7 @@ from stages import dataset_stage, run_stage
 
 def main() -> None:
     args, params, start = dataset_stage(__doc__)
-    result = audit_dataset(params.store, args.dataset, params.selected_models, protocol_from_params(params.score),
+    result = audit_dataset(params.embeddings_root, args.dataset, params.selected_models, protocol_from_params(params.score),
                            fuse_settings(params.fuse))
     result["stage_seconds"] = round(time.perf_counter() - start, 3)
     with staged_folder(Path(params.store) / "audit" / args.dataset) as staged:

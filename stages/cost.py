@@ -27,10 +27,10 @@ def main() -> None:
     store, dataset, settings = Path(params.store), args.dataset, params.cost
     texts = read_corpus(store / "data" / dataset).splits["validation"].texts[:settings.texts]
     device, budget = resolve_device(params.extract.device), params.extract.token_budget
-    curves = {model: model_cost_curve(open_store(store, model, dataset), model, store / "models", texts, settings,
+    curves = {model: model_cost_curve(open_store(params.embeddings_root, model, dataset), model, store / "models", texts, settings,
                                       device, budget) for model in params.selected_models}
 
-    predictor = Predictor.from_project(store, dataset, device=str(device), token_budget=budget)
+    predictor = Predictor.from_project(store, dataset, embeddings_root=params.embeddings_root, device=str(device), token_budget=budget)
     groups = [{"model": m, "layers": [l]} for m, _, l in predictor.inputs]
     head = {"folder": str(predictor.head_dir.relative_to(store / "heads" / dataset)),
             "row": predictor.config["row"], "head": predictor.config["head"], "seed": predictor.config["seed"],
@@ -46,7 +46,7 @@ def main() -> None:
     chosen = read_record(store / "fusion" / dataset / "chosen.json", ChosenFusion).chosen.candidate
     choice = next(c for c in candidates if c["candidate"] == chosen)
     cheapest = cheapest_within_one_se(candidates)
-    judge = TestJudge(store, dataset, protocol_from_params(params.score))
+    judge = TestJudge(params.embeddings_root, dataset, protocol_from_params(params.score))
     result = {"dataset": dataset, "machine": machine_in_words(device), "device": str(device), "texts": len(texts),
               "repeats": settings.repeats, "curves": curves, "head": head, "candidates": candidates,
               "choice": choice, "cheapest": cheapest, "choice_test": judge.score(rows[chosen]),

@@ -38,7 +38,7 @@ def main() -> None:
     protocol, settings = protocol_from_params(params.score), fuse_settings(params.fuse)
     scores = {m: read_scores(Path(params.store) / "scores" / args.dataset / m / "scores.json")
               for m in params.selected_models}
-    search = search_dataset(params.store, args.dataset, params.selected_models, scores, protocol, settings)
+    search = search_dataset(params.embeddings_root, args.dataset, params.selected_models, scores, protocol, settings)
     out = Path(params.store) / "fusion" / args.dataset
     result = search.chosen
     result.stage_seconds = round(time.perf_counter() - start, 3)

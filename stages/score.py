@@ -24,7 +24,7 @@ def main() -> None:
     start = time.perf_counter()
     params = load_params(args.params, models=[args.model], datasets=[args.dataset])
     protocol = protocol_from_params(params.score)
-    store = open_store(params.store, args.model, args.dataset)
+    store = open_store(params.embeddings_root, args.model, args.dataset)
     result = score_layers(store, protocol, args.model, geometry_rows=params.score.geometry_rows,
                           importance_rows=params.score.importance_rows)
     out = Path(params.store) / "scores" / args.dataset / args.model

@@ -20,9 +20,9 @@ def main() -> None:
     chosen = json.loads((Path(params.store) / "fusion" / args.dataset / "chosen.json").read_text())
     out = Path(params.store) / "heads" / args.dataset
     with staged_folder(out) as staged:      # every head, seed and result replaces the old set in one step
-        result = train_dataset(params.store, args.dataset, chosen, settings, staged)
+        result = train_dataset(params.embeddings_root, args.dataset, chosen, settings, staged)
         result["stage_seconds"] = round(time.perf_counter() - start, 3)
-        write_json_atomic(staged / "resources.json", resources_of(params.store, args.dataset, list(chosen["models"])))
+        write_json_atomic(staged / "resources.json", resources_of(params.embeddings_root, args.dataset, list(chosen["models"])))
         write_json_atomic(staged / "results.json", result)
     for row in result["results"]:
         print(f"train {args.dataset}: {row['row']:<40} {row['head']:<12} test accuracy "

@@ -19,12 +19,12 @@ ROWS = {"train": 240, "validation": 80, "test": 120}
 def make_store(root: Path, model: str, dataset: str = "toy", *, num_layers: int = 6, dim: int = 16,
                best_layer: int = 3, classes: int = 2, decoder: bool = False, seed: int = 0,
                signal_dims: slice = slice(0, 4), poolings=("mean", "last"), dtype: str = "float32",
-               compressor: dict | None = None) -> Path:
+               compressor: dict | None = None, rebuild: bool = False) -> Path:
     path = Path(root) / "embeddings" / dataset / model
     names = [f"c{i}" for i in range(classes)]
     writer = StoreWriter(path, {"dataset": {"name": dataset, "label_names": names}, "model": {"name": model}},
                          {"decoder": decoder}, num_layers=num_layers, dim=dim, poolings=list(poolings),
-                         block_rows=64, dtype=dtype, compressor=compressor or {"codec": "none"})
+                         block_rows=64, dtype=dtype, compressor=compressor or {"codec": "none"}, rebuild=rebuild)
     rng = np.random.default_rng(seed)
     label_rng = np.random.default_rng(1234)           # same rows and labels for every model
     centres = np.random.default_rng(99).normal(size=(classes, dim)).astype(np.float32)

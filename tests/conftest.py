@@ -144,6 +144,6 @@ def extract_through_stages(folder: Path, mirror: Path, dataset: str, model: str,
     write_corpus(build_corpus(params.dataset(dataset), params.data_mirror, params.data), params.data_dir(dataset))
     materialise(params.model(model), params.model_dir(model))
     run_extract(params, model, dataset, show_progress=False)
-    store = open_store(params.store, model, dataset)
+    store = open_store(params.embeddings_root, model, dataset)
     corpus = read_corpus(params.data_dir(dataset))
     return store, [text for split in store.splits for text in corpus.splits[split].texts]

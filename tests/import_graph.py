@@ -20,7 +20,7 @@ LAYERS = (
     "attention", "pooling", "layer_tap", "batching",
     "config", "devices", "machine",
     "corpora", "models",
-    "lock", "store", "resources", "verify", "forward", "compiled_forward", "world", "extract", "distributed",
+    "lock", "store", "store_record", "resources", "verify", "forward", "compiled_forward", "world", "extract", "distributed",
     "probe", "selection", "significance", "cost",
     "layer_geometry", "layer_importance", "layer_agreement",
     "scoring", "fusion", "audit",

@@ -40,7 +40,7 @@ def _entropy_by_hand(probabilities: np.ndarray) -> float:
 
 def test_entropy_matches_a_hand_computation_on_a_tiny_llama(mr_slice, make_params, prepared_models, tmp_path):
     params = _tiny_store(mr_slice, make_params, prepared_models, tmp_path)
-    store = open_store(params.store, "tiny-llama", "mrslice")
+    store = open_store(params.embeddings_root, "tiny-llama", "mrslice")
     entropy, sampled = store.attention_entropy("train"), store.attention_sampled("train")
     assert entropy.shape == (216, 4) and entropy.dtype == np.float32       # 3 blocks + the embedding output
     assert [int(sampled[b:b + 16].sum()) for b in range(0, 216, 16)] == [5] * 14
@@ -69,13 +69,13 @@ def test_entropy_matches_a_hand_computation_on_a_tiny_llama(mr_slice, make_param
 def test_redone_blocks_give_the_same_entropy_and_damage_is_detected(mr_slice, make_params, prepared_models, tmp_path):
     params = _tiny_store(mr_slice, make_params, prepared_models, tmp_path)
     path = params.embeddings_path("tiny-llama", "mrslice")
-    before = open_store(params.store, "tiny-llama", "mrslice").attention_entropy("train").copy()
+    before = open_store(params.embeddings_root, "tiny-llama", "mrslice").attention_entropy("train").copy()
 
     # damage two blocks' entropy behind the writer's back: reads and verify name the block
     root = zarr.open_group(str(path), mode="r+")
     root["train"]["attention_entropy"][16:32] = 1.0
     with pytest.raises(StoreDamagedError, match=r"train/attention_entropy block 1 is damaged"):
-        open_store(params.store, "tiny-llama", "mrslice").attention_entropy("train")
+        open_store(params.embeddings_root, "tiny-llama", "mrslice").attention_entropy("train")
     problems = [p for p in verify_store(path) if p.serious]
     assert [(p.kind, p.split, p.array, p.block) for p in problems] == [("checksum", "train", "attention_entropy", 1)]
 
@@ -85,14 +85,14 @@ def test_redone_blocks_give_the_same_entropy_and_damage_is_detected(mr_slice, ma
     root["train"]["_done"][3] = 0
     summary = extract(params, "tiny-llama", "mrslice", show_progress=False)
     assert summary["blocks"] == 2
-    after = open_store(params.store, "tiny-llama", "mrslice").attention_entropy("train")
+    after = open_store(params.embeddings_root, "tiny-llama", "mrslice").attention_entropy("train")
     np.testing.assert_array_equal(after, before)
     assert not [p for p in verify_store(path) if p.serious]
 
 
 def test_a_store_without_entropy_says_so_and_is_not_resumed_with_it(mr_slice, make_params, prepared_models, tmp_path):
     params = _tiny_store(mr_slice, make_params, prepared_models, tmp_path / "a", attention_entropy_rows=0)
-    store = open_store(params.store, "tiny-llama", "mrslice")
+    store = open_store(params.embeddings_root, "tiny-llama", "mrslice")
     assert not store.has_attention_entropy and "attention_entropy" not in store.root["train"]
     with pytest.raises(StoreMismatchError, match="holds no attention entropy"):
         store.attention_entropy("train")
@@ -115,7 +115,7 @@ def test_score_stage_compares_mean_attention_entropy_with_the_probe(mr_slice, ma
     from pipeline.probe import Protocol
     from pipeline.scoring import score_layers
     params = _tiny_store(mr_slice, make_params, prepared_models, tmp_path)
-    store = open_store(params.store, "tiny-llama", "mrslice")
+    store = open_store(params.embeddings_root, "tiny-llama", "mrslice")
     means, rows = mean_attention_entropy(store)
     sampled = store.attention_entropy("train")[store.attention_sampled("train")]
     assert rows == 70 and np.isnan(means[0])
@@ -151,7 +151,7 @@ def test_a_model_without_the_attention_interface_gets_a_store_without_entropy(mr
     materialise(ModelSpec(name="tiny-mpnet", source="local", path=str(source)), params.model_dir("tiny-mpnet"))
     summary = extract(params, "tiny-mpnet", "mrslice", show_progress=False)
     assert "gets no attention entropy" in capfd.readouterr().err
-    store = open_store(params.store, "tiny-mpnet", "mrslice")
+    store = open_store(params.embeddings_root, "tiny-mpnet", "mrslice")
     assert not store.has_attention_entropy
     assert store.attrs["fingerprint"]["extract"]["attention_entropy_rows"] == 0 and summary["attention_entropy_rows"] == 0
     assert store.num_rows("train") == 216 and np.isfinite(store.layer("train", "mean", 2)).all()

@@ -138,7 +138,7 @@ def test_huge_nul_rtl_and_emoji_texts_are_embedded(tmp_path, make_params, prepar
     params = prepare(make_params(mirror, ["minilm-l6"], ["odd"], extra_datasets={"odd": entry}), "odd",
                      prepared_models, ["minilm-l6"])
     extract(params, "minilm-l6", "odd", show_progress=False)
-    store = open_store(params.store, "minilm-l6", "odd")
+    store = open_store(params.embeddings_root, "minilm-l6", "odd")
     counts, truncated = store.meta("test", "token_count"), store.meta("test", "truncated")
     assert counts[0] > 200_000 and truncated.tolist() == [True, False, False, False]
     assert np.isfinite(store.layers("test", "mean")).all()

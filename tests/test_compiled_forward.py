@@ -202,7 +202,7 @@ def test_compiled_extraction_matches_eager_store_and_is_fingerprinted(mr_slice, 
     eager, compiled = params_for("eager", "eager"), params_for("compiled", "compiled")
     extract(eager, "tiny-llama", "mrslice", show_progress=False)
     extract(compiled, "tiny-llama", "mrslice", show_progress=False)
-    a, b = open_store(eager.store, "tiny-llama", "mrslice"), open_store(compiled.store, "tiny-llama", "mrslice")
+    a, b = open_store(eager.embeddings_root, "tiny-llama", "mrslice"), open_store(compiled.embeddings_root, "tiny-llama", "mrslice")
     assert "forward" not in a.attrs["fingerprint"]["extract"]
     assert b.attrs["fingerprint"]["extract"]["forward"] == "compiled"
     for split in ("train", "test"):

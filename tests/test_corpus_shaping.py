@@ -77,7 +77,7 @@ def test_texts_with_unicode_line_separators_survive_prepare_and_extract(tmp_path
     assert sum(len(v) for v in corpus.splits.values()) == 35
     extract(params, "minilm-l6", "odd", show_progress=False)
     from pipeline.store import open_store
-    assert open_store(params.store, "minilm-l6", "odd").num_rows("test") == 10
+    assert open_store(params.embeddings_root, "minilm-l6", "odd").num_rows("test") == 10
 
 
 def test_per_corpus_max_len_reaches_the_store(tmp_path, make_params, prepared_models):
@@ -86,7 +86,7 @@ def test_per_corpus_max_len_reaches_the_store(tmp_path, make_params, prepared_mo
     assert params.extract_for("odd").max_len == 8 and params.extract.max_len == 64
     extract(params, "minilm-l6", "odd", show_progress=False)
     from pipeline.store import open_store
-    assert open_store(params.store, "minilm-l6", "odd").attrs["fingerprint"]["extract"]["max_len"] == 8
+    assert open_store(params.embeddings_root, "minilm-l6", "odd").attrs["fingerprint"]["extract"]["max_len"] == 8
 
 
 def test_misspelt_dataset_keys_and_bad_caps_are_named_at_once(tmp_path, make_params):

@@ -33,7 +33,7 @@ def test_minilm_on_mr_slice_end_to_end(mr_slice, make_params, prepared_models):
     params = prepare(make_params(mr_slice, ["minilm-l6"], ["mrslice"], extract={"max_len": 16}),
                      "mrslice", prepared_models, ["minilm-l6"])
     summary = extract(params, "minilm-l6", "mrslice", show_progress=False)
-    store = open_store(params.store, "minilm-l6", "mrslice")
+    store = open_store(params.embeddings_root, "minilm-l6", "mrslice")
     assert store.splits == ["train", "validation", "test"]
     assert [store.num_rows(s) for s in store.splits] == [216, 24, 80]      # 10% of 240 carved, stratified
     assert store.num_layers == 7 and store.dim == 384
@@ -62,7 +62,7 @@ def test_decoder_store_with_tiny_llama_and_float16_overflow(mr_slice, make_param
     params = prepare(params_path, "mrslice", prepared_models, [])
     materialise(ModelSpec(name="hot-llama", source="local", path=str(hot)), params.model_dir("hot-llama"))
     extract(params, "hot-llama", "mrslice", show_progress=False)
-    store = open_store(params.store, "hot-llama", "mrslice")
+    store = open_store(params.embeddings_root, "hot-llama", "mrslice")
     fallback = store.attrs["dtype_fallback"]
     assert fallback, "scaled-up embeddings must overflow float16 somewhere"
     for key in fallback:
@@ -133,7 +133,7 @@ def test_fingerprint_mismatch_is_refused_and_rebuild_works(mr_slice, make_params
     assert again["texts"] == 0, "an unchanged, complete store is left alone"
     rebuilt = extract(changed, "minilm-l6", "mrslice", rebuild=True, show_progress=False)
     assert rebuilt["texts"] == 320
-    assert open_store(changed.store, "minilm-l6", "mrslice").attrs["fingerprint"]["extract"]["max_len"] == 24
+    assert open_store(changed.embeddings_root, "minilm-l6", "mrslice").attrs["fingerprint"]["extract"]["max_len"] == 24
 
 
 def test_extract_stage_prints_a_clear_error_for_a_mismatch(mr_slice, make_params, prepared_models):

@@ -37,7 +37,7 @@ def test_candidate_space_is_exhaustive_and_without_duplicates():
 @pytest.mark.parametrize("protocol", [Protocol(name="validation", rank=8), Protocol(name="cv", folds=3, rank=8)], ids=["val", "cv"])
 def test_block_statistics_equal_explicit_features(tmp_path, protocol):
     make_store(tmp_path, "toy-enc")
-    store = open_store(tmp_path, "toy-enc", "toy")
+    store = open_store(tmp_path / "embeddings", "toy-enc", "toy")
     bank = load_bank(store, "mean", protocol, keep_standardised=True)
     scorer = BlockScorer(bank, protocol)
     for cand in (Candidate((1, 3, 4), "mean", "window"), Candidate((2, 5), "concat", "pair"),
@@ -63,9 +63,9 @@ def test_search_across_models_without_reading_test(tmp_path):
     for path in (a, b):
         remove_test_split(path)
     protocol = Protocol(name="validation", rank=8)
-    scores = {m: score_layers(open_store(tmp_path, m, "toy"), protocol, m) for m in ("enc-a", "dec-b")}
+    scores = {m: score_layers(open_store(tmp_path / "embeddings", m, "toy"), protocol, m) for m in ("enc-a", "dec-b")}
     settings = fuse_settings(FuseSettings(top_k=3))
-    search = search_dataset(tmp_path, "toy", ["enc-a", "dec-b"], scores, protocol, settings)
+    search = search_dataset(tmp_path / "embeddings", "toy", ["enc-a", "dec-b"], scores, protocol, settings)
     board, result = search.leaderboard, search.chosen
     assert [r.score for r in board] == sorted((r.score for r in board), reverse=True)
     multi = [r for r in board if r.family == "multi-model"]

@@ -61,7 +61,7 @@ def test_head_trains_saves_and_loads(tmp_path, head, monkeypatch):
                         {"model": "toy-dec", "pooling": "last", "layers": [1], "operator": "concat"}]}
     settings = train_settings(TrainSettings(seeds=(0,), max_epochs=15, patience=3, batch_size=64, lr=0.01,
                                             mlp=MlpOptions(widths=(32,), dropout=0.1)))
-    cache = LayerCache(tmp_path / "store", "toy")
+    cache = LayerCache(tmp_path / "store" / "embeddings", "toy")
     out = tmp_path / "store" / "heads" / head
     config = fit_head(cache, {"row": "t", "groups": groups[head]}, head, 0, settings, out, ["c0", "c1"],
                       {"toy-dec": True}, tmp_path / "store" / ".trainer")
@@ -144,7 +144,7 @@ def test_cache_reads_each_layer_once_and_batches_match_a_concatenation(tmp_path)
     from pipeline.datamodule import LayerCache, LayerDataModule
     from pipeline.probe import standardise_stats
     make_store(tmp_path / "store", "toy-dec", decoder=True)
-    cache = LayerCache(tmp_path / "store", "toy")
+    cache = LayerCache(tmp_path / "store" / "embeddings", "toy")
     cache.load([("toy-dec", "mean", 1), ("toy-dec", "mean", 4)])
     first = cache.bytes_read
     data = LayerDataModule(cache, [("toy-dec", "mean", 4), ("toy-dec", "mean", 2), ("toy-dec", "last", 0)], 32)
@@ -171,7 +171,7 @@ def test_a_small_train_split_gets_enough_steps_per_epoch(tmp_path):
     first noisy steps alone (the study's SmolLM2 SST-2 heads stopped near chance that way)."""
     from pipeline.datamodule import LayerCache, LayerDataModule
     make_store(tmp_path / "store", "toy-dec", decoder=True)
-    cache = LayerCache(tmp_path / "store", "toy")
+    cache = LayerCache(tmp_path / "store" / "embeddings", "toy")
     small = LayerDataModule(cache, [("toy-dec", "mean", 1)], 1024, 0, min_steps_per_epoch=16)
     small.setup()
     batches = [len(y) for _, y in small.train_dataloader()]
@@ -194,7 +194,7 @@ def test_lightning_stops_early_keeps_the_best_epoch_and_leaves_no_checkpoint(tmp
     groups = [{"model": "toy-dec", "pooling": "mean", "layers": [3, 4], "operator": "concat"}]
     settings = train_settings(TrainSettings(seeds=(0,), max_epochs=40, patience=2, batch_size=32, lr=0.05,
                                             mlp=MlpOptions(widths=(64,), dropout=0.0)))
-    cache = LayerCache(tmp_path / "store", "toy")
+    cache = LayerCache(tmp_path / "store" / "embeddings", "toy")
     out = tmp_path / "heads" / "mlp"
     config = fit_head(cache, {"row": "t", "groups": groups}, "mlp", 0, settings, out, ["c0", "c1"], {"toy-dec": True},
                       tmp_path / ".trainer")
@@ -223,7 +223,7 @@ def test_train_dataset_compares_the_gate_on_identical_inputs_and_writes_typed_re
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        written = train_dataset(tmp_path / "store", "toy", chosen, settings, tmp_path / "heads")
+        written = train_dataset(tmp_path / "store" / "embeddings", "toy", chosen, settings, tmp_path / "heads")
         # train.threads holds only inside the stage: a stage run in-process used to leave torch on one
         # thread, and later extraction in the same process rounded differently (a test-order failure)
         assert torch.get_num_threads() == 2

@@ -102,7 +102,7 @@ def test_compare_names_layers_and_summary_picks_the_best_predictor():
 def test_score_stage_gives_layer_scores_and_importance_finds_the_label_layer(tmp_path, protocol):
     path = make_store(tmp_path, "toy-enc", best_layer=4, num_layers=7)
     remove_test_split(path)                                     # importance never reads test either
-    store = open_store(tmp_path, "toy-enc", "toy")
+    store = open_store(tmp_path / "embeddings", "toy-enc", "toy")
     result = score_layers(store, protocol, "toy-enc", geometry_rows=100)
     for name in ("gradient", "input_x_gradient"):
         assert int(np.argmax(result["importance"][name])) == 4, result["importance"]
@@ -118,7 +118,7 @@ def test_score_stage_gives_layer_scores_and_importance_finds_the_label_layer(tmp
 
 def test_layer_scores_can_be_turned_off(tmp_path):
     make_store(tmp_path, "toy-enc")
-    result = score_layers(open_store(tmp_path, "toy-enc", "toy"), Protocol(name="validation", rank=8), "toy-enc", geometry_rows=0,
+    result = score_layers(open_store(tmp_path / "embeddings", "toy-enc", "toy"), Protocol(name="validation", rank=8), "toy-enc", geometry_rows=0,
                           importance_rows=0)
     assert "geometry" not in result and "importance" not in result and result["best"]["layer"] == 3
 
@@ -126,7 +126,7 @@ def test_layer_scores_can_be_turned_off(tmp_path):
 def test_report_sections_show_the_table_the_plot_and_the_best_predictor(tmp_path):
     from pipeline.layer_report import layer_scores_section, study_layer_scores
     make_store(tmp_path, "toy-enc", best_layer=4, num_layers=7)
-    result = score_layers(open_store(tmp_path, "toy-enc", "toy"), Protocol(name="validation", rank=8), "toy-enc", geometry_rows=100)
+    result = score_layers(open_store(tmp_path / "embeddings", "toy-enc", "toy"), Protocol(name="validation", rank=8), "toy-enc", geometry_rows=100)
     lines = layer_scores_section({"toy-enc": result}, "toy", tmp_path / "figures")
     assert (tmp_path / "figures" / "toy_toy-enc_layer_scores.png").stat().st_size > 1000
     assert sum(line.startswith("| gradient |") for line in lines) == 1

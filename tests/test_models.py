@@ -82,7 +82,7 @@ def test_smollm2_decoder_extraction_on_real_text(smollm2_folder, mr_slice, make_
     write_corpus(build_corpus(params.dataset("mrslice"), params.data_mirror, params.data), params.data_dir("mrslice"))
     shutil.copytree(smollm2_folder, params.model_dir("smollm2-135m"))
     summary = extract(params, "smollm2-135m", "mrslice", show_progress=False)
-    store = open_store(params.store, "smollm2-135m", "mrslice")
+    store = open_store(params.embeddings_root, "smollm2-135m", "mrslice")
     assert store.num_layers == 31 and store.dim == 576 and store.attrs["info"]["decoder"]
     assert summary["tokens_per_s"] > 0
     for pooling in store.poolings:

@@ -46,7 +46,7 @@ def trained(tmp_path_factory, mr_slice, prepared_models):
     extract(params, "minilm-l6", "mrslice", show_progress=False)
     from pipeline.config import MlpOptions, TrainSettings
     settings = train_settings(TrainSettings(max_epochs=5, patience=2, mlp=MlpOptions(widths=(64,), dropout=0.1)))
-    cache = LayerCache(params.store, "mrslice")
+    cache = LayerCache(params.embeddings_root, "mrslice")
     labels = cache.store("minilm-l6").label_names
     head_dir = folder / "store" / "heads" / "mrslice" / "mlp" / "seed0"
     fit_head(cache, {"row": "test fusion", "groups": INPUTS}, "mlp", 0, settings, head_dir, labels,
@@ -67,7 +67,7 @@ def _reference(head_dir, cache):
 def test_predict_reproduces_the_train_stage_on_test(trained):
     params, head_dir, cache = trained
     reference, config = _reference(head_dir, cache)
-    predictor = Predictor(head_dir, uses_from_store(config, params.store, "mrslice", params.store / "models"))
+    predictor = Predictor(head_dir, uses_from_store(config, params.embeddings_root, "mrslice", params.store / "models"))
     texts = read_corpus(params.data_dir("mrslice")).splits["test"].texts
     probabilities, truncated = predictor.predict_proba(texts)
     np.testing.assert_array_equal(probabilities.argmax(1), reference.argmax(1))
@@ -83,7 +83,7 @@ def test_predict_reproduces_the_train_stage_on_test(trained):
 def test_export_runs_elsewhere_and_refuses_other_weights(trained, tmp_path, monkeypatch):
     params, head_dir, cache = trained
     _, config = _reference(head_dir, cache)
-    predictor = Predictor(head_dir, uses_from_store(config, params.store, "mrslice", params.store / "models"))
+    predictor = Predictor(head_dir, uses_from_store(config, params.embeddings_root, "mrslice", params.store / "models"))
     folder = export(predictor, tmp_path / "classifier", "mrslice")
     manifest = json.loads((folder / "export.json").read_text())
     assert manifest["inputs"] == config["inputs"] and manifest["label_names"] == ["negative", "positive"]
@@ -131,13 +131,13 @@ def test_a_head_file_changed_by_one_bit_is_refused_by_name(trained, tmp_path, na
     _flip_last_byte(copy / name)
     with pytest.raises(HeadError, match=rf"{name} is missing or damaged: sha256 .* differs from the .* recorded in "
                                         rf".*config.json"):
-        Predictor(copy, uses_from_store(config, params.store, "mrslice", params.store / "models"))
+        Predictor(copy, uses_from_store(config, params.embeddings_root, "mrslice", params.store / "models"))
 
 
 def test_an_export_lists_every_file_digest_and_refuses_a_changed_file(trained, tmp_path):
     params, head_dir, cache = trained
     _, config = _reference(head_dir, cache)
-    predictor = Predictor(head_dir, uses_from_store(config, params.store, "mrslice", params.store / "models"))
+    predictor = Predictor(head_dir, uses_from_store(config, params.embeddings_root, "mrslice", params.store / "models"))
     folder = export(predictor, tmp_path / "classifier", "mrslice")
     listed = json.loads((folder / "export.json").read_text())["files_sha256"]
     on_disk = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != "export.json")
@@ -155,7 +155,7 @@ def test_an_export_lists_every_file_digest_and_refuses_a_changed_file(trained, t
 def test_bad_lines_get_their_own_result_and_the_file_goes_on(trained, tmp_path):
     params, head_dir, cache = trained
     _, config = _reference(head_dir, cache)
-    predictor = Predictor(head_dir, uses_from_store(config, params.store, "mrslice", params.store / "models"))
+    predictor = Predictor(head_dir, uses_from_store(config, params.embeddings_root, "mrslice", params.store / "models"))
     folder = export(predictor, tmp_path / "classifier", "mrslice")
     lines = [b'{"id": "a", "text": "lovely"}', b"", b'{"id": "b", "text": "caf\xe9"}',
              b'{"id": "c", "text": "' + b"long " * 200_000 + b'"}', b"not json", b'{"id": "d", "text": "awful"}',
@@ -193,7 +193,7 @@ def test_gated_head_predicts_through_an_export_what_the_train_stage_computed(tra
     params, head_dir, cache, trained_config = trained_gated
     reference, config = _reference(head_dir, cache)
     assert config["head"] == "gated" and len(config["inputs"]) == 3
-    predictor = Predictor(head_dir, uses_from_store(config, params.store, "mrslice", params.store / "models"))
+    predictor = Predictor(head_dir, uses_from_store(config, params.embeddings_root, "mrslice", params.store / "models"))
     folder = export(predictor, tmp_path / "gated-classifier", "mrslice")
     assert sorted(p.name for p in (folder / "head").iterdir()) == ["config.json", "model.safetensors",
                                                                    "standardisation.safetensors"]

@@ -46,7 +46,7 @@ def test_cv_folds_partition_train_and_are_stratified():
 def test_scores_find_the_planted_layer_and_never_read_test(tmp_path):
     path = make_store(tmp_path, "toy-enc", best_layer=2)
     remove_test_split(path)
-    store = open_store(tmp_path, "toy-enc", "toy")
+    store = open_store(tmp_path / "embeddings", "toy-enc", "toy")
     with pytest.raises(Exception):
         store.layer("test", "mean", 0)
     for protocol in (Protocol(name="validation", rank=8), Protocol(name="cv", folds=4, rank=8)):

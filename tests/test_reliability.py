@@ -506,7 +506,7 @@ def test_settings_drift_is_refused_naming_the_key(case, key, project, reference,
 
 # -- head configs -----------------------------------------------------------------------------------
 def test_a_head_config_that_does_not_fit_the_store_is_named(reference):
-    store_root = reference.store
+    store_root = reference.embeddings_root
     assert check_head_inputs(store_root, DATASET, [(MODEL, "mean", 3), (MODEL, "last", -1)], [48, 48]) == [48, 48]
     with pytest.raises(ConfigError) as error:
         check_head_inputs(store_root, DATASET, [(MODEL, "mean", 3), (MODEL, "cls", 1), (MODEL, "max", 9),

@@ -35,10 +35,10 @@ def stage2(tmp_path_factory) -> Path:
     protocol = Protocol(name="validation", rank=8, bootstrap=100)
     scores = {}
     for model in MODELS:
-        scores[model] = score_layers(open_store(root, model, "toy"), protocol, model, geometry_rows=100,
+        scores[model] = score_layers(open_store(root / "embeddings", model, "toy"), protocol, model, geometry_rows=100,
                                      importance_rows=200) | {"dataset": "toy", "stage_seconds": 1.5}
         write_json_atomic(root / "scores" / "toy" / model / "scores.json", as_json(scores[model]))
-    search = search_dataset(root, "toy", MODELS, scores, protocol, fuse_settings(FuseSettings(top_k=3)))
+    search = search_dataset(root / "embeddings", "toy", MODELS, scores, protocol, fuse_settings(FuseSettings(top_k=3)))
     search.chosen.stage_seconds, search.chosen.note = 2.5, "a note on the search"
     write_json_atomic(root / "fusion" / "toy" / "leaderboard.json", as_json(search.leaderboard))
     write_json_atomic(root / "fusion" / "toy" / "chosen.json", search.chosen.to_json())
@@ -46,11 +46,11 @@ def stage2(tmp_path_factory) -> Path:
     settings = train_settings(TrainSettings(seeds=(0, 1), max_epochs=2, patience=1, batch_size=64,
                                             heads=("linear", "scalar_mix")))
     chosen = json.loads((root / "fusion" / "toy" / "chosen.json").read_text())
-    heads = train_dataset(root, "toy", chosen, settings, root / "heads" / "toy")
+    heads = train_dataset(root / "embeddings", "toy", chosen, settings, root / "heads" / "toy")
     heads = as_json(heads)
     heads["stage_seconds"] = 3.5
     write_json_atomic(root / "heads" / "toy" / "results.json", heads)
-    write_json_atomic(root / "heads" / "toy" / "resources.json", resources_of(root, "toy", MODELS))
+    write_json_atomic(root / "heads" / "toy" / "resources.json", resources_of(root / "embeddings", "toy", MODELS))
     return root
 
 

@@ -124,7 +124,7 @@ def test_one_se_on_a_store_with_a_planted_near_tie(tmp_path):
     for rule in ("best", "one_se"):
         protocol = Protocol(name="validation", rank=0, bootstrap=500, select_rule=rule)
         scores = {"toy": score_layers(EmbeddingStore(path), protocol, "toy")}
-        results[rule] = (scores["toy"], search_dataset(tmp_path, "tie", ["toy"], scores, protocol,
+        results[rule] = (scores["toy"], search_dataset(tmp_path / "embeddings", "tie", ["toy"], scores, protocol,
                                                        fuse_settings(FuseSettings(top_k=3))))
     layers, search = results["one_se"]
     rows = {r.layer: r for r in layers["rows"]}
@@ -226,7 +226,7 @@ def test_the_audit_judges_both_protocols_and_rules_on_test(tmp_path):
     make_store(tmp_path, "enc-a", num_layers=5, best_layer=4, signal_dims=slice(0, 2), seed=1)
     make_store(tmp_path, "dec-b", num_layers=7, best_layer=3, signal_dims=slice(2, 4), seed=2, decoder=True)
     protocol = Protocol(rank=8, folds=3)
-    audit = audit_dataset(tmp_path, "toy", ["enc-a", "dec-b"], protocol, fuse_settings(FuseSettings(top_k=3)))
+    audit = audit_dataset(tmp_path / "embeddings", "toy", ["enc-a", "dec-b"], protocol, fuse_settings(FuseSettings(top_k=3)))
     assert set(audit["protocols"]) == set(PROTOCOLS)
     for name, result in audit["protocols"].items():
         for rule in ("best", "one_se"):
@@ -238,8 +238,8 @@ def test_the_audit_judges_both_protocols_and_rules_on_test(tmp_path):
                                                                       - pick["test_accuracy"], abs=1e-4)
         assert len(result["layers"]["dec-b"]["test_by_layer"]) == 7
     # the judge's test score of a single layer is the probe fitted on train and scored on test, by hand
-    store = open_store(tmp_path, "enc-a", "toy")
-    judge = TestJudge(tmp_path, "toy", protocol)
+    store = open_store(tmp_path / "embeddings", "enc-a", "toy")
+    judge = TestJudge(tmp_path / "embeddings", "toy", protocol)
     row = board_row("enc-a:L4", 0.0, [4], model="enc-a")
     bank, _ = judge._scorer("enc-a", "mean")
     folds = make_folds(store.labels("train"), store.labels("test"), dataclasses.replace(protocol, name="validation"), 2)
@@ -259,8 +259,8 @@ def test_the_audit_keeps_the_alpha_chosen_on_validation(tmp_path):
     from pipeline.store import open_store
     make_store(tmp_path, "enc-a", num_layers=6, best_layer=1, dim=32, signal_dims=slice(0, 3), seed=5)
     protocol = Protocol(name="validation", rank=32, alphas=(1e-3, 1e-1, 10.0, 100.0))
-    rows = score_layers(open_store(tmp_path, "enc-a", "toy"), protocol, "enc-a")["rows"]
-    judge = TestJudge(tmp_path, "toy", protocol)
+    rows = score_layers(open_store(tmp_path / "embeddings", "enc-a", "toy"), protocol, "enc-a")["rows"]
+    judge = TestJudge(tmp_path / "embeddings", "toy", protocol)
     differing = []
     for row in (r for r in rows if r.pooling == "mean"):
         bank, _ = judge._scorer("enc-a", "mean")
@@ -282,7 +282,7 @@ def test_cv_with_more_folds_than_rows_is_refused(tmp_path):
     from pipeline.store import open_store
     make_store(tmp_path, "enc-a", num_layers=3)
     with pytest.raises(ConfigError, match="score.folds is 500 but train has 240 rows"):
-        score_layers(open_store(tmp_path, "enc-a", "toy"), Protocol(name="cv", folds=500, rank=4), "enc-a")
+        score_layers(open_store(tmp_path / "embeddings", "enc-a", "toy"), Protocol(name="cv", folds=500, rank=4), "enc-a")
 
 
 def test_leave_one_corpus_out_judges_the_others_choice_on_the_left_out_corpus():

@@ -51,7 +51,7 @@ def project(tmp_path_factory, mr_slice, prepared_models) -> Path:
     folder = tmp_path_factory.mktemp("stage2-bad")
     params = prepare(write_params(folder, mr_slice), DATASET, prepared_models, [MODEL])
     extract(params, MODEL, DATASET, show_progress=False)
-    cache = LayerCache(params.store, DATASET)
+    cache = LayerCache(params.embeddings_root, DATASET)
     heads = Path(params.store) / "heads" / DATASET
     config = fit_head(cache, {"row": "fusion", "groups": INPUTS}, "mlp", 0, HEAD_SETTINGS, heads / "fusion" / "mlp" / "seed0",
                       cache.store(MODEL).label_names, {MODEL: False}, folder / "lightning")

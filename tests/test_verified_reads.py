@@ -131,7 +131,7 @@ def test_repair_then_reextraction_is_what_the_message_asks_for(project):
 
 def test_reads_are_verified_once_per_block_and_again_when_the_file_changes(tmp_path):
     path = make_store(tmp_path, MODEL, DATASET, dtype="float16", compressor=ZSTD)
-    store = open_store(tmp_path, MODEL, DATASET)
+    store = open_store(tmp_path / "embeddings", MODEL, DATASET)
     mine = lambda: {i for i in _VERIFIED if str(i[0]).startswith(str(path))}   # noqa: E731
     first = store.layer("train", "mean", 0)
     assert len(mine()) == 4                                   # 240 train rows: 4 blocks of 64, each checked once
@@ -302,3 +302,108 @@ def test_remote_stores_are_verified_and_cached_by_etag(tmp_path, monkeypatch):
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+# -- one build per read (issue 22, item 4) ----------------------------------------------------------------
+def test_a_reader_never_returns_values_of_a_build_it_did_not_open(tmp_path, monkeypatch):
+    """The race the hostile run found (a slow score while `extract --rebuild` replaced the store), made
+    deterministic: the rebuild lands after the reader verified a block and before it reads it. Every read
+    after that fails naming the rebuild; a fresh reader reads the new build whole."""
+    from pipeline.errors import StoreChangedError
+    path = make_store(tmp_path, "toy-a", seed=0)
+    reader = EmbeddingStore(path)
+    old = reader.layer("train", "mean", 2)                              # build A, held for later reads
+    verify = EmbeddingStore._verify_rows
+    rebuilt = []
+
+    def verify_then_rebuild(self, *args, **kwargs):
+        result = verify(self, *args, **kwargs)
+        if not rebuilt:                                  # the rebuild happens between the check and the read
+            rebuilt.append(make_store(tmp_path, "toy-a", seed=1, rebuild=True))
+        return result
+
+    monkeypatch.setattr(EmbeddingStore, "_verify_rows", verify_then_rebuild)
+    with pytest.raises(StoreChangedError, match="was rebuilt while this process read it"):
+        reader.layer("train", "last", 4)
+    monkeypatch.setattr(EmbeddingStore, "_verify_rows", verify)
+    for read in (lambda: reader.layer("train", "mean", 2), lambda: reader.layers("validation", "mean"),
+                 lambda: reader.labels("test"), lambda: reader.meta("train", "text_id"),
+                 lambda: reader.check(["mean"])):
+        with pytest.raises(StoreChangedError, match="mix two builds"):
+            read()
+    fresh = EmbeddingStore(path)
+    assert fresh.build != reader.build and not np.array_equal(fresh.layer("train", "mean", 2), old)
+    independent = np.random.default_rng(1).normal(size=(240, 6, 16)).astype(np.float32)   # make_store's draw
+    assert fresh.layer("train", "mean", 2)[0, 5] == pytest.approx(independent[0, 2, 5] * 10.0 ** (2 % 3))
+
+
+def test_a_rebuild_that_has_begun_fails_a_reader_of_the_old_build(tmp_path, monkeypatch):
+    """--rebuild deletes the root zarr.json before any chunk: a read that passes the build check read no
+    chunk of a half-deleted store (zarr reads a missing chunk as zeros)."""
+    from pipeline import location
+    from pipeline.errors import StoreChangedError
+    path = make_store(tmp_path, "toy-a")
+    reader = EmbeddingStore(path)
+    removed = []
+    for name in ("remove", "unlink"):                   # shutil.rmtree unlinks; location.remove(first=) removes
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda file, *a, _real=real, **k: (removed.append(Path(file).name),
+                                                                        _real(file, *a, **k))[1])
+    make_store(tmp_path, "toy-a", seed=1, rebuild=True)
+    monkeypatch.undo()
+    assert removed[0] == "zarr.json" and len(removed) > 10   # the old build is retired before anything goes
+    os.remove(path / "zarr.json")                       # a store caught mid-rebuild: chunks there, no root
+    assert location.exists(path)
+    with pytest.raises(StoreChangedError, match="is being rebuilt or was removed"):
+        reader.layer("test", "mean", 1)
+
+
+# -- damage versus failure (issue 22, item 2) ---------------------------------------------------------------
+FAULTS = {                                   # what the hostile run injected, and where
+    "memory-on-a-shard": ("train/mean/c/", MemoryError()),
+    "permission-on-labels": ("train/labels/zarr.json", PermissionError(13, "Permission denied")),
+    "open-file-limit-on-root": ("zarr.json", OSError(24, "Too many open files")),
+    "no-thread-on-a-shard": ("validation/last/c/", RuntimeError("can't start new thread")),
+    "connection-on-digests": ("test/_digest/", ConnectionError("connection reset by peer")),
+}
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_a_failure_is_not_damage_and_repair_changes_nothing(tmp_path, monkeypatch, capsys, fault):
+    """A read that fails for a reason outside the store (memory, permissions, open files, threads, the
+    network) is named as a failure with retry advice by verify and by every reader; `verify --repair` on a
+    healthy store then marks, drops and deletes nothing."""
+    import zarr.storage
+    from pipeline.cli import main as cli
+    from pipeline.errors import StoreAccessError
+    path = make_store(tmp_path, "toy-a", dtype="float16")       # float16: what verify expects by default
+    before = _snapshot(path)
+    key, error = FAULTS[fault]
+    get = zarr.storage.LocalStore.get
+
+    async def failing_get(self, name, *args, **kwargs):
+        if name == key or (key.endswith("/") and name.startswith(key)):
+            raise error
+        return await get(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "get", failing_get)
+    _VERIFIED.clear()
+    assert cli(["verify", "--repair", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "failure:" in out and "not damage" in out and "nothing was marked or deleted" in out, out
+    assert "repaired" not in out and "damaged" not in out
+    split, name = (key.split("/") + ["", ""])[:2]
+    with pytest.raises(StoreAccessError, match="not damage to the store"):
+        store = EmbeddingStore(path)
+        if name in ("mean", "last", "_digest"):
+            store.layer(split, name if name != "_digest" else "mean", 1)
+        else:
+            store.labels(split)
+    monkeypatch.undo()
+    assert _snapshot(path) == before, "a failure changed the store"
+    _VERIFIED.clear()
+    assert cli(["verify", str(path)]) == 0                     # the same store, read whole once the fault is gone

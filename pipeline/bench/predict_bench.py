@@ -25,7 +25,7 @@ def _extract_all(predictor: Predictor, texts: list[str], poolings: tuple[str, ..
 
 
 def run(params, dataset: str, rows: int, repeats: int) -> dict:
-    predictor = Predictor.from_project(params.store, dataset, token_budget=params.extract.token_budget,
+    predictor = Predictor.from_project(params.store, dataset, embeddings_root=params.embeddings_root, token_budget=params.extract.token_budget,
                                        device="cpu" if not torch.cuda.is_available() else "auto")
     texts = read_corpus(params.data_dir(dataset)).splits["test"].texts[:rows]
     predict_s = median_time(lambda: predictor.predict_proba(texts), repeats)

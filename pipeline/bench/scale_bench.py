@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                             "--dataset", "bench", "--no-progress"], cwd=REPO, env=env, check=True, capture_output=True)
             wall = time.perf_counter() - started
             from pipeline.store import open_store
-            run = open_store(folder / "store", args.model, "bench").attrs["runs"][-1]
+            run = open_store(folder / "store" / "embeddings", args.model, "bench").attrs["runs"][-1]
             results.append({"processes": count, "texts": run["texts"], "tokens": run["tokens"],
                             "seconds": run["seconds"], "tokens_per_s": run["tokens_per_s"],
                             "texts_per_s": run["texts_per_s"], "wall_seconds": round(wall, 2),
