@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from pipeline import location
-from pipeline.errors import PipelineError, exit_status_on_signals
+from pipeline.errors import EXIT_FAILURE, PipelineError, exit_status_on_signals, failure_exit_message, is_failure
 
 
 def _store_paths(args) -> list[Path]:
@@ -174,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
         except (PipelineError, FileNotFoundError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
+        except Exception as error:
+            if not is_failure(error):
+                raise
+            print(f"error: {failure_exit_message(error)}", file=sys.stderr)
+            return EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -497,6 +497,10 @@ def _parse_model(problems: _Problems, name: str, entry: Any) -> ModelSpec | None
             problems.add(f"{key}.files", "a package source needs a list of 'package:relative/path' items")
         elif len(files) > 1 and not entry.get("sha256"):
             problems.add(f"{key}.sha256", "a model split in parts needs the sha256 of the assembled file")
+    for text in ("path", "hub_id", "revision", "filename"):
+        value = entry.get(text)
+        if value is not None and not (isinstance(value, str) and value.strip()):
+            problems.add(f"{key}.{text}", f"must be a non-empty string, got {value!r}")
     if source == "local" and not entry.get("path"):
         problems.add(f"{key}.path", "a local source needs `path` (a folder, a .gguf or a .zip)")
     if source == "hub" and not entry.get("hub_id"):
@@ -680,19 +684,24 @@ def load_params(path: str | Path = "params.yaml", models: list[str] | None = Non
     if isinstance(embeddings, str) and "://" in embeddings and re.search(r"://[^/@]*:[^/@]*@", embeddings):
         problems.add("paths.embeddings", "must not hold credentials: set AWS_ACCESS_KEY_ID etc. in the environment")
         embeddings = None
+    for key, value in (("paths.store", store), ("paths.embeddings", embeddings)):
+        if isinstance(value, (str, Path)) and not location.is_url(value):
+            if why := _not_a_folder(location.as_location(value, root)):
+                problems.add(key, why)
     mirror = paths.get("data_mirror")
     model_specs = {n: s for n, e in _registry(problems, raw, "models").items() if (s := _parse_model(problems, n, e))}
     dataset_specs = {n: s for n, e in _registry(problems, raw, "datasets").items()
                      if (s := _parse_dataset(problems, n, e))}
     select = _mapping(problems, "select", raw.get("select"), ("models", "datasets"))
-    selected_models = models if models is not None else _selection(problems, select, "models")
-    selected_datasets = datasets if datasets is not None else _selection(problems, select, "datasets")
-    for name in selected_models:
-        if name not in model_specs:
-            problems.add("select.models", f"unknown model {name!r}; known models are {sorted(model_specs)}")
-    for name in selected_datasets:
-        if name not in dataset_specs:
-            problems.add("select.datasets", f"unknown dataset {name!r}; known datasets are {sorted(dataset_specs)}")
+    listed_models, listed_datasets = _selection(problems, select, "models"), _selection(problems, select, "datasets")
+    selected_models = models if models is not None else listed_models     # a stage's --model narrows the selection,
+    selected_datasets = datasets if datasets is not None else listed_datasets   # but params.yaml is checked whole
+    for key, names, known in (("select.models", listed_models, model_specs), ("--model", models or [], model_specs),
+                              ("select.datasets", listed_datasets, dataset_specs), ("--dataset", datasets or [], dataset_specs)):
+        kind = "model" if "model" in key else "dataset"
+        for name in dict.fromkeys(names):
+            if name not in known:
+                problems.add(key, f"unknown {kind} {name!r}; known {kind}s are {sorted(known)}")
     extract = _parse_extract(problems, raw.get("extract"))
     for name, spec in dataset_specs.items():
         if spec.max_len is not None and spec.max_len > extract.token_budget:
@@ -701,6 +710,8 @@ def load_params(path: str | Path = "params.yaml", models: list[str] | None = Non
     data = _parse_data(problems, raw.get("data"))
     score, fuse = _parse_score(problems, raw.get("score")), _parse_fuse(problems, raw.get("fuse"), extract.poolings)
     train, report = _parse_train(problems, raw.get("train")), _parse_report(problems, raw.get("report"))
+    if isinstance(report.out, str) and (why := _not_a_folder(root / report.out)):
+        problems.add("report.out", why)
     cost = _parse_cost(problems, raw.get("cost"))
     problems.raise_if_any(path)
     return Params(root=root, store=store, data_mirror=(root / str(mirror)) if mirror else None,
@@ -708,6 +719,16 @@ def load_params(path: str | Path = "params.yaml", models: list[str] | None = Non
                   selected_datasets=list(selected_datasets), data=data, extract=extract,
                   score=score, fuse=fuse, train=train, cost=cost, report=report,
                   embeddings=None if embeddings is None else location.as_location(embeddings, root))
+
+
+def _not_a_folder(path: Path) -> str | None:
+    """Why a configured folder cannot hold the project's files: it is a file, or on a virtual filesystem."""
+    resolved = Path(path).resolve()
+    if resolved.is_file():
+        return f"{path} is a file; it must be a folder (existing, or one to create)"
+    if len(resolved.parts) > 1 and resolved.parts[1] in ("proc", "sys", "dev"):
+        return f"{path} is under /{resolved.parts[1]}, a virtual filesystem; choose a folder on a disk"
+    return None
 
 
 def _unknown_sections(problems: _Problems, raw: dict[str, Any]) -> None:
@@ -726,8 +747,8 @@ def _registry(problems: _Problems, raw: dict[str, Any], key: str) -> dict[str, A
 
 
 def _selection(problems: _Problems, select: dict[str, Any], key: str) -> list[str]:
-    value = select.get(key) or []
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        problems.add(f"select.{key}", f"must be a list of names, got {value!r}")
+    value = select.get(key)
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        problems.add(f"select.{key}", f"must be a non-empty list of names, got {value!r}")
         return []
     return value

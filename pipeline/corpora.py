@@ -65,6 +65,19 @@ def _first_bad_jsonl_line(path: Path) -> tuple[int, str] | None:
                 return number, f"is not valid JSON ({error.msg} at column {error.colno}): {line.strip()[:80]!r}"
             if not isinstance(value, dict):
                 return number, f"holds a JSON {type(value).__name__}, not an object with the text and label columns"
+            for column, field in value.items():
+                if isinstance(field, str) and (where := _lone_surrogate(field)) is not None:
+                    return number, (f"column {column!r} character {where} is a lone UTF-16 surrogate "
+                                    f"({field[where]!r}), which is not text: fix the file")
+    return None
+
+
+def _lone_surrogate(text: str) -> int | None:
+    """Where a string holds half of a UTF-16 pair (JSON's "\\ud800" escape decodes to one), else None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return error.start
     return None
 
 

@@ -72,6 +72,15 @@ def is_failure(error: BaseException) -> bool:
     return False
 
 
+EXIT_FAILURE = 75
+"""Exit status of a stage or command stopped by a failure (is_failure): sysexits' EX_TEMPFAIL, retry later."""
+
+
+def failure_exit_message(error: BaseException) -> str:
+    return (f"{type(error).__name__}: {error}: a failure of the machine or the network (memory, permissions, open "
+            f"files, threads, connection); nothing was recorded as done. Fix the cause and rerun")
+
+
 def failure_message(where, error: BaseException) -> str:
     return (f"{where} could not be read ({type(error).__name__}: {error}): a failure of the machine or the network "
             f"(memory, permissions, open files, threads, connection), not damage to the store; nothing was "

@@ -513,7 +513,11 @@ class EmbeddingStore:
             raise KeyError(f"{self.path} has no split {split!r}; it has {self.splits}")
         if not self.allow_incomplete and not self.is_complete(split):
             done, total = self.completion(split)
-            raise StoreIncompleteError(f"{self.path}/{split} is incomplete ({done}/{total} blocks): "
+            marks = self._node(split, "_done")[:].astype(bool)
+            written = [int(b) for b in np.flatnonzero(~marks & self._node(split, "_digest")[:].any(axis=1))]
+            lost = (f"; block(s) {written[:10]} hold vectors and digests but no done mark (a kill between those "
+                    f"writes, or a deleted _done file): the extraction redoes them" if written else "")
+            raise StoreIncompleteError(f"{self.path}/{split} is incomplete ({done}/{total} blocks){lost}: "
                                        f"finish the extraction (rerun `dvc repro`) before reading it")
         return self._node(split)
 
@@ -674,11 +678,13 @@ class EmbeddingStore:
         return values
 
     def check(self, poolings: Iterable[str], splits: Iterable[str] | None = None) -> None:
-        """Verify every block of these poolings, for readers that rely on a store without reading its
-        vectors (predict: the head was trained on them)."""
+        """Verify every block of these poolings and every row-metadata array, for readers that rely on a
+        store without reading its vectors (predict: the head was trained on them)."""
         for split in splits or self.splits:
             for pooling in poolings:
                 self._verify_rows(split, pooling, self._pooling(split, pooling), slice(None), hold=False)
+            for name in META_ARRAYS:
+                self._verified_meta(split, name)
         self.same_build()
 
     # -- reads ----------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import time
 from typing import Callable
 
 from pipeline.config import Params, load_params
-from pipeline.errors import PipelineError, exit_status_on_signals
+from pipeline.errors import EXIT_FAILURE, PipelineError, exit_status_on_signals, failure_exit_message, is_failure
 
 
 def stage_parser(description: str) -> argparse.ArgumentParser:
@@ -30,8 +30,10 @@ def dataset_stage(description: str) -> tuple[argparse.Namespace, Params, float]:
 
 
 def run_stage(main: Callable[[], None]) -> None:
-    """Run a stage; a PipelineError is the user's to fix, so print its message alone and exit 2; SIGTERM and
-    SIGINT exit 143 and 130 (never 0), whatever Lightning or the stage does with them."""
+    """Run a stage; a PipelineError is the user's to fix, so print its message alone and exit 2; a failure of
+    the machine or network (errors.is_failure: an S3 outage, a permission, memory or open-file limit) gets
+    one line and exit 75 (retry); SIGTERM and SIGINT exit 143 and 130 (never 0), whatever Lightning or the
+    stage does with them."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for name in ("transformers", "datasets", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -41,3 +43,8 @@ def run_stage(main: Callable[[], None]) -> None:
         except PipelineError as error:
             print(f"error: {error}", file=sys.stderr)
             sys.exit(2)
+        except Exception as error:
+            if not is_failure(error):
+                raise                      # a bug: its traceback is what a report needs
+            print(f"error: {failure_exit_message(error)}", file=sys.stderr)
+            sys.exit(EXIT_FAILURE)

@@ -154,6 +154,14 @@ def test_huge_nul_rtl_and_emoji_texts_are_embedded(tmp_path, make_params, prepar
     (lambda raw: raw["models"].update({"../escape": {"source": "local", "path": "/tmp"}}), "model names may hold only"),
     (lambda raw: raw["models"]["minilm-l6"].update(source="ftp"), "models.minilm-l6.source: must be one of"),
     (lambda raw: raw["extract"].update(dtype="int8"), "extract.dtype: must be one of ['float16', 'float32']"),
+    # issue 22, item 9: checked even when a stage names its --model and --dataset
+    (lambda raw: raw["select"].update(models=[]), "select.models: must be a non-empty list of names, got []"),
+    (lambda raw: raw["select"].update(models="minilm-l6"), "select.models: must be a non-empty list of names"),
+    (lambda raw: raw["paths"].update(store="params.yaml"), "params.yaml is a file; it must be a folder"),
+    (lambda raw: raw["paths"].update(store="/proc/self/store"), "is under /proc, a virtual filesystem"),
+    (lambda raw: raw["paths"].update(embeddings="params.yaml"), "params.yaml is a file; it must be a folder"),
+    (lambda raw: raw.setdefault("report", {}).update(out="params.yaml"), "params.yaml is a file; it must be a folder"),
+    (lambda raw: raw["models"]["minilm-l6"].update(source="local", path=5), "models.minilm-l6.path: must be a non-empty string, got 5"),
 ])
 def test_config_problems_are_named_with_their_key(tmp_path, edit, message):
     import yaml
@@ -162,9 +170,30 @@ def test_config_problems_are_named_with_their_key(tmp_path, edit, message):
     edit(raw)
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(raw))
-    with pytest.raises(ConfigError) as error:
-        load_params(path)
-    assert message in str(error.value)
+    for stage in ({}, {"models": ["minilm-l6"], "datasets": ["mr"]}):   # the whole file, and a stage's view
+        with pytest.raises(ConfigError) as error:
+            load_params(path, **stage)
+        assert message in str(error.value)
+
+
+def test_a_stage_model_or_dataset_not_in_the_registry_is_named(tmp_path):
+    import yaml
+    from conftest import registry
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(registry()))
+    with pytest.raises(ConfigError, match="--model: unknown model 'gpt-17'"):
+        load_params(path, models=["gpt-17"])
+    with pytest.raises(ConfigError, match="--dataset: unknown dataset 'imdbx'"):
+        load_params(path, datasets=["imdbx"])
+
+
+def test_a_lone_surrogate_in_a_corpus_is_named_by_file_line_and_column(tmp_path, make_params):
+    """Issue 22, item 9: datasets said only "An error occurred while generating the dataset"."""
+    params, mirror = corpus_with(tmp_path, make_params, base_rows(3))
+    with open(mirror / "odd" / "train.jsonl", "a") as handle:
+        handle.write('{"text": "half a pair \\ud800 here", "label": "a"}\n')     # JSON's escape, as a file holds it
+    with pytest.raises(DataError, match=r"odd/train.jsonl line 4 column 'text' character 12 is a lone UTF-16 surrogate"):
+        build(params)
 
 
 def test_corpus_copy_detects_tampering(tmp_path, make_params):

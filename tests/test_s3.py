@@ -258,3 +258,18 @@ def test_verify_repair_works_on_an_s3_url_and_an_outage_is_not_damage(s3_bucket,
     assert sorted(after) == sorted(before)
     assert [k for k in before if not np.array_equal(after[k], before[k], equal_nan=before[k].dtype.kind == "f")] == []
     assert verify().returncode == 0
+
+
+@pytest.mark.slow
+def test_an_s3_outage_during_extract_is_one_line_and_exit_75(mr_slice, make_params, prepared_models, tmp_path):
+    """Issue 22, item 9: an unreachable endpoint was a botocore traceback; now one line saying it is a failure
+    of the network, not of the store, and the retry exit status (75, EX_TEMPFAIL)."""
+    params_path = s3_params(make_params, mr_slice, prepared_models, tmp_path, "s3://no-such-server/emb")
+    prepare(params_path, "mrslice", prepared_models, ["tiny-llama"])
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9", "AWS_MAX_ATTEMPTS": "1"}
+    done = subprocess.run([sys.executable, "-m", "stages.extract", "--params", str(params_path), "--model",
+                           "tiny-llama", "--dataset", "mrslice", "--no-progress"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 75, done.stderr
+    assert "Traceback" not in done.stderr and "a failure of the machine or the network" in done.stderr, done.stderr

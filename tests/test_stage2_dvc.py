@@ -51,3 +51,39 @@ def test_dvc_repro_then_head_param_reruns_only_train_cost_and_report(tmp_path, m
     assert ran == {"train@mrslice", "cost@mrslice", "report"}, second
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert lock["stages"]["train@mrslice"]["params"]["params.yaml"]["train"]["max_epochs"] == 3
+
+    # SIGTERM to the train stage under dvc repro (a scheduler preempting the job): dvc fails naming the exit
+    # status 143, and dvc.lock keeps the last finished run (issue 22, item 6)
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+    from test_staged_outputs import _catches
+    raw["train"].update(max_epochs=3000, patience=3000)
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    lock_before = (repo / "dvc.lock").read_bytes()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    dvc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True)
+
+    def train_process() -> int | None:
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and b"stages.train" in (entry / "cmdline").read_bytes() and \
+                        (entry / "cwd").resolve() == repo.resolve():
+                    return int(entry.name)
+            except OSError:
+                continue
+        return None
+
+    deadline, pid = time.time() + 300, None
+    while time.time() < deadline and dvc.poll() is None and not (pid and _catches(pid, signal.SIGTERM)):
+        pid = pid or train_process()
+        time.sleep(0.01)
+    assert pid and dvc.poll() is None, "the train stage never started under dvc repro"
+    os.kill(pid, signal.SIGTERM)
+    output, _ = dvc.communicate(timeout=300)
+    assert dvc.returncode != 0 and "stopped by SIGTERM" in output and "143" in output, output
+    assert (repo / "dvc.lock").read_bytes() == lock_before

@@ -179,6 +179,20 @@ def test_damaged_row_metadata_and_digests_are_named(tmp_path):
         EmbeddingStore(path).layer("validation", "mean", 0)
 
 
+def test_a_check_covers_row_metadata_and_a_lost_done_mark_is_named(tmp_path):
+    """Issue 22, item 9: predict's check of a head's store (EmbeddingStore.check) reads the row metadata
+    against its recorded checksums too; a deleted `_done` chunk names the block that lost its mark."""
+    from pipeline.errors import StoreIncompleteError
+    path = make_store(tmp_path, MODEL, DATASET, dtype="float16", compressor=ZSTD)
+    _flip(path / "validation" / "text_id" / "c" / "0", 0.5)
+    EmbeddingStore(path).layer("validation", "mean", 0)              # the vectors alone are intact
+    with pytest.raises(StoreDamagedError, match="validation/text_id is damaged"):
+        EmbeddingStore(path).check(["mean"])
+    (path / "train" / "_done" / "c" / "2").unlink()
+    with pytest.raises(StoreIncompleteError, match=r"block\(s\) \[2\] hold vectors and digests but no done mark"):
+        EmbeddingStore(path).layer("train", "mean", 0)
+
+
 def test_repair_deletes_damaged_dvc_cache_objects_linked_to_the_store(tmp_path):
     """Under DVC (cache.type hardlink or symlink) a store file and its cache object are one file: a flipped
     byte damages both, and once DVC commits the damaged file (by copy) the damaged object named by the
