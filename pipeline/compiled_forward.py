@@ -54,7 +54,7 @@ def resolve_forward(name: str, device: torch.device | str, model=None) -> str:
     """'eager' or 'compiled' for an `extract.forward` setting on this device and model (a loaded
     model, or its config's model_type; None: unknown yet).
 
-    auto: compiled where it was measured faster (see README "Benchmarks") and the model's family is
+    auto: compiled where it was measured faster (see docs/benchmarks.md) and the model's family is
     supported; eager otherwise. compiled on an unsupported family is an error, never a silent eager run.
     """
     if name not in FORWARDS:

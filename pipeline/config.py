@@ -104,7 +104,7 @@ def _plain(settings: Any) -> dict[str, Any]:
 @dataclass(frozen=True)
 class ScoreSettings:
     """`score:` the probe shared by score and fuse (pipeline.probe.Protocol is built from it)."""
-    protocol: str = "cv"             # cv | validation (the study's audit, README)
+    protocol: str = "cv"             # cv | validation (the study's audit, docs/study.md)
     folds: int = 5
     alphas: tuple[float, ...] = (0.001, 0.01, 0.1, 1.0)
     rank: int = 128                  # 0: full width

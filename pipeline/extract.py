@@ -53,7 +53,7 @@ def fingerprint_for(params: Params, model_name: str, corpus: Corpus, source: dic
         "extract": {"max_len": settings.max_len, "dtype": settings.dtype, "poolings": list(settings.poolings),
                     "block_rows": settings.block_rows, "compute_dtype": str(compute_dtype).removeprefix("torch."),
                     "attention": settings.attention, "attention_entropy_rows": settings.attention_entropy_rows,
-                    "token_budget": settings.token_budget,    # batch shapes move stored values (README: The store)
+                    "token_budget": settings.token_budget,    # batch shapes move stored values (docs/store.md)
                     **({"forward": forward} if forward != "eager" else {}),
                     **({POSITIONS_KEY: positions.first} if positions.first else {})},
         "dataset": {"name": corpus.name, "sha256": corpus.meta["sha256"], "label_names": corpus.label_names,

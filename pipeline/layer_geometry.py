@@ -17,7 +17,7 @@ from scipy.stats import entropy
 
 from pipeline.probe import single_thread
 
-# +1: a higher value is read as a better layer, -1: a lower one (see README, "Label-free layer scores")
+# +1: a higher value is read as a better layer, -1: a lower one (see docs/configuration.md, label-free layer scores)
 ORIENTATION = {"dataset_entropy": 1, "effective_rank": 1, "anisotropy": -1}
 ATTENTION_ORIENTATION = {"attention_entropy": 1}   # read as: attention spread over more of the text, a better layer
 LEFT_OUT = {"prompt_entropy": "needs each text's token states; the store keeps pooled vectors only",

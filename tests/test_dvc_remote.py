@@ -22,7 +22,7 @@ def test_push_then_fresh_clone_pull_and_repro_reruns_nothing(tmp_path, mr_slice,
     raw["models"].update(tiny_llama_entry(prepared_models))
     (origin / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     remote = tmp_path / "dvc-remote"
-    run(["dvc", "remote", "add", "-d", "shared", str(remote)], origin)   # users: s3://bucket/dvc (see README)
+    run(["dvc", "remote", "add", "-d", "shared", str(remote)], origin)   # users: s3://bucket/dvc (see docs/scaling.md)
     first = run(["dvc", "repro"], origin)
     assert "Running stage 'extract@tiny-llama-mrslice'" in first
     run(["dvc", "push"], origin)

@@ -27,7 +27,7 @@ POOLINGS = ["mean", "last", "first", "max", "mean_nospecial"]
 
 # -- the independent reference -------------------------------------------------------------------------
 def pool(states: np.ndarray, special: np.ndarray) -> dict[str, np.ndarray]:
-    """One unpadded text's [T, D] states -> each pooling, as the README defines them."""
+    """One unpadded text's [T, D] states -> each pooling, as docs/store.md defines them."""
     content = states[~special] if (~special).any() else states
     return {"mean": states.mean(axis=0), "last": states[-1], "first": states[0], "max": states.max(axis=0),
             "mean_nospecial": content.mean(axis=0)}

@@ -1,5 +1,5 @@
 """What survives what: SIGKILL anywhere, two writers, readers during writes, a full disk, flipped
-bytes, settings drift, killed result writers, and the security audit (README: "What survives what").
+bytes, settings drift, killed result writers, and the security audit (docs/reliability.md).
 
 Extraction children come from a forkserver with torch and transformers preloaded (tests/_workers.py),
 so killing ten of them costs seconds. Every interrupted store is compared bit for bit with one
