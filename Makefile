@@ -2,11 +2,13 @@
 # `make test`: set up .venv (every shipped model: the peer checks read them all) and run the test suite.
 # `make test-fast`: the tests not marked slow.
 # `make study`: also install MPNet and Gemma, then run the cross-corpus study (study.yaml, resumable).
+# `make study-full`: the study's corpora at full size (study_full.yaml), one corpus at a time; then `make study`
+#   compares the capped results with them.
 VENV := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test test-fast setup inspect study stress-distributed
+.PHONY: run test test-fast setup inspect study study-full stress-distributed
 
 $(VENV)/.installed: pyproject.toml setup.sh
 	bash setup.sh
@@ -33,6 +35,9 @@ $(VENV)/.all_models: $(VENV)/.installed
 
 study: $(VENV)/.all_models
 	python -m stages.study --params study.yaml
+
+study-full: $(VENV)/.all_models
+	python -m stages.study --params study_full.yaml --jobs 1
 
 # The multi-process extraction tests RUNS times in a row beside a busy-looping CPU hog (issue 11 item 10:
 # a slow rank used to deal blocks to nobody). Not part of `make test`: about 4 minutes a run on 2 cores.

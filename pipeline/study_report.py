@@ -219,7 +219,7 @@ def shape_section(study: dict[str, Any], max_len: dict[str, int]) -> list[str]:
     return lines + [""]
 
 
-def write_study_report(params, out: Path, uncapped_store: Path | None = None) -> Path:
+def write_study_report(params, out: Path, uncapped_stores: list[Path] | None = None) -> Path:
     """study.md, figures/ and study.json under `out`."""
     store, models, datasets = Path(params.store), params.selected_models, params.selected_datasets
     study = load_study(store, models, datasets)
@@ -235,7 +235,7 @@ def write_study_report(params, out: Path, uncapped_store: Path | None = None) ->
     lines += shape_section(study, {d: params.extract_for(d).max_len for d in datasets}) + cross_corpus_table(study, models) + heatmaps(study, models, figures)
     complementary, answers = complementary_models(study)
     audit_lines, summary = selection_audit(study, *used, (params.score.protocol, params.score.select_rule))
-    lines += complementary + audit_lines + cap_effect(study, models, uncapped_store)
+    lines += complementary + audit_lines + (cap_effect(study, models, uncapped_stores) if uncapped_stores else [])
     score_lines, layer_summary = study_layer_scores(study, models)
     lines += score_lines
     from pipeline.atomic import write_json_atomic, write_text_atomic
@@ -252,21 +252,39 @@ def _best_layers(chosen: ChosenFusion | None, model: str) -> list[int] | None:
     return info.best_layer.layers if info else None
 
 
-def cap_effect(study: dict[str, Any], models: list[str], uncapped_store: Path | None) -> list[str]:
-    """The capped study's chosen layer against the uncapped default run's, where that run's scores exist."""
-    if uncapped_store is None:
-        return []
+def cap_effect(study: dict[str, Any], models: list[str], uncapped_stores: list[Path]) -> list[str]:
+    """The capped study against full-corpus runs of the same corpus and model (the default run's store, an
+    uncapped profile's store): the rows trained on, the layer the probe ranks first, and the test accuracy of
+    the last layer's and the chosen best layer's linear heads. The first store holding a corpus's scores
+    serves it."""
     lines = ["## What the caps change", "",
-             "The layer the probe ranks first on the capped study corpus against the full corpus of the default run "
-             "(`make run`, store/scores), where both exist.", "",
-             "| corpus | model | capped: top layer (score) | uncapped: top layer (score) |", "|---|---|---|---|"]
+             "The capped study corpus against the same corpus at full size, where a full-size run exists (stores: "
+             + ", ".join(f"`{s}`" for s in uncapped_stores) + "): train rows, the layer the probe ranks first "
+             "(its score), and the test accuracy of the linear head on the last layer and on the best layer "
+             "chosen on validation (mean of the seeds).", "",
+             "| corpus | model | train rows: capped / full | top layer (score): capped | full | "
+             "last layer, test: capped | full | best layer, test: capped | full |",
+             "|---|---|---|---|---|---|---|---|---|"]
     found = False
     for dataset, parts in study.items():
         for model in models:
-            full = _read(uncapped_store / "scores" / dataset / model / "scores.json", read_scores)
             capped = parts["scores"].get(model)
-            if full and capped:
-                found = True
-                lines.append(f"| {dataset} | {model} | {capped['best'].layer} ({capped['best'].score:.4f}) | "
-                             f"{full['best'].layer} ({full['best'].score:.4f}) |")
+            store = next((s for s in uncapped_stores
+                          if (s / "scores" / dataset / model / "scores.json").is_file()), None)
+            if store is None or not capped:
+                continue
+            found = True
+            full = _read(store / "scores" / dataset / model / "scores.json", read_scores)
+            full_meta = _read(store / "data" / dataset / "meta.json") or {}
+            rows = [(meta or {}).get("rows", {}).get("train", "–") for meta in (parts["meta"], full_meta)]
+            heads = _read(store / "heads" / dataset / "results.json", _heads)
+            cells = [_accuracy(_row(h, f"{model}: {kind}")) for kind in ("last layer", "best single layer")
+                     for h in (parts["heads"], heads)]
+            lines.append(f"| {dataset} | {model} | {rows[0]} / {rows[1]} | {capped['best'].layer} "
+                         f"({capped['best'].score:.4f}) | {full['best'].layer} ({full['best'].score:.4f}) | "
+                         + " | ".join(cells) + " |")
     return lines + [""] if found else []
+
+
+def _accuracy(row: HeadResult | None) -> str:
+    return "–" if row is None else f"{row.test_accuracy:.3f}"

@@ -13,15 +13,17 @@ from stages.report import report_folder
 def main() -> None:
     parser = stage_parser(__doc__)
     parser.set_defaults(params="study.yaml")
-    parser.add_argument("--uncapped-store", default="store",
-                        help="the default run's store, whose full-corpus scores the capped ones are compared with")
+    parser.add_argument("--uncapped-store", nargs="+", default=["store", "store/study_full"],
+                        help="stores of full-size runs (the default run's; an uncapped profile's such as "
+                             "study_full.yaml) whose results the capped ones are compared with, where they exist")
     args = parser.parse_args()
     start = time.perf_counter()
     params = load_params(args.params)
     out = report_folder(params.root, Path(params.store), params.report.out)
-    uncapped = params.root / args.uncapped_store
+    own = Path(params.store).resolve()
+    uncapped = [params.root / s for s in args.uncapped_store if (params.root / s).resolve() != own]
     with staged_folder(out, keep_others=True) as staged:
-        name = write_study_report(params, staged, uncapped if uncapped.resolve() != Path(params.store).resolve() else None).name
+        name = write_study_report(params, staged, uncapped).name
     print(f"study report: {out / name} in {time.perf_counter() - start:.1f}s")
 
 

@@ -129,7 +129,7 @@ def test_the_study_report_reads_the_same_records(stage2, tmp_path):
     params = SimpleNamespace(store=str(stage2), selected_datasets=["toy"], selected_models=MODELS,
                              extract_for=lambda dataset: SimpleNamespace(max_len=64),
                              score=SimpleNamespace(protocol="cv", select_rule="best"))
-    text = write_study_report(params, tmp_path / "study", uncapped_store=stage2).read_text()
+    text = write_study_report(params, tmp_path / "study", uncapped_stores=[tmp_path / "none", stage2]).read_text()
     data = load_dataset(stage2, "toy", MODELS)
     linear = {r.row: r for r in data.heads.results if r.head == "linear"}
     for i, model in enumerate(MODELS):
@@ -138,7 +138,9 @@ def test_the_study_report_reads_the_same_records(stage2, tmp_path):
         for kind in ("last layer", "best single layer", "best within-model fusion"):
             assert f"{linear[f'{model}: {kind}'].test_accuracy:.3f} [" in line
         best = data.scores[model]["best"]
-        assert f"| toy | {model} | {best.layer} ({best.score:.4f}) | {best.layer} ({best.score:.4f}) |" in text
+        last, chosen = (f"{linear[f'{model}: {kind}'].test_accuracy:.3f}" for kind in ("last layer", "best single layer"))
+        assert (f"| toy | {model} | – / – | {best.layer} ({best.score:.4f}) | {best.layer} ({best.score:.4f}) | "
+                f"{last} | {last} | {chosen} | {chosen} |") in text
     study = json.loads((tmp_path / "study" / "study.json").read_text())
     assert study["best_layers"]["toy"] == {m: data.chosen.models[m].best_layer.layers for m in MODELS}
     assert "- **toy**: " + data.chosen.best_multi.candidate in text
