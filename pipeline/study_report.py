@@ -8,6 +8,8 @@ whether complementary models help, and how the selection protocols and rules far
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -259,7 +261,7 @@ def cap_effect(study: dict[str, Any], models: list[str], uncapped_stores: list[P
     serves it."""
     lines = ["## What the caps change", "",
              "The capped study corpus against the same corpus at full size, where a full-size run exists (stores: "
-             + ", ".join(f"`{s}`" for s in uncapped_stores) + "): train rows, the layer the probe ranks first "
+             + ", ".join(f"`{os.path.relpath(s)}`" for s in uncapped_stores) + "): train rows, the layer the probe ranks first "
              "(its score), and the test accuracy of the linear head on the last layer and on the best layer "
              "chosen on validation (mean of the seeds).", "",
              "| corpus | model | train rows: capped / full | top layer (score): capped | full | "
