@@ -68,19 +68,20 @@ def test_dvc_repro_then_head_param_reruns_only_train_cost_and_report(tmp_path, m
     dvc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            text=True)
 
-    def train_process() -> int | None:
+    def train_stage() -> int | None:
+        """The train stage's Python process once its SIGTERM handler is set (not a shell that runs it)."""
         for entry in Path("/proc").iterdir():
             try:
                 if entry.name.isdigit() and b"stages.train" in (entry / "cmdline").read_bytes() and \
-                        (entry / "cwd").resolve() == repo.resolve():
+                        (entry / "cwd").resolve() == repo.resolve() and _catches(int(entry.name), signal.SIGTERM):
                     return int(entry.name)
             except OSError:
                 continue
         return None
 
     deadline, pid = time.time() + 300, None
-    while time.time() < deadline and dvc.poll() is None and not (pid and _catches(pid, signal.SIGTERM)):
-        pid = pid or train_process()
+    while time.time() < deadline and dvc.poll() is None and pid is None:
+        pid = train_stage()
         time.sleep(0.01)
     assert pid and dvc.poll() is None, "the train stage never started under dvc repro"
     os.kill(pid, signal.SIGTERM)
