@@ -78,7 +78,7 @@ def _summary(store: Path, dataset: str, config: dict) -> str | None:
     """The report's one-line summary of the head predict uses: test figures, gain, blocks run, cost."""
     from pipeline.recommendation import summary_line
     from pipeline.records import CostResult, HeadResults, read_record
-    results = read_record(store / "heads" / dataset / "results.json", HeadResults).results
+    results = read_record(store / "compare" / dataset / "results.json", HeadResults).results
     result = next((r for r in results if r.row == config["row"] and r.head == config["head"]), None)
     cost_path = store / "cost" / dataset / "cost.json"
     cost = read_record(cost_path, CostResult) if cost_path.is_file() else None

@@ -159,6 +159,11 @@ class GatedOptions:
 
 
 @dataclass(frozen=True)
+class LinearOptions:
+    """A linear head has no options; `train.linear: {}` is its key, so its DVC stage lists one like every head."""
+
+
+@dataclass(frozen=True)
 class TrainSettings:
     """`train:` the heads, their seeds and their optimiser."""
     heads: tuple[str, ...] = HEAD_NAMES
@@ -171,6 +176,7 @@ class TrainSettings:
     weight_decay: float = 0.0001
     device: str = "auto"             # auto | cpu | cuda | cuda:N | mps
     threads: int = 1                 # torch CPU threads (0: torch's default)
+    linear: LinearOptions = field(default_factory=LinearOptions)
     mlp: MlpOptions = field(default_factory=MlpOptions)
     cooccurrence: CooccurrenceOptions = field(default_factory=CooccurrenceOptions)
     scalar_mix: ScalarMixOptions = field(default_factory=ScalarMixOptions)
@@ -411,6 +417,7 @@ def _parse_train(problems: _Problems, value: Any) -> TrainSettings:
     device = section.get("device")
     if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device):
         device = section.bad("device", "auto, cpu, cuda, cuda:N or mps")
+    _Section(problems, "train.linear", section.values.get("linear"), defaults.linear)    # names unknown keys
     mlp = _Section(problems, "train.mlp", section.values.get("mlp"), defaults.mlp)
     co = _Section(problems, "train.cooccurrence", section.values.get("cooccurrence"), defaults.cooccurrence)
     mix = _Section(problems, "train.scalar_mix", section.values.get("scalar_mix"), defaults.scalar_mix)

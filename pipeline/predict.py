@@ -29,7 +29,7 @@ from pipeline.fingerprint import differences
 from pipeline.heads import load_head, load_standardisation, read_head_config, verified_bytes
 from pipeline.layer_tap import text_config
 from pipeline.models import folder_fingerprint, load_model
-from pipeline.records import HeadResults, chosen_on_validation, read_record
+from pipeline.records import HeadResult, HeadResults, chosen_on_validation, read_record
 
 CHUNK_TEXTS = 2048   # texts per pass: bounds memory on huge inputs, and paces the progress bar
 
@@ -157,9 +157,16 @@ class Predictor:
     @classmethod
     def from_project(cls, store_root: Path, dataset: str, row: str | None = None, head: str | None = None,
                      seed: int | str = "best", embeddings_root: Path | str | None = None, **kwargs) -> "Predictor":
-        """A head under store_root/heads, its models under store_root/models, its stores under embeddings_root
-        (paths.embeddings; store_root/embeddings when None)."""
-        head_dir = choose_head(Path(store_root) / "heads" / dataset, row, head, seed)
+        """The head chosen among store_root/compare/<dataset>/results.json (row, head and seed: given, or chosen on
+        validation), its models under store_root/models, its stores under embeddings_root (paths.embeddings;
+        store_root/embeddings when None)."""
+        return cls.from_head_dir(store_root, dataset, choose_head(store_root, dataset, row, head, seed), embeddings_root,
+                                 **kwargs)
+
+    @classmethod
+    def from_head_dir(cls, store_root: Path, dataset: str, head_dir: Path, embeddings_root: Path | str | None = None,
+                      **kwargs) -> "Predictor":
+        """One trained head's folder (store_root/heads/<dataset>/<head>/<row>/seed<k>) with its project's models."""
         config = read_head_config(head_dir)
         embeddings_root = Path(store_root) / "embeddings" if embeddings_root is None else embeddings_root
         return cls(head_dir, uses_from_store(config, embeddings_root, dataset, Path(store_root) / "models"), **kwargs)
@@ -271,12 +278,19 @@ def model_features(model, tokenizer, use: ModelUse, texts: list[str], device, to
     return out, truncated
 
 
-def choose_head(heads_root: Path, row: str | None, head: str | None, seed: int | str) -> Path:
-    """The head folder for (row, head, seed); unspecified parts are chosen by validation accuracy only."""
-    results_path = heads_root / "results.json"
+def choose_head(store_root: Path, dataset: str, row: str | None, head: str | None, seed: int | str) -> Path:
+    """The head folder for (row, head, seed) among the compared heads of a dataset (stage compare's
+    results.json); unspecified parts are chosen by validation accuracy only."""
+    results_path = Path(store_root) / "compare" / dataset / "results.json"
     if not results_path.is_file():
-        raise PipelineError(f"no trained heads at {heads_root}: run `dvc repro` (stage train) first")
-    results = read_record(results_path, HeadResults).results
+        raise PipelineError(f"no trained heads at {results_path.parent}: run `dvc repro` (stages train and compare) first")
+    return choose_among(read_record(results_path, HeadResults).results, Path(store_root) / "heads" / dataset, row,
+                        head, seed)
+
+
+def choose_among(results: list[HeadResult], heads_root: Path, row: str | None, head: str | None,
+                 seed: int | str) -> Path:
+    """choose_head on a results table in hand (stage compare records its choice with it)."""
     candidates = [r for r in results if (row is None or r.row == row) and (head is None or r.head == head)]
     if not candidates:
         known = sorted({(r.row, r.head) for r in results})

@@ -243,7 +243,7 @@ class ChosenFusion(Record):
     note: str = ""
 
 
-# -- train stage: store/heads/<dataset>/results.json ---------------------------------------------------------
+# -- stages train and compare: store/heads/<dataset>/<head>/results.json, store/compare/<dataset>/results.json -----------------------------------------------------
 @dataclass
 class HeadResult(Record):
     """One head trained on one row's inputs: means and stds over seeds, test intervals and paired tests."""
@@ -281,7 +281,8 @@ class HeadResults(Record):
     bytes_read: int
     seconds: float
     settings: dict[str, Any]
-    stage_seconds: float = 0.0                  # set by stages/train.py
+    stage_seconds: float = 0.0                  # set by stages/train.py (one head type) or stages/compare.py
+    head_stage_seconds: dict[str, float] = field(default_factory=dict)   # compare: each head type's train stage
 
 
 
@@ -289,6 +290,20 @@ def chosen_on_validation(results: list[HeadResult]) -> HeadResult:
     """The head with the best validation accuracy: predict's default and the report's recommendation, one rule
     so that the head the cost stage times is the head the report recommends."""
     return max(results, key=lambda r: r.validation_accuracy)
+
+
+@dataclass
+class ChosenHead(Record):
+    """chosen_head.json: the head predict uses by default (chosen on validation, its best seed), which the cost
+    stage times. It changes only when that head does, so retraining another head type reruns no timing."""
+    row: str
+    head: str
+    folder: str                                 # under store/heads/<dataset>
+    seed: int
+    inputs: list[list[Any]]                     # (model, pooling, layer) read at predict time
+    files_sha256: dict[str, str]                # the head's weights and standardisation
+    validation_accuracy: float                  # of this seed
+
 
 # -- cost stage: store/cost/<dataset>/cost.json ----------------------------------------------------------------
 @dataclass

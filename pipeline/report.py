@@ -35,7 +35,7 @@ class DatasetResults:
     leaderboard: list[LeaderboardRow]
     heads: HeadResults
     resources: dict[str, dict[str, Any]]
-    gates: list[dict[str, Any]] = field(default_factory=list)   # heads/<dataset>/gate_weights.json, when gated ran
+    gates: list[dict[str, Any]] = field(default_factory=list)   # compare/<dataset>/gate_weights.json ([]: no gated head)
     cost: CostResult | None = None              # cost/<dataset>/cost.json, when stage cost ran
 
     @property
@@ -49,9 +49,9 @@ def load_dataset(store: Path, dataset: str, models: list[str]) -> DatasetResults
         dataset, {m: read_scores(store / "scores" / dataset / m / "scores.json") for m in models},
         read_record(store / "fusion" / dataset / "chosen.json", ChosenFusion),
         read_records(store / "fusion" / dataset / "leaderboard.json", LeaderboardRow),
-        read_record(store / "heads" / dataset / "results.json", HeadResults),
-        read_json(store / "heads" / dataset / "resources.json"),
-        read_json(gates) if (gates := store / "heads" / dataset / "gate_weights.json").is_file() else [],
+        read_record(store / "compare" / dataset / "results.json", HeadResults),
+        read_json(store / "compare" / dataset / "resources.json"),
+        read_json(store / "compare" / dataset / "gate_weights.json"),
         read_record(cost, CostResult) if (cost := store / "cost" / dataset / "cost.json").is_file() else None)
 
 
@@ -206,13 +206,29 @@ def gated_section(data: DatasetResults, figures: Path) -> list[str]:
                   for against in r.paired_tests if against.endswith("on the same inputs")]
         lines.append("")
     for entry in data.gates:
-        name = f"{data.name}_gates_{entry['folder'].split('/')[0]}.png"
+        name = f"{data.name}_gates_{entry['folder'].split('/')[-1]}.png"     # gated/<row>
         per_class = {c: (m, s) for c, m, s in zip(entry["classes"], entry["per_class"], entry["per_class_std"])
                      if m is not None}
         plot_gate_weights(figures / name, [":".join(map(str, source)) for source in entry["sources"]], per_class,
                           f"{data.name}, {entry['row']}: gate weight per class")
         lines.append(f"![gate weights, {entry['row']}]({figures.name}/{name})")
     return lines + [""] if lines else []
+
+
+def train_cost_section(heads: HeadResults) -> list[str]:
+    """What each head type's train stage cost: the price of one `dvc exp run -S train.<head>...`."""
+    if not heads.head_stage_seconds:
+        return []
+    seeds = len(heads.settings["seeds"])
+    lines = ["### Train cost", "", f"Each head type is its own train stage; {seeds} seed(s) "
+             "per input row. Seconds of training (the fits, early stopping included), from each row's `results.json` entry.", "",
+             "| head | stage s | input rows | fits | s per fit | s per row (all seeds) |", "|---|---|---|---|---|---|"]
+    for head, stage_seconds in heads.head_stage_seconds.items():
+        trained = {r.folder: r.seconds for r in heads.results if r.head == head}     # identical inputs: trained once
+        fits = len(trained) * seeds
+        lines.append(f"| {head} | {stage_seconds:.1f} | {len(trained)} | {fits} | {sum(trained.values()) / fits:.2f} | "
+                     f"{sum(trained.values()) / len(trained):.2f} |")
+    return lines + [""]
 
 
 def resources_section(resources: dict[str, dict[str, Any]]) -> list[str]:
@@ -227,14 +243,17 @@ def dataset_section(data: DatasetResults, figures: Path) -> list[str]:
     return ([f"## {data.name}", ""] + heads_section(data.heads.results, data.metric)
             + selection_section(data.scores, data.chosen) + layers_section(data, figures)
             + layer_scores_section(data.scores, data.name, figures) + fusion_section(data)
-            + scalar_mix_section(data, figures) + gated_section(data, figures) + resources_section(data.resources))
+            + scalar_mix_section(data, figures) + gated_section(data, figures) + train_cost_section(data.heads)
+            + resources_section(data.resources))
 
 
 def stage_times(data: DatasetResults) -> list[tuple[str, float]]:
     """The wall time of each stage that produced this dataset's results."""
     times = [(f"score {model} x {data.name}", result.get("stage_seconds", result["seconds"]))
              for model, result in data.scores.items()]
-    times += [(f"fuse {data.name}", data.chosen.stage_seconds), (f"train {data.name}", data.heads.stage_seconds)]
+    times += [(f"fuse {data.name}", data.chosen.stage_seconds)]
+    times += [(f"train {data.name} {head}", seconds) for head, seconds in data.heads.head_stage_seconds.items()]
+    times += [(f"compare {data.name}", data.heads.stage_seconds)]
     return times + ([(f"cost {data.name}", data.cost.stage_seconds)] if data.cost else [])
 
 

@@ -62,7 +62,7 @@ def load_study(store: Path, models: list[str], datasets: list[str]) -> dict[str,
             "meta": _read(store / "data" / dataset / "meta.json"),
             "scores": {m: _read(store / "scores" / dataset / m / "scores.json", read_scores) for m in models},
             "chosen": _read(store / "fusion" / dataset / "chosen.json", _chosen),
-            "heads": _read(store / "heads" / dataset / "results.json", _heads),
+            "heads": _read(store / "compare" / dataset / "results.json", _heads),
             "audit": _read(store / "audit" / dataset / "audit.json"),
         }
     return out
@@ -279,7 +279,7 @@ def cap_effect(study: dict[str, Any], models: list[str], uncapped_stores: list[P
             full = _read(store / "scores" / dataset / model / "scores.json", read_scores)
             full_meta = _read(store / "data" / dataset / "meta.json") or {}
             rows = [(meta or {}).get("rows", {}).get("train", "–") for meta in (parts["meta"], full_meta)]
-            heads = _read(store / "heads" / dataset / "results.json", _heads)
+            heads = _read(store / "compare" / dataset / "results.json", _heads)
             cells = [_accuracy(_row(h, f"{model}: {kind}")) for kind in ("last layer", "best single layer")
                      for h in (parts["heads"], heads)]
             lines.append(f"| {dataset} | {model} | {rows[0]} / {rows[1]} | {capped['best'].layer} "

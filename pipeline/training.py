@@ -29,15 +29,15 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-from safetensors.torch import save as safetensors_bytes
+from safetensors.torch import load_file, save as safetensors_bytes
 
 from pipeline.atomic import write_bytes_atomic, write_json_atomic
 from pipeline.datamodule import LayerCache, LayerDataModule
 from pipeline.devices import lightning_accelerator
-from pipeline.config import TrainSettings
-from pipeline.heads import HeadModule, build_net
+from pipeline.config import HEAD_NAMES, TrainSettings
+from pipeline.heads import HeadModule, build_net, read_head_config
 from pipeline.probe import metrics, torch_threads
-from pipeline.records import HeadResult, HeadResults
+from pipeline.records import HeadResult, HeadResults, ResultFileError, read_record
 from pipeline.significance import TestRows, add_holm, add_test_uncertainty
 
 FUSED_HEADS = ("linear", "mlp")
@@ -46,7 +46,6 @@ LLMEMBED_POOLING = "mean"
 """LLMEmbed's inputs are mean-pooled: its decoder layers (mean over tokens) and the native sentence vector of
 sentence-transformers encoders (MiniLM and MPNet pool by the mean); used whatever pooling the probe chose."""
 GATE_SPLIT = "validation"       # gate weights per class are read on validation: nothing more is read from test
-TEST_PREDICTIONS = "_test_predictions"      # kept in memory for the paired tests, saved beside each head
 GATES = "_gate_weights"                     # a gated head's per-class gate weights, gathered into gate_weights.json
 
 
@@ -63,6 +62,12 @@ def train_settings(train: TrainSettings) -> dict[str, Any]:
     """The heads' settings from params.yaml's `train:` section (typed, validated and defaulted by
     pipeline.config), as the dict that fit_head reads and results.json records."""
     return train.as_dict()
+
+
+def head_settings(settings: dict[str, Any], head: str) -> dict[str, Any]:
+    """What one head's training reads: the shared keys and its own options train.<head>, not the other heads' (the keys of
+    its DVC stage's params, so that changing train.mlp retrains the MLP heads alone)."""
+    return {key: value for key, value in settings.items() if key not in HEAD_NAMES or key == head}
 
 
 def slug(text: str) -> str:
@@ -195,7 +200,7 @@ def fit_head(cache: LayerCache, run: dict[str, Any], head: str, seed: int, setti
     write_bytes_atomic(out_dir / "test_predictions.safetensors",
                        safetensors_bytes({"predictions": test_pred.to(torch.int32), "labels": test_y.to(torch.int32)}))
     write_json_atomic(out_dir / "config.json", config)
-    return {**config, TEST_PREDICTIONS: test_pred.numpy(), **({GATES: gates} if gates else {})}
+    return {**config, **({GATES: gates} if gates else {})}
 
 
 def summarise(configs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -238,44 +243,97 @@ def add_same_input_tests(results: list[dict[str, Any]], predictions: dict[tuple[
                     **test, "against": f"{other['row']} ({other['head']})"}
 
 
-def train_dataset(embeddings_root: Path, dataset: str, chosen: dict[str, Any], settings: dict[str, Any],
-                  out_root: Path) -> dict[str, Any]:
-    """Every planned (row, head) with every seed; returns the results table written to results.json (a
-    HeadResults record's JSON) and writes gate_weights.json beside it when gated heads were trained."""
+def head_plan(chosen: dict[str, Any], settings: dict[str, Any], head: str,
+              poolings: dict[str, list[str]] | None = None) -> list[dict[str, Any]]:
+    """The planned rows that train this head (the plan of every head in `train.heads`, so a gated head's
+    comparison rows are the same whichever stage trains them)."""
+    return [run for run in plan_runs(chosen, settings["heads"], poolings) if head in run["heads"]]
+
+
+def train_head(embeddings_root: Path, dataset: str, chosen: dict[str, Any], settings: dict[str, Any], head: str,
+               out_root: Path) -> dict[str, Any]:
+    """One head type on every row planned for it, every seed (stage train@<dataset>-<head>): the heads under
+    out_root/<row>/seed<k>, and the rows as a HeadResults record's JSON, without test intervals or paired
+    tests (stage compare adds those across head types). A gated head also writes gate_weights.json."""
     start = time.perf_counter()
     resolve_accelerator(settings["device"])        # refuse a missing GPU before reading anything
     with torch_threads(int(settings.get("threads") or torch.get_num_threads())):   # train.threads, this stage only
         cache = LayerCache(embeddings_root, dataset)
         label_names = cache.store(next(iter(chosen["models"]))).label_names
         decoders = {m: bool(info["decoder"]) for m, info in chosen["models"].items()}
-        runs = plan_runs(chosen, settings["heads"], {m: cache.store(m).poolings for m in chosen["models"]})
+        runs = head_plan(chosen, settings, head, {m: cache.store(m).poolings for m in chosen["models"]})
         # every layer any run needs, read once into one tensor per (model, pooling, split); test comes later
         cache.load([i for run in runs for i in spec_from_groups(run["groups"])[0]], ("train", "validation"))
-        done: dict[tuple[str, str], dict[str, Any]] = {}
-        results, predictions, gates = [], {}, []
+        done: dict[str, dict[str, Any]] = {}
+        results, gates = [], []
         for run in runs:
-            key_inputs = json.dumps(run["groups"], sort_keys=True)
-            for head in run["heads"]:
-                key = (key_inputs, head)
-                if key not in done:
-                    folder = out_root / slug(run["row"]) / head
-                    configs = [fit_head(cache, run, head, seed, settings, folder / f"seed{seed}", label_names, decoders,
-                                        out_root / ".trainer") for seed in settings["seeds"]]
-                    done[key] = {**summarise(configs), "folder": str(folder.relative_to(out_root)),
-                                 TEST_PREDICTIONS: np.stack([c[TEST_PREDICTIONS] for c in configs])}
-                    if GATES in configs[0]:
-                        gates.append(summarise_gates(run["row"], done[key]["folder"], configs))
-                results.append({"row": run["row"], "kind": run["kind"], "head": head, "groups": run["groups"],
-                                "probe_score": run["probe"]["score"] if run["probe"] else None,
-                                "probe_std": run["probe"]["std"] if run["probe"] else None,
-                                **{k: v for k, v in done[key].items() if k != TEST_PREDICTIONS}})
-                predictions[(run["row"], head)] = done[key][TEST_PREDICTIONS]
-        first_model = next(iter(chosen["models"]))
-        tests = TestRows(cache.labels(first_model, "test").numpy(), len(label_names), seed=int(settings["seeds"][0]))
-        add_test_uncertainty(results, predictions, tests)
-        add_same_input_tests(results, predictions, tests)
-        add_holm(results)
+            key = json.dumps(run["groups"], sort_keys=True)       # identical inputs are trained once
+            if key not in done:
+                folder = out_root / slug(run["row"])
+                configs = [fit_head(cache, run, head, seed, settings, folder / f"seed{seed}", label_names, decoders,
+                                    out_root / ".trainer") for seed in settings["seeds"]]
+                done[key] = {**summarise(configs), "folder": f"{head}/{slug(run['row'])}"}
+                if GATES in configs[0]:
+                    gates.append(summarise_gates(run["row"], done[key]["folder"], configs))
+            results.append({"row": run["row"], "kind": run["kind"], "head": head, "groups": run["groups"],
+                            "probe_score": run["probe"]["score"] if run["probe"] else None,
+                            "probe_std": run["probe"]["std"] if run["probe"] else None, **done[key]})
         if gates:
             write_json_atomic(out_root / "gate_weights.json", gates)
         return HeadResults(dataset=dataset, results=[HeadResult(**row) for row in results], bytes_read=cache.bytes_read,
-                           seconds=round(time.perf_counter() - start, 3), settings=settings).to_json()
+                           seconds=round(time.perf_counter() - start, 3), settings=head_settings(settings, head)).to_json()
+
+
+def test_predictions(heads_root: Path, result: HeadResult, seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """A head's saved test predictions, [seeds, rows], and the test labels they were scored on."""
+    predictions, labels = [], None
+    for seed in seeds:
+        saved = load_file(str(heads_root / result.folder / f"seed{seed}" / "test_predictions.safetensors"))
+        predictions.append(saved["predictions"].numpy())
+        if labels is not None and not np.array_equal(labels, saved["labels"].numpy()):
+            raise ResultFileError(f"{heads_root / result.folder}: seeds were scored on different test rows; "
+                                  "rerun its train stage")
+        labels = saved["labels"].numpy()
+    return np.stack(predictions), labels
+
+
+def compare_heads(heads_root: Path, dataset: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """Every head type's rows of one dataset in one table (stage compare): 95% test intervals, paired tests on
+    the same test rows against the baselines and between heads on identical inputs, Holm over them all. Reads the
+    saved test predictions only; returns the HeadResults JSON that results.json holds."""
+    start = time.perf_counter()
+    parts = {head: read_record(heads_root / head / "results.json", HeadResults) for head in settings["heads"]}
+    for head, part in parts.items():
+        if part.settings != head_settings(settings, head):
+            raise ResultFileError(f"{heads_root / head / 'results.json'} was trained with other train settings "
+                                  f"than params.yaml's; rerun its train stage")
+    results, predictions, labels = [], {}, None
+    for head, part in parts.items():
+        for result in part.results:
+            predictions[(result.row, head)], rows = test_predictions(heads_root, result, settings["seeds"])
+            if labels is not None and not np.array_equal(labels, rows):
+                raise ResultFileError(f"{heads_root / result.folder}: scored on other test rows than "
+                                      f"{results[0]['folder']}; rerun the train stages of {dataset}")
+            labels = rows
+            results.append(result.to_json())
+    order = {name: i for i, name in enumerate(dict.fromkeys(r["row"] for r in results))}
+    results.sort(key=lambda r: (order[r["row"]], settings["heads"].index(r["head"])))   # rows as planned
+    label_names = read_head_config(heads_root / results[0]["folder"] / f"seed{settings['seeds'][0]}")["label_names"]
+    tests = TestRows(labels, len(label_names), seed=int(settings["seeds"][0]))
+    add_test_uncertainty(results, predictions, tests)
+    add_same_input_tests(results, predictions, tests)
+    add_holm(results)
+    return HeadResults(dataset=dataset, results=[HeadResult(**row) for row in results],
+                       bytes_read=sum(p.bytes_read for p in parts.values()),
+                       seconds=round(sum(p.seconds for p in parts.values()) + time.perf_counter() - start, 3),
+                       settings=settings, head_stage_seconds={h: p.stage_seconds for h, p in parts.items()}).to_json()
+
+
+def train_dataset(embeddings_root: Path, dataset: str, chosen: dict[str, Any], settings: dict[str, Any],
+                  out_root: Path) -> dict[str, Any]:
+    """Every head type into out_root/<head>, then their comparison: what stages train and compare do for one
+    dataset, in one process (tests, benchmarks). Returns the compared HeadResults JSON."""
+    for head in settings["heads"]:
+        write_json_atomic(out_root / head / "results.json",
+                          train_head(embeddings_root, dataset, chosen, settings, head, out_root / head))
+    return compare_heads(out_root, dataset, settings)

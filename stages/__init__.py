@@ -19,11 +19,12 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def dataset_stage(description: str) -> tuple[argparse.Namespace, Params, float]:
-    """The start of a per-dataset Stage 2 entry point: its arguments (`--params`, `--dataset`), the params for
-    that dataset, and the start time its `stage_seconds` counts from."""
+def dataset_stage(description: str, *required: str) -> tuple[argparse.Namespace, Params, float]:
+    """The start of a per-dataset Stage 2 entry point: its arguments (`--params`, `--dataset` and the `required`
+    others, e.g. "head"), the params for that dataset, and the start time its `stage_seconds` counts from."""
     parser = stage_parser(description)
-    parser.add_argument("--dataset", required=True)
+    for name in ("dataset", *required):
+        parser.add_argument(f"--{name}", required=True)
     args = parser.parse_args()
     start = time.perf_counter()
     return args, load_params(args.params, datasets=[args.dataset]), start

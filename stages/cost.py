@@ -1,4 +1,4 @@
-"""Stage cost: what the head chosen on validation and every fusion candidate cost at predict time on this
+"""Stage cost: what the head chosen on validation (store/compare/<dataset>/chosen_head.json) and every fusion candidate cost at predict time on this
 machine, into store/cost/<dataset>/cost.json (pipeline/predict_timing.py, pipeline/cost.py).
 
 Test is read only by the audit's judge, for the fuse stage's choice and for the cheapest candidate within one
@@ -17,7 +17,7 @@ from pipeline.machine import machine_in_words
 from pipeline.predict import Predictor
 from pipeline.predict_timing import model_cost_curve, time_predictor
 from pipeline.probe import protocol_from_params
-from pipeline.records import ChosenFusion, LeaderboardRow, read_record, read_records
+from pipeline.records import ChosenFusion, ChosenHead, LeaderboardRow, read_record, read_records
 from pipeline.store import open_store
 from stages import dataset_stage, run_stage
 
@@ -30,10 +30,11 @@ def main() -> None:
     curves = {model: model_cost_curve(open_store(params.embeddings_root, model, dataset), model, store / "models", texts, settings,
                                       device, budget) for model in params.selected_models}
 
-    predictor = Predictor.from_project(store, dataset, embeddings_root=params.embeddings_root, device=str(device), token_budget=budget)
+    chosen_head = read_record(store / "compare" / dataset / "chosen_head.json", ChosenHead)
+    predictor = Predictor.from_head_dir(store, dataset, store / "heads" / dataset / chosen_head.folder / f"seed{chosen_head.seed}",
+                                        params.embeddings_root, device=str(device), token_budget=budget)
     groups = [{"model": m, "layers": [l]} for m, _, l in predictor.inputs]
-    head = {"folder": str(predictor.head_dir.relative_to(store / "heads" / dataset)),
-            "row": predictor.config["row"], "head": predictor.config["head"], "seed": predictor.config["seed"],
+    head = {"folder": chosen_head.folder, "row": chosen_head.row, "head": chosen_head.head, "seed": chosen_head.seed,
             "deepest": deepest_layers(groups), "estimated_seconds_per_1000": estimate_seconds(groups, curves),
             "measured_seconds_per_1000": time_predictor(predictor, texts, settings.repeats)}
 

@@ -46,7 +46,8 @@ def main() -> None:
     per_corpus = {
         "score": lambda d: [["stages.score", "--model", m, "--dataset", d] for m in models],
         "fuse": lambda d: [["stages.fuse", "--dataset", d]],
-        "train": lambda d: [["stages.train", "--dataset", d]],
+        "train": lambda d: [["stages.train", "--dataset", d, "--head", h] for h in params.train.heads]
+                           + [["stages.compare", "--dataset", d]],
         "audit": lambda d: [["stages.audit", "--dataset", d]],
     }
     try:

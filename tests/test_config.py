@@ -72,7 +72,7 @@ def test_a_misspelt_train_section_stops_a_stage_run_by_hand(tmp_path, monkeypatc
     raw = registry()
     raw["trian"] = raw.pop("train")
     path = write(tmp_path, raw)
-    monkeypatch.setattr(sys, "argv", ["train", "--params", str(path), "--dataset", "mr"])
+    monkeypatch.setattr(sys, "argv", ["train", "--params", str(path), "--dataset", "mr", "--head", "mlp"])
     with pytest.raises(SystemExit) as exited:
         run_stage(train.main)
     assert exited.value.code == 2

@@ -239,7 +239,7 @@ def test_train_dataset_compares_the_gate_on_identical_inputs_and_writes_typed_re
                                                                        "scalar_mix on the same inputs"}
     assert "cooccurrence on the same inputs" in rows[("LLMEmbed inputs (co-occurrence)", "gated")].paired_tests
     assert "linear on the same inputs" in rows[("multi-model: best fusion", "gated")].paired_tests
-    gates = json.loads((tmp_path / "heads" / "gate_weights.json").read_text())
+    gates = json.loads((tmp_path / "heads" / "gated" / "gate_weights.json").read_text())
     assert [g["row"] for g in gates] == ["toy-dec: all layers", "toy-enc: all layers", "multi-model: best fusion",
                                          "LLMEmbed inputs (co-occurrence)"]
     for entry in gates:
@@ -257,3 +257,11 @@ def test_train_dataset_compares_the_gate_on_identical_inputs_and_writes_typed_re
     assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == [
         "toy_gates_LLMEmbed-inputs-co-occurrence.png", "toy_gates_multi-model-best-fusion.png",
         "toy_gates_toy-dec-all-layers.png", "toy_gates_toy-enc-all-layers.png"]
+    # compare takes each head type's results as trained with the shared keys and its own options only: another
+    # head's options may change (its stage alone reruns), a shared key may not without retraining
+    from pipeline.records import ResultFileError
+    from pipeline.training import compare_heads
+    others = {**settings, "mlp": {**settings["mlp"], "widths": [7]}}                # mlp is not among these heads
+    assert compare_heads(tmp_path / "heads", "toy", others)["results"] == written["results"]
+    with pytest.raises(ResultFileError, match=r"heads/linear/results\.json was trained with other train settings"):
+        compare_heads(tmp_path / "heads", "toy", {**settings, "max_epochs": 5})

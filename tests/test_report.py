@@ -49,8 +49,9 @@ def stage2(tmp_path_factory) -> Path:
     heads = train_dataset(root / "embeddings", "toy", chosen, settings, root / "heads" / "toy")
     heads = as_json(heads)
     heads["stage_seconds"] = 3.5
-    write_json_atomic(root / "heads" / "toy" / "results.json", heads)
-    write_json_atomic(root / "heads" / "toy" / "resources.json", resources_of(root / "embeddings", "toy", MODELS))
+    write_json_atomic(root / "compare" / "toy" / "results.json", heads)       # what stage compare writes
+    write_json_atomic(root / "compare" / "toy" / "resources.json", resources_of(root / "embeddings", "toy", MODELS))
+    write_json_atomic(root / "compare" / "toy" / "gate_weights.json", [])
     return root
 
 
@@ -75,7 +76,10 @@ def test_the_report_shows_every_head_and_every_choice(stage2, tmp_path):
                         "## toy", "### Heads on test (read once, after training)",
                         "### Selection", "### Layers (probe)",
                         "### Label-free and gradient layer scores against the probe",
-                        "### Fusion search (probe, top 10)", "### Resources", "## Stage wall time"]
+                        "### Fusion search (probe, top 10)", "### Train cost", "### Resources", "## Stage wall time"]
+    cost = text.split("### Train cost")[1].split("###")[0]
+    assert [l.split(" | ")[0] for l in cost.splitlines() if l.startswith("| ") and "---" not in l][1:] == [
+        "| linear", "| scalar_mix"]                 # one row per head type's train stage
     chosen = data.chosen
     assert f"| overall | {chosen.chosen.candidate} | {chosen.chosen.score:.4f} |" in text
     for model in MODELS:
@@ -83,7 +87,8 @@ def test_the_report_shows_every_head_and_every_choice(stage2, tmp_path):
         assert f"| {model} | {data.scores[model]['best_pooling']} | {best.layer} of " in text
         assert f"best within-model fusion {chosen.models[model].best_fusion.candidate}" in text
         assert f"| score {model} x toy | 1.5 |" in text
-    assert "| fuse toy | 2.5 |" in text and "| train toy | 3.5 |" in text and "a note on the search" in text
+    assert "| fuse toy | 2.5 |" in text and "| compare toy | 3.5 |" in text and "| train toy linear | " in text
+    assert "a note on the search" in text
     assert "![scalar mix weights](figures/toy_scalar_mix_weights.png)" in text
     assert (tmp_path / "reports" / "figures" / "toy_scalar_mix_weights.png").stat().st_size > 1000
     top = data.leaderboard[0]
@@ -100,7 +105,7 @@ def test_the_report_shows_every_head_and_every_choice(stage2, tmp_path):
 
 
 def test_the_plain_words_name_each_paired_test(stage2):
-    results = read_record(stage2 / "heads" / "toy" / "results.json", HeadResults).results
+    results = read_record(stage2 / "compare" / "toy" / "results.json", HeadResults).results
     lines = heads_section(results, "accuracy")
     tests = [(r, against) for r in results if r.kind != "last" for against in r.paired_tests]
     assert tests and sum(l.startswith("- ") for l in lines) == len(tests)
@@ -109,13 +114,13 @@ def test_the_plain_words_name_each_paired_test(stage2):
 
 
 def test_results_files_round_trip_and_a_damaged_one_is_named(stage2, tmp_path):
-    for path, cls in ((stage2 / "heads" / "toy" / "results.json", HeadResults),
+    for path, cls in ((stage2 / "compare" / "toy" / "results.json", HeadResults),
                       (stage2 / "fusion" / "toy" / "chosen.json", ChosenFusion)):
         record = read_record(path, cls)
         assert record.to_json() == json.loads(path.read_text()) and cls.from_json(record.to_json()) == record
     broken = tmp_path / "store"
     shutil.copytree(stage2, broken)
-    results = broken / "heads" / "toy" / "results.json"
+    results = broken / "compare" / "toy" / "results.json"
     raw = json.loads(results.read_text())
     del raw["results"][2]["test_accuracy"]
     results.write_text(json.dumps(raw))
@@ -158,7 +163,7 @@ def test_holm_adjustment_and_p_value_text():
 
 
 def test_every_paired_test_has_its_holm_p_in_the_report(stage2):
-    results = read_record(stage2 / "heads" / "toy" / "results.json", HeadResults).results
+    results = read_record(stage2 / "compare" / "toy" / "results.json", HeadResults).results
     tests = [t for r in results for t in r.paired_tests.values()]
     assert tests and all(t["p_holm"] >= t["p_value"] and t["resamples"] == 2000 for t in tests)
     lines = heads_section(results, "accuracy")

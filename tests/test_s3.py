@@ -168,7 +168,8 @@ def test_stage2_reads_the_s3_store_not_a_conflicting_local_one(s3_bucket, mr_sli
 
     _stage(params_path, "stages.score", "--model", "tiny-llama", "--dataset", "mrslice")
     _stage(params_path, "stages.fuse", "--dataset", "mrslice")
-    _stage(params_path, "stages.train", "--dataset", "mrslice")
+    _stage(params_path, "stages.train", "--dataset", "mrslice", "--head", "linear")
+    _stage(params_path, "stages.compare", "--dataset", "mrslice")
     predicted = _stage(params_path, "pipeline", "predict", "--dataset", "mrslice", "a fine film", "a dull film")
     answers = [json.loads(line) for line in predicted.stdout.splitlines() if line.startswith("{")]
     assert len(answers) == 2 and all("label" in a for a in answers), predicted.stdout

@@ -53,17 +53,19 @@ def project(tmp_path_factory, mr_slice, prepared_models) -> Path:
     extract(params, MODEL, DATASET, show_progress=False)
     cache = LayerCache(params.embeddings_root, DATASET)
     heads = Path(params.store) / "heads" / DATASET
-    config = fit_head(cache, {"row": "fusion", "groups": INPUTS}, "mlp", 0, HEAD_SETTINGS, heads / "fusion" / "mlp" / "seed0",
+    config = fit_head(cache, {"row": "fusion", "groups": INPUTS}, "mlp", 0, HEAD_SETTINGS, heads / "mlp" / "fusion" / "seed0",
                       cache.store(MODEL).label_names, {MODEL: False}, folder / "lightning")
     validation, test = config["validation"], config["test"]
     result = HeadResult(row="fusion", kind="best_fusion", head="mlp", groups=INPUTS, probe_score=None, probe_std=None,
                         seeds=[0], seconds=config["seconds"], validation_accuracy=validation["accuracy"],
                         validation_accuracy_std=0.0, validation_macro_f1=validation["macro_f1"],
                         validation_macro_f1_std=0.0, test_accuracy=test["accuracy"], test_accuracy_std=0.0,
-                        test_macro_f1=test["macro_f1"], test_macro_f1_std=0.0, folder="fusion/mlp")
+                        test_macro_f1=test["macro_f1"], test_macro_f1_std=0.0, folder="mlp/fusion")
     results = HeadResults(dataset=DATASET, results=[result], bytes_read=cache.bytes_read, seconds=config["seconds"],
                           settings=HEAD_SETTINGS)
-    (heads / "results.json").write_text(json.dumps(results.to_json()))
+    compared = Path(params.store) / "compare" / DATASET           # where stage compare puts the table predict reads
+    compared.mkdir(parents=True)
+    (compared / "results.json").write_text(json.dumps(results.to_json()))
     return folder
 
 
@@ -92,7 +94,7 @@ def refused(result: subprocess.CompletedProcess, *phrases: str) -> None:
 
 
 def head_dir(folder: Path) -> Path:
-    return folder / "store" / "heads" / DATASET / "fusion" / "mlp" / "seed0"
+    return folder / "store" / "heads" / DATASET / "mlp" / "fusion" / "seed0"
 
 
 def test_a_head_on_its_own_store_predicts(project):
@@ -125,7 +127,7 @@ def test_a_head_without_a_store_fingerprint_is_refused(copy):
 
 def test_a_damaged_results_file_is_named(copy):
     """results.json is read as records: a row without its folder is refused by file, row and key."""
-    path = copy / "store" / "heads" / DATASET / "results.json"
+    path = copy / "store" / "compare" / DATASET / "results.json"
     raw = json.loads(path.read_text())
     del raw["results"][0]["folder"]
     path.write_text(json.dumps(raw))
@@ -175,5 +177,5 @@ def test_extract_and_train_refuse_a_gpu_this_machine_lacks(project, mr_slice, tm
     chosen = folder / "store" / "fusion" / DATASET / "chosen.json"
     chosen.parent.mkdir(parents=True)
     chosen.write_text(json.dumps({"models": {}}))
-    refused(cli("--params", str(folder / "params.yaml"), "--dataset", DATASET, module="stages.train"),
+    refused(cli("--params", str(folder / "params.yaml"), "--dataset", DATASET, "--head", "mlp", module="stages.train"),
             f"train.device is '{MISSING_GPU}' but", "visible on this machine")

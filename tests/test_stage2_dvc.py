@@ -1,5 +1,6 @@
-"""The real DVC graph of Stage 2 in a temporary git clone: `dvc repro`, then `dvc exp run -S` on a
-head parameter reruns only train, cost and report. The report opens with the recommendation, whose cost the
+"""The real DVC graph of Stage 2 in a temporary git clone: `dvc repro`, then `dvc exp run -S` on one head
+type's options reruns only that head's train stage, compare and the report (and cost only when the head chosen on
+validation changed). The report opens with the recommendation, whose cost the
 cost stage measured, and `predict` prints the same one-line summary."""
 
 from __future__ import annotations
@@ -12,8 +13,12 @@ import yaml
 from test_dvc_stage1 import clone_project, run
 
 
+def _files(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 @pytest.mark.slow
-def test_dvc_repro_then_head_param_reruns_only_train_cost_and_report(tmp_path, mr_slice):
+def test_dvc_repro_then_one_head_types_params_rerun_only_that_head_compare_and_report(tmp_path, mr_slice):
     repo = clone_project(tmp_path, mr_slice, {"models": ["minilm-l6"], "datasets": ["mrslice"]})
     raw = yaml.safe_load((repo / "params.yaml").read_text())
     raw["score"].update(rank=32, pca_rows=200, bootstrap=50)
@@ -25,7 +30,9 @@ def test_dvc_repro_then_head_param_reruns_only_train_cost_and_report(tmp_path, m
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"], repo)
 
     first = run(["dvc", "repro"], repo)
-    for stage in ("score@minilm-l6-mrslice", "fuse@mrslice", "train@mrslice", "cost@mrslice", "report"):
+    heads = raw["train"]["heads"]
+    for stage in ("score@minilm-l6-mrslice", "fuse@mrslice", *(f"train@mrslice-{h}" for h in heads), "compare@mrslice",
+                  "cost@mrslice", "report"):
         assert f"Running stage '{stage}'" in first, first
     cost = json.loads((repo / "store" / "cost" / "mrslice" / "cost.json").read_text())
     curve = cost["curves"]["minilm-l6"]
@@ -36,6 +43,9 @@ def test_dvc_repro_then_head_param_reruns_only_train_cost_and_report(tmp_path, m
     assert f"**{cost['head']['measured_seconds_per_1000']:.2f} s per 1,000 texts**" in opening
     assert f"**{cost['cheapest']['candidate']}**" in opening and "figures/mrslice_cost_front.png" in opening
     printed = run(["python", "-m", "pipeline", "predict", "a fine film"], repo)
+    timed = json.loads((repo / "store" / "compare" / "mrslice" / "chosen_head.json").read_text())
+    assert f"store/heads/mrslice/{timed['folder']}/seed{timed['seed']} (" in printed      # the head cost timed
+    assert cost["head"]["folder"] == timed["folder"] and cost["head"]["seed"] == timed["seed"]
     summary = next(l for l in printed.splitlines() if l.startswith("mrslice: "))
     assert f"`predict` prints: `{summary}`" in opening
     metrics = json.loads((repo / "reports" / "metrics.json").read_text())
@@ -46,11 +56,21 @@ def test_dvc_repro_then_head_param_reruns_only_train_cost_and_report(tmp_path, m
     run(["git", "add", "-A"], repo)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "repro"], repo)
 
-    second = run(["dvc", "exp", "run", "-S", "train.max_epochs=3"], repo)
+    # a head type other than the chosen one, with new options: its stage alone retrains (issue 23, item 3)
+    chosen_path = repo / "store" / "compare" / "mrslice" / "chosen_head.json"
+    chosen = chosen_path.read_bytes()
+    other = next(h for h in ("mlp", "gated", "scalar_mix") if h != json.loads(chosen)["head"])
+    others = {h: _files(repo / "store" / "heads" / "mrslice" / h) for h in heads if h != other}
+    second = run(["dvc", "exp", "run", "-S", f"train.{other}.widths=[16]"], repo)
     ran = {line.split("'")[1] for line in second.splitlines() if line.startswith("Running stage")}
-    assert ran == {"train@mrslice", "cost@mrslice", "report"}, second
+    retimed = {"cost@mrslice"} if chosen_path.read_bytes() != chosen else set()    # only if the choice moved
+    assert ran == {f"train@mrslice-{other}", "compare@mrslice", "report"} | retimed, second
+    assert others == {h: _files(repo / "store" / "heads" / "mrslice" / h) for h in others}
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert lock["stages"]["train@mrslice"]["params"]["params.yaml"]["train"]["max_epochs"] == 3
+    assert lock["stages"][f"train@mrslice-{other}"]["params"]["params.yaml"][f"train.{other}"]["widths"] == [16]
+    assert f"train.{other}" not in json.dumps(lock["stages"]["train@mrslice-linear"]["params"])
+    compared = json.loads((repo / "store" / "compare" / "mrslice" / "results.json").read_text())
+    assert {r["head"] for r in compared["results"]} == set(heads)
 
     # SIGTERM to the train stage under dvc repro (a scheduler preempting the job): dvc fails naming the exit
     # status 143, and dvc.lock keeps the last finished run (issue 22, item 6)

@@ -216,18 +216,15 @@ def run_stage(params: Path, name: str, *arguments: str) -> str:
     return output
 
 
-def timed_files(files: dict[str, bytes]) -> dict[str, bytes]:
-    """Files that differ from run to run (they hold seconds): results.json and each seed's config.json."""
-    return {k: v for k, v in files.items() if k == "results.json" or k.endswith("config.json")}
-
-
 def trained_toy_project(tmp_path: Path) -> tuple[Path, Path, dict[str, bytes]]:
-    """The toy project after score, fuse and train: its params, its heads folder and that folder's files."""
+    """The toy project after score, fuse, train (linear) and compare: its params, the linear heads' folder and
+    that folder's files."""
     params = toy_project(tmp_path)
     run_stage(params, "score", "--model", "toy-a", "--dataset", "toy")
     run_stage(params, "fuse", "--dataset", "toy")
-    run_stage(params, "train", "--dataset", "toy")
-    out = tmp_path / "store" / "heads" / "toy"
+    run_stage(params, "train", "--dataset", "toy", "--head", "linear")
+    run_stage(params, "compare", "--dataset", "toy")
+    out = tmp_path / "store" / "heads" / "toy" / "linear"
     return params, out, _files(out)
 
 
@@ -238,7 +235,7 @@ def test_a_train_stage_killed_half_way_leaves_the_old_heads_whole(tmp_path):
     assert heads >= 6 and "results.json" in old
     for written in (1, heads // 2, heads):                 # kill after this many heads of the new run exist
         started = time.time_ns()
-        process = stage(params, "train", "--dataset", "toy")
+        process = stage(params, "train", "--dataset", "toy", "--head", "linear")
         deadline = time.time() + 300
         while time.time() < deadline and process.poll() is None:
             if _heads_written_since(out.parent, started) >= written:
@@ -251,18 +248,20 @@ def test_a_train_stage_killed_half_way_leaves_the_old_heads_whole(tmp_path):
         assert now.keys() == old.keys()
         if written < heads:
             assert now == old, f"killed after {written} heads: the old set changed"
-        else:                                              # the kill may land after the swap: then all new
-            changed = [k for k, v in timed_files(now).items() if v != old[k]]
-            assert changed in ([], sorted(timed_files(now))), f"a mix of old and new files: {changed}"
+        else:              # the kill may land after the swap: then all new (by mtime: two runs' rounded seconds
+            new = [p for p in out.rglob("*") if p.is_file() and p.stat().st_mtime_ns >= started]   # can coincide)
+            assert len(new) in (0, len(now)), f"a mix of old and new files: {sorted(map(str, new))}"
     assert len(_siblings(out)) > 1                        # the killed runs' staged folders are still there
     final_run = time.time_ns()
-    run_stage(params, "train", "--dataset", "toy")
+    run_stage(params, "train", "--dataset", "toy", "--head", "linear")
     new = _files(out)
     # every file is the final run's (by mtime: two runs' rounded seconds can coincide byte for byte)
     assert new.keys() == old.keys() and all(p.stat().st_mtime_ns >= final_run for p in out.rglob("*") if p.is_file())
-    assert _siblings(out) == ["toy"]
+    assert _siblings(out) == ["linear"]
     results = json.loads(new["results.json"])
-    assert all(f"{row['folder']}/seed{seed}/config.json" in new for row in results["results"] for seed in (0, 1, 2))
+    assert all(f"{row['folder'].removeprefix('linear/')}/seed{seed}/config.json" in new
+               for row in results["results"] for seed in (0, 1, 2))
+    run_stage(params, "compare", "--dataset", "toy")
 
     reports = tmp_path / "reports"                        # the report: its unit swapped, other files kept
     write_text_atomic(reports / "benchmarks.md", "another producer's file")
@@ -320,7 +319,7 @@ def test_a_train_stage_sent_sigterm_mid_work_exits_143_and_leaves_the_old_heads(
     raw["train"].update(max_epochs=3000, patience=3000)     # each later fit takes seconds: the signal lands inside one
     params.write_text(yaml.safe_dump(raw, sort_keys=False))
     started = time.time_ns()
-    process = stage(params, "train", "--dataset", "toy")
+    process = stage(params, "train", "--dataset", "toy", "--head", "linear")
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
         if _heads_written_since(out.parent, started):
@@ -352,7 +351,8 @@ def test_every_stage2_stage_sent_sigterm_exits_143_and_keeps_its_outputs(tmp_pat
     run_stage(params, "report", "--out", "reports")
     outputs = {"score": (tmp_path / "store" / "scores" / "toy", ("--model", "toy-a", "--dataset", "toy")),
                "fuse": (tmp_path / "store" / "fusion" / "toy", ("--dataset", "toy")),
-               "train": (heads, ("--dataset", "toy")),
+               "train": (heads, ("--dataset", "toy", "--head", "linear")),
+               "compare": (tmp_path / "store" / "compare" / "toy", ("--dataset", "toy")),
                "report": (tmp_path / "reports", ("--out", "reports"))}
     for name, (folder, arguments) in outputs.items():
         before = _files(folder)

@@ -53,7 +53,7 @@ def _stages(params: Path, monkeypatch, capsys) -> dict[str, tuple[int, str]]:
     from pipeline.cli import main as cli
     out = {"score": _run_stage("score", params, monkeypatch, capsys, model=MODEL, dataset=DATASET),
            "fuse": _run_stage("fuse", params, monkeypatch, capsys, dataset=DATASET),
-           "train": _run_stage("train", params, monkeypatch, capsys, dataset=DATASET)}
+           "train": _run_stage("train", params, monkeypatch, capsys, dataset=DATASET, head="linear")}
     for command in (["predict", "a text"], ["export", str(params.parent / "exported")]):
         capsys.readouterr()
         code = cli([command[0], "--params", str(params), "--dataset", DATASET, *command[1:]])
@@ -86,7 +86,8 @@ def healthy(tmp_path_factory):
     make_store(folder / "store", MODEL, DATASET, dtype="float16", compressor=ZSTD)
     _main("score", params, model=MODEL, dataset=DATASET)
     _main("fuse", params, dataset=DATASET)
-    _main("train", params, dataset=DATASET)
+    _main("train", params, dataset=DATASET, head="linear")
+    _main("compare", params, dataset=DATASET)
     return folder
 
 
