@@ -175,7 +175,7 @@ class TrainSettings:
     lr: float = 0.002
     weight_decay: float = 0.0001
     device: str = "auto"             # auto | cpu | cuda | cuda:N | mps
-    threads: int = 1                 # torch CPU threads (0: torch's default)
+    threads: int = 2                 # torch CPU threads (0: torch's default)
     linear: LinearOptions = field(default_factory=LinearOptions)
     mlp: MlpOptions = field(default_factory=MlpOptions)
     cooccurrence: CooccurrenceOptions = field(default_factory=CooccurrenceOptions)

@@ -29,7 +29,7 @@ from pipeline.fingerprint import differences
 from pipeline.heads import load_head, load_standardisation, read_head_config, verified_bytes
 from pipeline.layer_tap import text_config
 from pipeline.models import folder_fingerprint, load_model
-from pipeline.records import HeadResult, HeadResults, chosen_on_validation, read_record
+from pipeline.records import HeadResults, chosen_on_validation, read_record
 
 CHUNK_TEXTS = 2048   # texts per pass: bounds memory on huge inputs, and paces the progress bar
 
@@ -160,13 +160,7 @@ class Predictor:
         """The head chosen among store_root/compare/<dataset>/results.json (row, head and seed: given, or chosen on
         validation), its models under store_root/models, its stores under embeddings_root (paths.embeddings;
         store_root/embeddings when None)."""
-        return cls.from_head_dir(store_root, dataset, choose_head(store_root, dataset, row, head, seed), embeddings_root,
-                                 **kwargs)
-
-    @classmethod
-    def from_head_dir(cls, store_root: Path, dataset: str, head_dir: Path, embeddings_root: Path | str | None = None,
-                      **kwargs) -> "Predictor":
-        """One trained head's folder (store_root/heads/<dataset>/<head>/<row>/seed<k>) with its project's models."""
+        head_dir = choose_head(store_root, dataset, row, head, seed)
         config = read_head_config(head_dir)
         embeddings_root = Path(store_root) / "embeddings" if embeddings_root is None else embeddings_root
         return cls(head_dir, uses_from_store(config, embeddings_root, dataset, Path(store_root) / "models"), **kwargs)
@@ -284,13 +278,7 @@ def choose_head(store_root: Path, dataset: str, row: str | None, head: str | Non
     results_path = Path(store_root) / "compare" / dataset / "results.json"
     if not results_path.is_file():
         raise PipelineError(f"no trained heads at {results_path.parent}: run `dvc repro` (stages train and compare) first")
-    return choose_among(read_record(results_path, HeadResults).results, Path(store_root) / "heads" / dataset, row,
-                        head, seed)
-
-
-def choose_among(results: list[HeadResult], heads_root: Path, row: str | None, head: str | None,
-                 seed: int | str) -> Path:
-    """choose_head on a results table in hand (stage compare records its choice with it)."""
+    results, heads_root = read_record(results_path, HeadResults).results, Path(store_root) / "heads" / dataset
     candidates = [r for r in results if (row is None or r.row == row) and (head is None or r.head == head)]
     if not candidates:
         known = sorted({(r.row, r.head) for r in results})

@@ -1,8 +1,9 @@
-"""Timing the predict path on this machine: each model's cost curve over depth, and a head end to end.
+"""Timing the predict path on this machine: each model's cost curve over depth, and one configuration whole.
 
 Each model is timed at a few depths on the dataset's validation texts (the median of repeats, after a warm-up
-pass) through the same function predict computes its vectors with; the head chosen on validation is timed end
-to end through `Predictor`, so that the curves' estimate (pipeline/cost.py) can be checked against it.
+pass) through the same function predict computes its vectors with; the fuse stage's choice is timed the same
+way at its own layers and poolings, so that the curves' estimate (pipeline/cost.py), which prices every
+configuration and every head without running a model again, is checked against a measurement.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pipeline.config import CostSettings, ModelSpec
 from pipeline.cost import fit_curve
 from pipeline.machine import median_time
 from pipeline.models import load_model
-from pipeline.predict import Predictor, model_features, model_use
+from pipeline.predict import model_features, model_use
 
 
 def measured_depths(num_blocks: int, points: int) -> list[int]:
@@ -32,9 +33,10 @@ def median_seconds_per_1000(run: Callable[[], Any], texts: int, repeats: int) ->
 
 
 def model_cost_curve(store, model: str, models_root: Path, texts: list[str], settings: CostSettings,
-                     device: torch.device, token_budget: int) -> dict[str, Any]:
+                     device: torch.device, token_budget: int, check: dict[str, list[int]] | None = None) -> dict[str, Any]:
     """One model's predict-path seconds per 1,000 texts at `settings.depths` depths (mean pooling, the store's
-    compute dtype, attention kernel and max_len), and the line fitted through them."""
+    compute dtype, attention kernel and max_len), and the line fitted through them; with `check` (pooling ->
+    layers, what one configuration reads of this model) also that configuration's seconds."""
     use = model_use(store, model, models_root)
     loaded, tokenizer = load_model(use.folder, ModelSpec(name=model, source="local", path=str(use.folder)),
                                    str(device), getattr(torch, use.compute_dtype), use.attention)
@@ -45,10 +47,10 @@ def model_cost_curve(store, model: str, models_root: Path, texts: list[str], set
         seconds.append(median_seconds_per_1000(
             lambda: model_features(loaded, tokenizer, at_depth, texts, device, token_budget), len(texts),
             settings.repeats))
+    checked = {}
+    if check:
+        at_layers = replace(use, layers={pooling: sorted(layers) for pooling, layers in check.items()})
+        checked["check_seconds_per_1000"] = median_seconds_per_1000(
+            lambda: model_features(loaded, tokenizer, at_layers, texts, device, token_budget), len(texts), settings.repeats)
     return {"num_layers": use.num_layers, "compute_dtype": use.compute_dtype, "depths": depths,
-            "seconds_per_1000": seconds, **fit_curve(depths, seconds)}
-
-
-def time_predictor(predictor: Predictor, texts: list[str], repeats: int) -> float:
-    """The whole predict path of a head (every model it reads, its head), per 1,000 texts."""
-    return median_seconds_per_1000(lambda: predictor.predict_proba(texts), len(texts), repeats)
+            "seconds_per_1000": seconds, **fit_curve(depths, seconds), **checked}

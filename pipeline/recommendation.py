@@ -45,12 +45,13 @@ def versus_last_layer(result: HeadResult) -> str:
 
 
 def head_seconds(result: HeadResult, cost: CostResult | None) -> tuple[float | None, str]:
-    """Seconds per 1,000 texts of a head's predict path: measured when the cost stage timed this head, else
-    estimated from the per-depth costs; (None, why) without a cost stage."""
+    """Seconds per 1,000 texts of a head's predict path: measured when it runs the models as far as the
+    configuration the cost stage timed whole (the head itself is a few small matmuls), else estimated from
+    the per-depth costs; (None, why) without a cost stage."""
     if cost is None:
         return None, "cost not measured (run stage cost)"
-    if cost.head["row"] == result.row and cost.head["head"] == result.head:
-        return cost.head["measured_seconds_per_1000"], "measured"
+    if deepest_layers(result.groups) == cost.check["deepest"]:
+        return cost.check["measured_seconds_per_1000"], "measured"
     return estimate_seconds(result.groups, cost.curves), "estimated from per-depth timings"
 
 
@@ -77,11 +78,14 @@ def recommendation_section(dataset: str, results: list[HeadResult], cost: CostRe
              f"- Against the last layer: {versus_last_layer(result)}."]
     if cost is None:
         return lines + ["- Cost not measured: run stage cost (`dvc repro`).", ""]
-    head = cost.head
-    lines.append(f"- At predict time it runs {blocks_in_words(head['deepest'], cost.curves)}: "
-                 f"**{head['measured_seconds_per_1000']:.2f} s per 1,000 texts**, measured through `predict` on "
-                 f"{cost.texts} validation texts (median of {cost.repeats}; estimated from per-depth timings: "
-                 f"{head['estimated_seconds_per_1000']:.2f} s) on {cost.machine}, device {cost.device}.")
+    seconds, how = head_seconds(result, cost)
+    check = cost.check
+    error = check["estimated_seconds_per_1000"] / check["measured_seconds_per_1000"] - 1
+    lines.append(f"- At predict time it runs {blocks_in_words(deepest_layers(result.groups), cost.curves)}: "
+                 f"**{seconds:.2f} s per 1,000 texts**, {how}, through `predict`'s own feature path on {cost.texts} "
+                 f"validation texts (median of {cost.repeats}) on {cost.machine}, device {cost.device}. The per-depth "
+                 f"estimate of the fuse stage's choice, {check['estimated_seconds_per_1000']:.2f} s, is {error:+.0%} "
+                 f"off its measurement, {check['measured_seconds_per_1000']:.2f} s.")
     choice, cheapest = cost.choice, cost.cheapest
     share = cheapest.seconds_per_1000 / choice.seconds_per_1000 if choice.seconds_per_1000 else float("nan")
     lines.append(

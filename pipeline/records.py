@@ -292,19 +292,6 @@ def chosen_on_validation(results: list[HeadResult]) -> HeadResult:
     return max(results, key=lambda r: r.validation_accuracy)
 
 
-@dataclass
-class ChosenHead(Record):
-    """chosen_head.json: the head predict uses by default (chosen on validation, its best seed), which the cost
-    stage times. It changes only when that head does, so retraining another head type reruns no timing."""
-    row: str
-    head: str
-    folder: str                                 # under store/heads/<dataset>
-    seed: int
-    inputs: list[list[Any]]                     # (model, pooling, layer) read at predict time
-    files_sha256: dict[str, str]                # the head's weights and standardisation
-    validation_accuracy: float                  # of this seed
-
-
 # -- cost stage: store/cost/<dataset>/cost.json ----------------------------------------------------------------
 @dataclass
 class CostCandidate(Record):
@@ -321,15 +308,16 @@ class CostCandidate(Record):
 
 @dataclass
 class CostResult(Record):
-    """cost.json: per-model cost curves, the head chosen on validation timed end to end, every candidate's
-    estimated cost, and the cheapest candidate within one paired SE of the top, with probe figures on test."""
+    """cost.json: per-model cost curves, the fuse stage's choice timed whole (a check of the curves' estimate),
+    every candidate's estimated cost, and the cheapest candidate within one paired SE of the top, with probe
+    figures on test. It does not depend on the heads: the report prices a head from the curves."""
     dataset: str
     machine: str                                # CPU model and ISA (or GPU) the timings come from
     device: str
     texts: int                                  # validation texts timed
     repeats: int
     curves: dict[str, dict[str, Any]]           # model -> num_layers, compute_dtype, depths, seconds_per_1000
-    head: dict[str, Any]                        # folder, row, head, seed, deepest, measured and estimated seconds
+    check: dict[str, Any]                       # candidate, deepest, measured and estimated seconds per 1,000
     candidates: list[CostCandidate]
     choice: CostCandidate                       # the fuse stage's overall choice
     cheapest: CostCandidate

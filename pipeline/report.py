@@ -15,7 +15,7 @@ from typing import Any
 from pipeline.atomic import write_json_atomic, write_text_atomic
 from pipeline.layer_report import layer_scores_section
 from pipeline.plots import plot_gate_weights, plot_layer_scores, plot_layer_weights
-from pipeline.recommendation import recommendation_section
+from pipeline.recommendation import head_seconds, recommendation_section
 from pipeline.records import (ChosenFusion, CostResult, HeadResult, HeadResults, LeaderboardRow, ScoreRow,
                               chosen_on_validation, read_json, read_record, read_records, read_scores)
 from pipeline.significance import p_text, verdict
@@ -273,7 +273,7 @@ def dataset_metrics(data: DatasetResults) -> dict[str, Any]:
                          "last_layer_score": round(last.score, 4), "best_fusion_score": round(info.best_fusion.score, 4),
                          "llmembed_recipe_score": round(info.llmembed.score, 4)}
     best_head = chosen_on_validation(data.heads.results)
-    cost = data.cost.head["measured_seconds_per_1000"] if data.cost else None
+    cost = head_seconds(best_head, data.cost)[0]
     return {"models": models,
             "best_multi_score": round(chosen.best_multi.score, 4) if chosen.best_multi else None,
             "chosen_fusion": chosen.chosen.candidate, "chosen_fusion_score": round(chosen.chosen.score, 4),

@@ -1,16 +1,13 @@
 """Stage compare: every head type of one dataset in one table, into store/compare/<dataset>: 95% test intervals,
 paired tests on the same test rows (against the baselines, and between heads on identical inputs) with Holm's
-correction, from the predictions the train stages saved; and the head chosen on validation (chosen_head.json,
-which the cost stage times). Reads no store and trains nothing: seconds.
+correction, from the predictions the train stages saved. Trains nothing and reads no vectors: seconds.
 """
 
 import time
 from pathlib import Path
 
 from pipeline.atomic import staged_folder, write_json_atomic
-from pipeline.heads import read_head_config
-from pipeline.predict import choose_among
-from pipeline.records import ChosenHead, HeadResults, read_json
+from pipeline.records import HeadResults, chosen_on_validation, read_json
 from pipeline.resources import resources_of
 from pipeline.training import compare_heads, train_settings
 from stages import dataset_stage, run_stage
@@ -22,23 +19,17 @@ def main() -> None:
     result = compare_heads(heads, args.dataset, train_settings(params.train))
     result["stage_seconds"] = round(time.perf_counter() - start, 3)
     table = HeadResults.from_json(result, "compare")
-    head_dir = choose_among(table.results, heads, None, None, "best")
-    config = read_head_config(head_dir)
-    chosen = ChosenHead(row=config["row"], head=config["head"], folder=str(head_dir.parent.relative_to(heads)),
-                        seed=config["seed"], inputs=config["inputs"], files_sha256=config["files_sha256"],
-                        validation_accuracy=config["validation"]["accuracy"])
+    chosen = chosen_on_validation(table.results)
     gates = heads / "gated" / "gate_weights.json"
     models = list(dict.fromkeys(g["model"] for row in table.results for g in row.groups))
     with staged_folder(Path(params.store) / "compare" / args.dataset) as staged:
         write_json_atomic(staged / "resources.json", resources_of(params.embeddings_root, args.dataset, models))
         write_json_atomic(staged / "gate_weights.json", read_json(gates) if gates.is_file() else [])
-        write_json_atomic(staged / "chosen_head.json", chosen.to_json())
         write_json_atomic(staged / "results.json", result)
     for row in table.results:
         print(f"compare {args.dataset}: {row.row:<40} {row.head:<12} test accuracy {row.test_accuracy:.4f} "
               f"[{row.test_accuracy_low:.4f}, {row.test_accuracy_high:.4f}] (validation {row.validation_accuracy:.4f})")
-    print(f"compare {args.dataset}: chosen on validation: {chosen.row} / {chosen.head} seed {chosen.seed}; "
-          f"{result['stage_seconds']:.1f}s")
+    print(f"compare {args.dataset}: chosen on validation: {chosen.row} / {chosen.head}; {result['stage_seconds']:.1f}s")
 
 
 if __name__ == "__main__":
