@@ -29,16 +29,16 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-from safetensors.torch import load_file, save as safetensors_bytes
+from safetensors.torch import save as safetensors_bytes
 
 from pipeline.atomic import write_bytes_atomic, write_json_atomic
 from pipeline.datamodule import LayerCache, LayerDataModule
 from pipeline.devices import lightning_accelerator
-from pipeline.config import HEAD_NAMES, TrainSettings
-from pipeline.heads import HeadModule, build_net, read_head_config
+from pipeline.config import TrainSettings
+from pipeline.heads import HeadModule, build_net
 from pipeline.probe import metrics, torch_threads
-from pipeline.records import HeadResult, HeadResults, ResultFileError, read_record
-from pipeline.significance import TestRows, add_holm, add_test_uncertainty
+from pipeline.records import HeadResult, HeadResults
+from pipeline.comparison import compare_heads, head_settings
 
 FUSED_HEADS = ("linear", "mlp")
 HEADS_WITH_OPTIONS = ("mlp", "cooccurrence", "scalar_mix", "gated")
@@ -62,12 +62,6 @@ def train_settings(train: TrainSettings) -> dict[str, Any]:
     """The heads' settings from params.yaml's `train:` section (typed, validated and defaulted by
     pipeline.config), as the dict that fit_head reads and results.json records."""
     return train.as_dict()
-
-
-def head_settings(settings: dict[str, Any], head: str) -> dict[str, Any]:
-    """What one head's training reads: the shared keys and its own options train.<head>, not the other heads' (the keys of
-    its DVC stage's params, so that changing train.mlp retrains the MLP heads alone)."""
-    return {key: value for key, value in settings.items() if key not in HEAD_NAMES or key == head}
 
 
 def slug(text: str) -> str:
@@ -229,20 +223,6 @@ def summarise_gates(row: str, folder: str, configs: list[dict[str, Any]]) -> dic
             "per_class_std": absent(per_class.std(0)), "seeds": [c["seed"] for c in configs]}
 
 
-def add_same_input_tests(results: list[dict[str, Any]], predictions: dict[tuple[str, str], np.ndarray],
-                         tests: TestRows) -> None:
-    """The gated head against every other head trained on the same inputs (scalar mix, concatenation,
-    co-occurrence): paired on the same test rows, like the tests against the baselines."""
-    for row in results:
-        if row["head"] != "gated":
-            continue
-        for other in results:
-            if other["row"] == row["row"] and other["head"] != "gated":
-                test = tests.paired(predictions[(row["row"], "gated")], predictions[(other["row"], other["head"])])
-                row["paired_tests"][f"{other['head']} on the same inputs"] = {
-                    **test, "against": f"{other['row']} ({other['head']})"}
-
-
 def head_plan(chosen: dict[str, Any], settings: dict[str, Any], head: str,
               poolings: dict[str, list[str]] | None = None) -> list[dict[str, Any]]:
     """The planned rows that train this head (the plan of every head in `train.heads`, so a gated head's
@@ -282,51 +262,6 @@ def train_head(embeddings_root: Path, dataset: str, chosen: dict[str, Any], sett
             write_json_atomic(out_root / "gate_weights.json", gates)
         return HeadResults(dataset=dataset, results=[HeadResult(**row) for row in results], bytes_read=cache.bytes_read,
                            seconds=round(time.perf_counter() - start, 3), settings=head_settings(settings, head)).to_json()
-
-
-def test_predictions(heads_root: Path, result: HeadResult, seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """A head's saved test predictions, [seeds, rows], and the test labels they were scored on."""
-    predictions, labels = [], None
-    for seed in seeds:
-        saved = load_file(str(heads_root / result.folder / f"seed{seed}" / "test_predictions.safetensors"))
-        predictions.append(saved["predictions"].numpy())
-        if labels is not None and not np.array_equal(labels, saved["labels"].numpy()):
-            raise ResultFileError(f"{heads_root / result.folder}: seeds were scored on different test rows; "
-                                  "rerun its train stage")
-        labels = saved["labels"].numpy()
-    return np.stack(predictions), labels
-
-
-def compare_heads(heads_root: Path, dataset: str, settings: dict[str, Any]) -> dict[str, Any]:
-    """Every head type's rows of one dataset in one table (stage compare): 95% test intervals, paired tests on
-    the same test rows against the baselines and between heads on identical inputs, Holm over them all. Reads the
-    saved test predictions only; returns the HeadResults JSON that results.json holds."""
-    start = time.perf_counter()
-    parts = {head: read_record(heads_root / head / "results.json", HeadResults) for head in settings["heads"]}
-    for head, part in parts.items():
-        if part.settings != head_settings(settings, head):
-            raise ResultFileError(f"{heads_root / head / 'results.json'} was trained with other train settings "
-                                  f"than params.yaml's; rerun its train stage")
-    results, predictions, labels = [], {}, None
-    for head, part in parts.items():
-        for result in part.results:
-            predictions[(result.row, head)], rows = test_predictions(heads_root, result, settings["seeds"])
-            if labels is not None and not np.array_equal(labels, rows):
-                raise ResultFileError(f"{heads_root / result.folder}: scored on other test rows than "
-                                      f"{results[0]['folder']}; rerun the train stages of {dataset}")
-            labels = rows
-            results.append(result.to_json())
-    order = {name: i for i, name in enumerate(dict.fromkeys(r["row"] for r in results))}
-    results.sort(key=lambda r: (order[r["row"]], settings["heads"].index(r["head"])))   # rows as planned
-    label_names = read_head_config(heads_root / results[0]["folder"] / f"seed{settings['seeds'][0]}")["label_names"]
-    tests = TestRows(labels, len(label_names), seed=int(settings["seeds"][0]))
-    add_test_uncertainty(results, predictions, tests)
-    add_same_input_tests(results, predictions, tests)
-    add_holm(results)
-    return HeadResults(dataset=dataset, results=[HeadResult(**row) for row in results],
-                       bytes_read=sum(p.bytes_read for p in parts.values()),
-                       seconds=round(sum(p.seconds for p in parts.values()) + time.perf_counter() - start, 3),
-                       settings=settings, head_stage_seconds={h: p.stage_seconds for h, p in parts.items()}).to_json()
 
 
 def train_dataset(embeddings_root: Path, dataset: str, chosen: dict[str, Any], settings: dict[str, Any],

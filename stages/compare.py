@@ -9,14 +9,14 @@ from pathlib import Path
 from pipeline.atomic import staged_folder, write_json_atomic
 from pipeline.records import HeadResults, chosen_on_validation, read_json
 from pipeline.resources import resources_of
-from pipeline.training import compare_heads, train_settings
+from pipeline.comparison import compare_heads
 from stages import dataset_stage, run_stage
 
 
 def main() -> None:
     args, params, start = dataset_stage(__doc__)
     heads = Path(params.store) / "heads" / args.dataset
-    result = compare_heads(heads, args.dataset, train_settings(params.train))
+    result = compare_heads(heads, args.dataset, params.train.as_dict())
     result["stage_seconds"] = round(time.perf_counter() - start, 3)
     table = HeadResults.from_json(result, "compare")
     chosen = chosen_on_validation(table.results)

@@ -24,7 +24,7 @@ LAYERS = (
     "probe", "selection", "significance", "cost",
     "layer_geometry", "layer_importance", "layer_agreement",
     "scoring", "fusion", "audit",
-    "datamodule", "heads", "training",
+    "comparison", "datamodule", "heads", "training",
     "predict", "export", "predict_timing",
     "plots", "layer_report", "recommendation", "report", "study_report", "inspect_store", "cli",
     "bench",     # pipeline/bench/*: benchmark tools, above everything they measure

@@ -260,7 +260,7 @@ def test_train_dataset_compares_the_gate_on_identical_inputs_and_writes_typed_re
     # compare takes each head type's results as trained with the shared keys and its own options only: another
     # head's options may change (its stage alone reruns), a shared key may not without retraining
     from pipeline.records import ResultFileError
-    from pipeline.training import compare_heads
+    from pipeline.comparison import compare_heads
     others = {**settings, "mlp": {**settings["mlp"], "widths": [7]}}                # mlp is not among these heads
     assert compare_heads(tmp_path / "heads", "toy", others)["results"] == written["results"]
     with pytest.raises(ResultFileError, match=r"heads/linear/results\.json was trained with other train settings"):
