@@ -16,7 +16,10 @@ from safetensors.numpy import load_file
 
 from pipeline.config import HEAD_NAMES
 from pipeline.records import HeadResult, HeadResults, ResultFileError, read_record
-from pipeline.significance import TestRows, add_holm, add_test_uncertainty
+from pipeline.significance import SINGLE_MODEL_KINDS, TestRows, add_holm, add_test_uncertainty
+
+KIND_ORDER = ("last", "best_layer", "best_fusion", "llmembed", "all_layers", "best_multi", "cooccurrence")
+"""The order of training.plan_runs' rows within a model; the report's table follows it."""
 
 
 def head_settings(settings: dict[str, Any], head: str) -> dict[str, Any]:
@@ -71,8 +74,12 @@ def compare_heads(heads_root: Path, dataset: str, settings: dict[str, Any]) -> d
                                       f"{results[0]['folder']}; rerun the train stages of {dataset}")
             labels = rows
             results.append(result.to_json())
-    order = {name: i for i, name in enumerate(dict.fromkeys(r["row"] for r in results))}
-    results.sort(key=lambda r: (order[r["row"]], settings["heads"].index(r["head"])))   # rows as planned
+    models = list(dict.fromkeys(r["groups"][0]["model"] for r in results if r["kind"] in SINGLE_MODEL_KINDS))
+
+    def planned(row: dict[str, Any]) -> tuple[int, int, int]:
+        model = models.index(row["groups"][0]["model"]) if row["kind"] in SINGLE_MODEL_KINDS else len(models)
+        return model, KIND_ORDER.index(row["kind"]), settings["heads"].index(row["head"])
+    results.sort(key=planned)
     first = heads_root / results[0]["folder"] / f"seed{settings['seeds'][0]}" / "config.json"
     label_names = json.loads(first.read_text(encoding="utf-8"))["label_names"]
     tests = TestRows(labels, len(label_names), seed=int(settings["seeds"][0]))

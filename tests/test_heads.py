@@ -265,3 +265,19 @@ def test_train_dataset_compares_the_gate_on_identical_inputs_and_writes_typed_re
     assert compare_heads(tmp_path / "heads", "toy", others)["results"] == written["results"]
     with pytest.raises(ResultFileError, match=r"heads/linear/results\.json was trained with other train settings"):
         compare_heads(tmp_path / "heads", "toy", {**settings, "max_epochs": 5})
+
+
+def test_compare_lists_the_rows_in_the_plans_order_whatever_the_order_of_train_heads(tmp_path):
+    """The report's table follows training.plan_runs (per model: last, best layer, fusion, LLMEmbed recipe,
+    all layers; then the multi-model fusion), not the order in which the head types' stages are joined."""
+    from pipeline.training import train_dataset
+    make_store(tmp_path / "store", "toy-dec", decoder=True, best_layer=4, num_layers=6)
+    make_store(tmp_path / "store", "toy-enc", best_layer=2, num_layers=4, dim=8, poolings=("mean", "first"), seed=1)
+    chosen = _chosen_two_models("last", "first", "toy-dec", "toy-enc", dec_layers=6, enc_layers=4)
+    settings = train_settings(TrainSettings(heads=("scalar_mix", "linear"), seeds=(0,), max_epochs=2, patience=1,
+                                            batch_size=64, threads=1))
+    written = train_dataset(tmp_path / "store" / "embeddings", "toy", chosen, settings, tmp_path / "heads")
+    plan = [run["row"] for run in plan_runs(chosen, list(settings["heads"]))]
+    rows = [r["row"] for r in written["results"]]
+    assert rows == sorted(rows, key=plan.index)
+    assert rows.index("toy-dec: all layers") < rows.index("toy-enc: last layer") < rows.index("multi-model: best fusion")

@@ -644,7 +644,8 @@ def _stage_modules() -> list[tuple[str, set[str]]]:
             continue
         text = file.read_text()
         names = {n for n in ("model", "dataset") if f'add_argument("--{n}"' in text}
-        names |= {"dataset"} if "dataset_stage(" in text else set()     # stages.dataset_stage adds --dataset
+        if call := re.search(r"dataset_stage\(__doc__((?:, \"\w+\")*)\)", text):   # it adds --dataset and these
+            names |= {"dataset", *re.findall(r"\"(\w+)\"", call.group(1))}
         if names:
             out.append((file.stem, names))
     return out
@@ -658,7 +659,7 @@ def test_stage_entry_points_refuse_names_that_leave_the_store(evil, tmp_path, mr
     params_path = make_params(mr_slice, ["minilm-l6"], ["mrslice"])
     before = set(tmp_path.rglob("*"))
     stages = _stage_modules()
-    assert {"extract", "prepare_model", "prepare_data", "fuse", "train", "cost"} <= {name for name, _ in stages}
+    assert {"extract", "prepare_model", "prepare_data", "fuse", "train", "compare", "cost"} <= {name for name, _ in stages}
     for name, arguments in stages:
         module = importlib.import_module(f"stages.{name}")
         argv = [name, "--params", str(params_path)]
