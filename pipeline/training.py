@@ -41,7 +41,6 @@ from pipeline.records import HeadResult, HeadResults
 from pipeline.comparison import compare_heads, head_settings
 
 FUSED_HEADS = ("linear", "mlp")
-HEADS_WITH_OPTIONS = ("mlp", "cooccurrence", "scalar_mix", "gated")
 LLMEMBED_POOLING = "mean"
 """LLMEmbed's inputs are mean-pooled: its decoder layers (mean over tokens) and the native sentence vector of
 sentence-transformers encoders (MiniLM and MPNet pool by the mean); used whatever pooling the probe chose."""
@@ -153,7 +152,7 @@ def fit_head(cache: LayerCache, run: dict[str, Any], head: str, seed: int, setti
     data.setup()
     config = {"head": head, "row": run["row"], "inputs": [list(i) for i in inputs], "input_dims": data.input_dims,
               "groups": groups, "decoder": [decoders[m] for m, _, _ in inputs], "label_names": label_names,
-              "options": dict(settings.get(head, {})) if head in HEADS_WITH_OPTIONS else {},
+              "options": dict(settings.get(head, {})),     # train.<head> (linear: {})
               "standardisation": "standardisation.safetensors", "seed": seed,
               "training": {**{k: settings[k] for k in ("max_epochs", "patience", "batch_size", "min_steps_per_epoch",
                                                          "lr", "weight_decay")}, "train_batch_size": data.train_batch_size},
