@@ -55,6 +55,9 @@ class ModelSpec:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
 
 
+CARVES = ("rows", "whole_texts")   # rows: stratified rows; whole_texts: texts no other row contains, and their phrases out of train
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     name: str
@@ -65,6 +68,7 @@ class DatasetSpec:
     id_column: str | None = None
     max_len: int | None = None       # this corpus's extract.max_len (long texts: R8, R52); None: extract.max_len
     resplit: dict[str, float] | None = None   # {from: test, train: f, validation: f}: one split shared out, seeded
+    carve: str = "rows"              # rows | whole_texts: how validation is carved from train (pipeline/corpora.py)
 
 
 @dataclass(frozen=True)
@@ -554,10 +558,14 @@ def _parse_dataset(problems: _Problems, name: str, entry: Any) -> DatasetSpec | 
     if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1):
         problems.add(f"{key}.max_len", f"must be an integer >= 1 (or absent for extract.max_len), got {max_len!r}")
         max_len = None
+    carve = entry.get("carve", "rows")
+    if carve not in CARVES:
+        problems.add(f"{key}.carve", f"must be one of {list(CARVES)}, got {carve!r}")
+        carve = "rows"
     return DatasetSpec(name=name, text_column=str(entry.get("text_column")),
                        label_column=str(entry.get("label_column")), local=dict(local), hub=hub,
                        id_column=entry.get("id_column"), max_len=max_len,
-                       resplit=_parse_resplit(problems, key, entry.get("resplit")))
+                       resplit=_parse_resplit(problems, key, entry.get("resplit")), carve=carve)
 
 
 def _parse_resplit(problems: _Problems, key: str, resplit: Any) -> dict[str, Any] | None:

@@ -212,6 +212,32 @@ def stratified_carve(labels: list[str], fraction: float, seed: int) -> tuple[lis
     return [i for i in range(len(labels)) if i not in carved_set], sorted(carved)
 
 
+def _spans(tokens: tuple[str, ...]) -> set[tuple[str, ...]]:
+    """Every contiguous token span of a text, the text itself included."""
+    return {tokens[i:j] for i in range(len(tokens)) for j in range(i + 1, len(tokens) + 1)}
+
+
+def whole_text_carve(texts: list[str], labels: list[str], fraction: float,
+                     seed: int) -> tuple[list[int], list[int], int]:
+    """(keep, carved, phrases dropped): validation from whole texts only, train without their phrases.
+
+    SST-2's train split holds every labelled phrase of its sentences, while its test split holds whole
+    sentences; rows carved at random are mostly short phrases whose sentence stays in train, which flatters
+    validation. Here validation is a stratified `fraction` of the texts that are no proper token span of
+    another row, and every row that is a span of a validation text leaves train."""
+    tokens = [tuple(text.split()) for text in texts]
+    inner: set[tuple[str, ...]] = set()
+    for row in tokens:
+        inner |= _spans(row) - {row}
+    whole = [i for i, row in enumerate(tokens) if row and row not in inner]
+    _, picked = stratified_carve([labels[i] for i in whole], fraction, seed)
+    carved = sorted(whole[i] for i in picked)
+    covered = set().union(*(_spans(tokens[i]) for i in carved)) if carved else set()
+    carved_set = set(carved)
+    keep = [i for i in range(len(texts)) if i not in carved_set and tokens[i] not in covered]
+    return keep, carved, len(texts) - len(keep) - len(carved)
+
+
 def stratified_sample(labels: list[str], rows: int, seed: int) -> list[int]:
     """`rows` row indices (sorted), each class keeping its share (largest remainders), at least one row
     per class where the cap allows: a capped split keeps the label balance of the full one."""
@@ -279,11 +305,19 @@ def build_corpus(spec: DatasetSpec, mirror: Path | None, settings: DataSettings)
                         f"{{from: test, train: 0.6, validation: 0.1}}")
     carve = None
     if "validation" not in splits:
-        keep, carved = stratified_carve(splits["train"].labels, settings.validation_fraction, settings.seed)
-        splits["validation"] = splits["train"].take(carved)
-        splits["train"] = splits["train"].take(keep)
+        train, phrases = splits["train"], None
+        if spec.carve == "whole_texts":
+            keep, carved, phrases = whole_text_carve(train.texts, train.labels, settings.validation_fraction,
+                                                     settings.seed)
+        else:
+            keep, carved = stratified_carve(train.labels, settings.validation_fraction, settings.seed)
+        splits["validation"], splits["train"] = train.take(carved), train.take(keep)
         carve = {"from": "train", "fraction": settings.validation_fraction, "seed": settings.seed,
-                 "rows": len(carved)}
+                 "rows": len(carved),
+                 **({"by": "whole_texts", "phrases_dropped_from_train": phrases} if phrases is not None else {})}
+    elif spec.carve != "rows":
+        raise DataError(f"dataset {spec.name!r}: datasets.{spec.name}.carve is {spec.carve!r}, but this corpus "
+                        f"has a validation split already; drop the carve key")
     counts = Counter(splits["train"].labels)
     if len(counts) < 2:
         raise DataError(f"dataset {spec.name!r}: train has a single class {list(counts)}; "

@@ -57,6 +57,41 @@ def test_a_corpus_shipped_as_test_only_is_resplit_or_refused(tmp_path, make_para
     assert corpus.meta["resplit"]["rows"] == sizes
 
 
+def _phrase_corpus(sentences: int) -> list[dict]:
+    """SST-2's shape: each sentence a row, and each of its prefixes and suffixes a row too (same label)."""
+    rows = []
+    for s in range(sentences):
+        words = [f"w{s}x{k}" for k in range(6)] + ["."]
+        label = "neg" if s % 3 else "pos"
+        rows.append({"text": " ".join(words), "label": label})
+        rows += [{"text": " ".join(words[:k]), "label": label} for k in range(1, 6)]
+        rows += [{"text": " ".join(words[k:]), "label": label} for k in range(2, 6)]
+    return rows
+
+
+def test_a_whole_text_carve_takes_sentences_and_leaves_none_of_their_phrases_in_train(tmp_path, make_params):
+    rows = _phrase_corpus(60)
+    mirror = tmp_path / "mirror"
+    write_jsonl(mirror / "odd" / "train.jsonl", rows)
+    write_jsonl(mirror / "odd" / "test.jsonl", rows[:20])
+    entry = {"text_column": "text", "label_column": "label",
+             "local": {"train": "odd/train.jsonl", "test": "odd/test.jsonl"}, "carve": "whole_texts"}
+    params = load_params(make_params(mirror, ["minilm-l6"], ["odd"], extra_datasets={"odd": entry}))
+    corpus = build(params)
+    validation, train = corpus.splits["validation"], corpus.splits["train"]
+    sentences = {r["text"] for r in rows if r["text"].endswith(".") and r["text"].startswith(r["text"].split()[0])
+                 and len(r["text"].split()) == 7}
+    assert set(validation.texts) <= sentences and len(validation) == 6      # 10% of the 60 sentences
+    assert Counter(validation.labels) == {"neg": 4, "pos": 2}               # stratified like the sentences
+    for text in train.texts:                                                # no phrase of a validation sentence
+        assert not any(f" {text} " in f" {sentence} " for sentence in validation.texts)
+    assert len(train) == len(rows) - 6 * 10                                 # each sentence and its 9 phrases
+    assert corpus.meta["carve"]["by"] == "whole_texts" and corpus.meta["carve"]["phrases_dropped_from_train"] == 54
+    entry["carve"] = "sentences"
+    with pytest.raises(ConfigError, match="carve"):
+        load_params(make_params(mirror, ["minilm-l6"], ["odd"], extra_datasets={"odd": entry}))
+
+
 def test_a_test_split_emptied_by_label_mismatch_stops_prepare_data(tmp_path, make_params):
     train = [{"text": f"text {i}", "label": ["positive", "negative"][i % 2]} for i in range(40)]
     test = [{"text": f"test {i}", "label": ["pos", "neg"][i % 2]} for i in range(20)]
