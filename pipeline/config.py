@@ -651,12 +651,14 @@ def _parse_data(problems: _Problems, section: Any) -> DataSettings:
                         max_rows={s: c for s, c in max_rows.items() if isinstance(c, int) and not isinstance(c, bool)})
 
 
-def _with_base(raw: dict[str, Any], path: Path) -> dict[str, Any]:
+def _with_base(raw: dict[str, Any], path: Path) -> tuple[dict[str, Any], Path]:
     """A profile (`base: params.yaml` plus overrides) is its base file with the overrides merged in,
-    so a study changes a few keys and shares the model and dataset registries."""
+    so a study changes a few keys and shares the model and dataset registries. Returns the merged
+    params and the folder of the file at the bottom of the chain: relative paths resolve against it,
+    wherever the profile lives."""
     base = raw.pop("base", None)
     if base is None:
-        return raw
+        return raw, path.parent
     base_path = (path.parent / str(base)).resolve()
     if base_path == path or not base_path.is_file():
         raise ConfigError(f"{path}: base {base!r} must name another params file")
@@ -664,7 +666,8 @@ def _with_base(raw: dict[str, Any], path: Path) -> dict[str, Any]:
         base_raw = yaml.safe_load(base_path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{base_path} is not valid YAML: {error}") from error
-    return _merge(_with_base(base_raw, base_path), raw)
+    merged, root = _with_base(base_raw, base_path)
+    return _merge(merged, raw), root
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -686,10 +689,9 @@ def load_params(path: str | Path = "params.yaml", models: list[str] | None = Non
         raise ConfigError(f"{path} is not valid YAML: {error}") from error
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping at the top level")
-    raw = _with_base(raw, path)
+    raw, root = _with_base(raw, path)
     problems = _Problems()
     _unknown_sections(problems, raw)
-    root = path.parent
     paths = _mapping(problems, "paths", raw.get("paths"), ("store", "data_mirror", "embeddings"))
     store = root / str(paths.get("store", "store"))
     embeddings = paths.get("embeddings")

@@ -143,6 +143,12 @@ def test_a_profile_overrides_its_base(tmp_path, make_params):
     assert params.selected_datasets == ["sst2"] and params.selected_models == ["minilm-l6"]
     assert params.extract_for("r8").max_len == 512 and params.dataset("r8").text_column == "text"
     assert params.data.max_rows == {"test": 9} and params.store == load_params(base).store
+    nested = tmp_path / "profiles" / "one.yaml"          # a profile of a profile, in another folder
+    nested.parent.mkdir()
+    nested.write_text(yaml.safe_dump({"base": "../study.yaml", "paths": {"store": "store/one"}}))
+    one = load_params(nested)
+    assert one.store == tmp_path / "store" / "one" and one.data_mirror == load_params(base).data_mirror
+    assert one.root == tmp_path and one.selected_datasets == ["sst2"]
     profile.write_text(yaml.safe_dump({"base": "study.yaml"}))
     with pytest.raises(ConfigError, match="base 'study.yaml' must name another params file"):
         load_params(profile)
