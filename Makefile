@@ -1,9 +1,10 @@
 # `make run`: set up .venv and run the whole pipeline (dvc repro) on the selection in params.yaml.
 # `make test`: set up .venv (every shipped model: the peer checks read them all) and run the test suite.
 # `make test-fast`: the tests not marked slow.
-# `make study`: also install MPNet and Gemma, then run the cross-corpus study (study.yaml, resumable).
-# `make study-full`: the study's corpora at full size (study_full.yaml), one corpus at a time; then `make study`
-#   compares the capped results with them.
+# `make study`: also install MPNet and Gemma, then run the cross-corpus study (study.yaml) as a DVC pipeline of
+#   its own (study/dvc.yaml, derived from study.yaml and dvc.yaml): a second run reruns nothing.
+# `make study-full`: the study's corpora at full size (study_full.yaml, pipeline study_full/dvc.yaml); then
+#   `make study` compares the capped results with them.
 VENV := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export TOKENIZERS_PARALLELISM := false
@@ -34,11 +35,12 @@ $(VENV)/.all_models: $(VENV)/.installed
 	touch $@
 
 study: $(VENV)/.all_models
-	python -m stages.study --params study.yaml
+	python -m pipeline.config.profile study.yaml study
+	dvc repro study/dvc.yaml
 
-CORPORA ?= r8 sst2 agnews r52
 study-full: $(VENV)/.all_models
-	for corpus in $(CORPORA); do python -m stages.study --params study_full/$$corpus.yaml --jobs 1 || exit 1; done
+	python -m pipeline.config.profile study_full.yaml study_full
+	dvc repro study_full/dvc.yaml
 
 # The multi-process extraction tests RUNS times in a row beside a busy-looping CPU hog (issue 11 item 10:
 # a slow rank used to deal blocks to nobody). Not part of `make test`: about 4 minutes a run on 2 cores.

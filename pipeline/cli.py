@@ -6,20 +6,20 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline import location
-from pipeline.errors import EXIT_FAILURE, PipelineError, exit_status_on_signals, failure_exit_message, is_failure
+from pipeline.core import location
+from pipeline.core.errors import EXIT_FAILURE, PipelineError, exit_status_on_signals, failure_exit_message, is_failure
 
 
 def _store_paths(args) -> list[Path]:
     if args.paths:
         return [location.as_location(p) for p in args.paths]   # folders, or URLs (s3://...) kept as strings
-    from pipeline.config import load_params
+    from pipeline.config.params import load_params
     params = load_params(args.params)
     return [params.embeddings_path(m, d) for d in params.selected_datasets for m in params.selected_models]
 
 
 def cmd_inspect(args) -> int:
-    from pipeline.inspect_store import summarise
+    from pipeline.store.inspect import summarise
     results = [summarise(path) for path in _store_paths(args)]
     return 0 if all(r["complete"] for r in results) else 1
 
@@ -27,7 +27,7 @@ def cmd_inspect(args) -> int:
 def cmd_verify(args) -> int:
     """Exit 0: every store complete and intact; 1: problems (listed); with --repair, bad blocks are
     marked not done and the next extraction rebuilds exactly those."""
-    from pipeline.verify import repair, verify_store
+    from pipeline.store.verify import repair, verify_store
     status = 0
     for path in _store_paths(args):
         problems = verify_store(path)
@@ -60,9 +60,9 @@ def cmd_verify(args) -> int:
 
 
 def _predictor(args):
-    from pipeline.config import load_params
-    from pipeline.devices import resolve_device
-    from pipeline.predict import Predictor
+    from pipeline.config.params import load_params
+    from pipeline.core.devices import resolve_device
+    from pipeline.heads.predict import Predictor
     resolve_device(args.device, "--device")       # a GPU this machine lacks: named before any loading
     options = {"device": args.device}
     if args.from_export:
@@ -76,8 +76,8 @@ def _predictor(args):
 
 def _summary(store: Path, dataset: str, config: dict) -> str | None:
     """The report's one-line summary of the head predict uses: test figures, gain, blocks run, cost."""
-    from pipeline.recommendation import summary_line
-    from pipeline.records import CostResult, HeadResults, read_record
+    from pipeline.report.recommendation import summary_line
+    from pipeline.core.records import CostResult, HeadResults, read_record
     results = read_record(store / "compare" / dataset / "results.json", HeadResults).results
     result = next((r for r in results if r.row == config["row"] and r.head == config["head"]), None)
     cost_path = store / "cost" / dataset / "cost.json"
@@ -88,7 +88,7 @@ def _summary(store: Path, dataset: str, config: dict) -> str | None:
 def cmd_predict(args) -> int:
     """Write one JSON line per input: id, label, per-label probabilities, truncated (or id, error)."""
     import json
-    from pipeline.predict import read_records
+    from pipeline.heads.predict import read_records
     predictor, dataset, store = _predictor(args)
     print(f"head {predictor.head_dir} ({predictor.config['row']}, {predictor.config['head']}, "
           f"seed {predictor.config['seed']}); {predictor.describe()}", file=sys.stderr)
@@ -98,7 +98,7 @@ def cmd_predict(args) -> int:
     records = read_records(args.texts, args.file, args.text_field, stream=stdin)
     results = (json.dumps(r, ensure_ascii=False) + "\n" for r in predictor.predict(records, bool(args.out)))
     if args.out:
-        from pipeline.atomic import atomic_writer
+        from pipeline.core.atomic import atomic_writer
         with atomic_writer(args.out, "w") as out:     # a killed run leaves no half output file
             out.writelines(results)
     else:
@@ -107,7 +107,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from pipeline.export import export
+    from pipeline.heads.export import export
     predictor, dataset, _ = _predictor(args)
     folder = export(predictor, Path(args.out), dataset)
     print(f"exported {predictor.config['row']} / {predictor.config['head']} / seed {predictor.config['seed']} "
@@ -127,8 +127,8 @@ def _seed(text: str) -> int | str:
 
 def _device(text: str) -> str:
     """--device: a device name (whether this machine has it is checked when the command runs)."""
-    from pipeline.devices import DEVICE_NAMES, DEVICE_PATTERN
-    if not DEVICE_PATTERN.fullmatch(text):
+    from pipeline.core.devices import DEVICE_NAMES, is_device_name
+    if not is_device_name(text):
         raise argparse.ArgumentTypeError(f"must be {DEVICE_NAMES}, got {text!r}")
     return text
 

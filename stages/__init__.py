@@ -9,8 +9,8 @@ import sys
 import time
 from typing import Callable
 
-from pipeline.config import Params, load_params
-from pipeline.errors import EXIT_FAILURE, PipelineError, exit_status_on_signals, failure_exit_message, is_failure
+from pipeline.config.params import Params, load_params
+from pipeline.core.errors import EXIT_FAILURE, PipelineError, exit_status_on_signals, failure_exit_message, is_failure
 
 
 def stage_parser(description: str) -> argparse.ArgumentParser:

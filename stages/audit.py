@@ -2,16 +2,16 @@
 dataset, into store/audit/<dataset>/audit.json.
 
 The only reader of test besides `train`, and it chooses nothing: it judges how the project chooses
-(pipeline/audit.py).
+(pipeline/select/audit.py).
 """
 
 import time
 from pathlib import Path
 
-from pipeline.atomic import staged_folder, write_json_atomic
-from pipeline.audit import audit_dataset
-from pipeline.fusion import fuse_settings
-from pipeline.probe import protocol_from_params
+from pipeline.core.atomic import staged_folder, write_json_atomic
+from pipeline.select.audit import audit_dataset
+from pipeline.select.fusion import fuse_settings
+from pipeline.select.probe import protocol_from_params
 from stages import dataset_stage, run_stage
 
 

@@ -6,10 +6,10 @@ correction, from the predictions the train stages saved. Trains nothing and read
 import time
 from pathlib import Path
 
-from pipeline.atomic import staged_folder, write_json_atomic
-from pipeline.records import HeadResults, chosen_on_validation, read_json
-from pipeline.resources import resources_of
-from pipeline.comparison import compare_heads
+from pipeline.core.atomic import staged_folder, write_json_atomic
+from pipeline.core.records import HeadResults, chosen_on_validation, read_json
+from pipeline.store.resources import resources_of
+from pipeline.heads.comparison import compare_heads
 from stages import dataset_stage, run_stage
 
 

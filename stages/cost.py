@@ -1,5 +1,5 @@
 """Stage cost: what every fusion candidate, and so every head, costs at predict time on this machine, into
-store/cost/<dataset>/cost.json (pipeline/predict_timing.py, pipeline/cost.py).
+store/cost/<dataset>/cost.json (pipeline/heads/predict_timing.py, pipeline/heads/cost.py).
 
 Each model's predict path is timed at a few depths and a line is fitted; a configuration costs one pass per
 model it reads, stopped after its deepest layer. The fuse stage's choice is also timed whole, a check of that
@@ -13,16 +13,16 @@ paired standard error of the top: reported beside each other, never used to choo
 import time
 from pathlib import Path
 
-from pipeline.atomic import staged_folder, write_json_atomic
-from pipeline.audit import TestJudge
-from pipeline.corpora import read_corpus
-from pipeline.cost import cheapest_within_one_se, deepest_layers, estimate_seconds
-from pipeline.devices import resolve_device
-from pipeline.machine import machine_in_words
-from pipeline.predict_timing import model_cost_curve
-from pipeline.probe import protocol_from_params
-from pipeline.records import ChosenFusion, LeaderboardRow, read_record, read_records
-from pipeline.store import open_store
+from pipeline.core.atomic import staged_folder, write_json_atomic
+from pipeline.select.audit import TestJudge
+from pipeline.sources.corpora import read_corpus
+from pipeline.heads.cost import cheapest_within_one_se, deepest_layers, estimate_seconds
+from pipeline.core.devices import resolve_device
+from pipeline.core.machine import machine_in_words
+from pipeline.heads.predict_timing import model_cost_curve
+from pipeline.select.probe import protocol_from_params
+from pipeline.core.records import ChosenFusion, LeaderboardRow, read_record, read_records
+from pipeline.store.reader import open_store
 from stages import dataset_stage, run_stage
 
 

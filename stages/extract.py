@@ -1,15 +1,15 @@
 """Stage extract: one model x one dataset, all layers and poolings, into store/embeddings/<dataset>/<model>,
-or where paths.embeddings says (then that folder holds the store's record: pipeline/store_record.py)."""
+or where paths.embeddings says (then that folder holds the store's record: pipeline/store/record.py)."""
 
 import os
 from pathlib import Path
 
-from pipeline import distributed
-from pipeline.config import load_params
-from pipeline.devices import resolve_device
-from pipeline.extract import extract
-from pipeline.location import is_url
-from pipeline.store_record import check_record_folder, record_folder, write_record
+from pipeline.extract import distributed
+from pipeline.config.params import load_params
+from pipeline.core.devices import resolve_device
+from pipeline.extract.driver import extract
+from pipeline.core.location import is_url
+from pipeline.store.record import check_record_folder, record_folder, write_record
 from stages import run_stage, stage_parser
 
 

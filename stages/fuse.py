@@ -9,10 +9,10 @@ import json
 import time
 from pathlib import Path
 
-from pipeline.atomic import staged_folder, write_json_atomic, write_text_atomic
-from pipeline.fusion import fuse_settings, search_dataset
-from pipeline.probe import protocol_from_params
-from pipeline.records import LeaderboardRow, read_scores
+from pipeline.core.atomic import staged_folder, write_json_atomic, write_text_atomic
+from pipeline.select.fusion import fuse_settings, search_dataset
+from pipeline.select.probe import protocol_from_params
+from pipeline.core.records import LeaderboardRow, read_scores
 from stages import dataset_stage, run_stage
 
 COLUMNS = ["rank", "candidate", "family", "operator", "layers", "models", "pooling", "width", "score", "std",

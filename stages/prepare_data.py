@@ -1,7 +1,7 @@
 """Stage prepare_data: read one corpus (local mirror or hub), check it, carve validation, normalise."""
 
-from pipeline.config import load_params
-from pipeline.corpora import build_corpus, write_corpus
+from pipeline.config.params import load_params
+from pipeline.sources.corpora import build_corpus, write_corpus
 from stages import run_stage, stage_parser
 
 

@@ -1,7 +1,7 @@
 """Stage prepare_model: materialise one model as a safetensors folder under store/models/<name>."""
 
-from pipeline.config import load_params
-from pipeline.models import materialise
+from pipeline.config.params import load_params
+from pipeline.sources.models import materialise
 from stages import run_stage, stage_parser
 
 

@@ -3,10 +3,10 @@
 import time
 from pathlib import Path
 
-from pipeline.atomic import staged_folder
-from pipeline.config import load_params
-from pipeline.errors import ConfigError
-from pipeline.report import write_report
+from pipeline.core.atomic import staged_folder
+from pipeline.config.params import load_params
+from pipeline.core.errors import ConfigError
+from pipeline.report.dataset_report import write_report
 from stages import run_stage, stage_parser
 
 

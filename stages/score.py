@@ -6,13 +6,13 @@ Reads train and validation (protocol `validation`) or train alone (protocol `cv`
 import time
 from pathlib import Path
 
-from pipeline.config import load_params
-from pipeline.probe import protocol_from_params
-from pipeline.plots import plot_layer_scores, write_layer_csv
-from pipeline.scoring import score_layers
-from pipeline.store import open_store
-from pipeline.atomic import staged_folder, write_json_atomic
-from pipeline.records import as_json
+from pipeline.config.params import load_params
+from pipeline.select.probe import protocol_from_params
+from pipeline.report.plots import plot_layer_scores, write_layer_csv
+from pipeline.select.scoring import score_layers
+from pipeline.store.reader import open_store
+from pipeline.core.atomic import staged_folder, write_json_atomic
+from pipeline.core.records import as_json
 from stages import run_stage, stage_parser
 
 

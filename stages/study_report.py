@@ -3,19 +3,19 @@
 import time
 from pathlib import Path
 
-from pipeline.atomic import staged_folder
-from pipeline.config import load_params
-from pipeline.study_report import write_study_report
+from pipeline.core.atomic import staged_folder
+from pipeline.config.params import load_params
+from pipeline.report.study_report import write_study_report
 from stages import run_stage, stage_parser
 from stages.report import report_folder
 
 
 def main() -> None:
     parser = stage_parser(__doc__)
-    parser.set_defaults(params="study.yaml")
     parser.add_argument("--uncapped-store", nargs="+", default=["store", "store/study_full"],
                         help="stores of full-size runs (the default run's; an uncapped profile's such as "
-                             "study_full.yaml) whose results the capped ones are compared with, where they exist")
+                             "study_full.yaml), relative to the params file's project, whose results the capped "
+                             "ones are compared with, where they exist")
     args = parser.parse_args()
     start = time.perf_counter()
     params = load_params(args.params)

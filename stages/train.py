@@ -9,9 +9,9 @@ import json
 import time
 from pathlib import Path
 
-from pipeline.atomic import staged_folder, write_json_atomic
-from pipeline.errors import ConfigError
-from pipeline.training import quiet_lightning, train_head, train_settings
+from pipeline.core.atomic import staged_folder, write_json_atomic
+from pipeline.core.errors import ConfigError
+from pipeline.heads.training import quiet_lightning, train_head, train_settings
 from stages import dataset_stage, run_stage
 
 

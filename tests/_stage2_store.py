@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.store import SplitRows, StoreWriter
+from pipeline.store.writer import SplitRows, StoreWriter
 
 ROWS = {"train": 240, "validation": 80, "test": 120}
 

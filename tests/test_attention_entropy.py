@@ -9,14 +9,15 @@ import torch
 import zarr
 
 from conftest import tiny_llama_entry
-from pipeline.config import ModelSpec, load_params
-from pipeline.corpora import read_corpus
-from pipeline.errors import StoreDamagedError, StoreMismatchError
-from pipeline.extract import extract
-from pipeline.inspect_store import summarise
-from pipeline.models import load_model
-from pipeline.store import open_store
-from pipeline.verify import verify_store
+from pipeline.config.sections import ModelSpec
+from pipeline.config.params import load_params
+from pipeline.sources.corpora import read_corpus
+from pipeline.core.errors import StoreDamagedError, StoreMismatchError
+from pipeline.extract.driver import extract
+from pipeline.store.inspect import summarise
+from pipeline.sources.models import load_model
+from pipeline.store.reader import open_store
+from pipeline.store.verify import verify_store
 from test_extract import prepare
 
 SETTINGS = {"block_rows": 16, "token_budget": 256, "max_len": 32, "compute_dtype": "float32", "device": "cpu",
@@ -111,9 +112,9 @@ def test_a_store_without_entropy_says_so_and_is_not_resumed_with_it(mr_slice, ma
 
 
 def test_score_stage_compares_mean_attention_entropy_with_the_probe(mr_slice, make_params, prepared_models, tmp_path):
-    from pipeline.layer_geometry import mean_attention_entropy
-    from pipeline.probe import Protocol
-    from pipeline.scoring import score_layers
+    from pipeline.select.layer_geometry import mean_attention_entropy
+    from pipeline.select.probe import Protocol
+    from pipeline.select.scoring import score_layers
     params = _tiny_store(mr_slice, make_params, prepared_models, tmp_path)
     store = open_store(params.embeddings_root, "tiny-llama", "mrslice")
     means, rows = mean_attention_entropy(store)
@@ -130,6 +131,7 @@ def test_score_stage_compares_mean_attention_entropy_with_the_probe(mr_slice, ma
     assert result["layer_scores"]["attention_entropy_rows"] == 70
 
 
+@pytest.mark.slow
 def test_a_model_without_the_attention_interface_gets_a_store_without_entropy(mr_slice, make_params, tmp_path,
                                                                                 capfd):
     """MPNet's attention does not go through transformers' attention interface: with the default
@@ -138,7 +140,7 @@ def test_a_model_without_the_attention_interface_gets_a_store_without_entropy(mr
     from transformers import AutoTokenizer, MPNetConfig, MPNetModel
 
     from conftest import minilm_folder
-    from pipeline.models import materialise
+    from pipeline.sources.models import materialise
     torch.manual_seed(0)
     source = tmp_path / "tiny-mpnet-src"
     tokenizer = AutoTokenizer.from_pretrained(minilm_folder())

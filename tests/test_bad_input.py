@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from conftest import write_jsonl
-from pipeline.config import load_params
-from pipeline.corpora import build_corpus, read_corpus, write_corpus
-from pipeline.errors import ConfigError, DataError
+from pipeline.config.params import load_params
+from pipeline.sources.corpora import build_corpus, read_corpus, write_corpus
+from pipeline.core.errors import ConfigError, DataError
 from test_extract import prepare
 
 
@@ -124,10 +124,11 @@ def test_missing_local_files_without_hub_say_how_to_fix(tmp_path, make_params):
         build(params)
 
 
+@pytest.mark.slow
 def test_huge_nul_rtl_and_emoji_texts_are_embedded(tmp_path, make_params, prepared_models):
     """A 1 MB text is truncated and flagged; NUL/control characters, RTL and emoji go through as they are."""
-    from pipeline.extract import extract
-    from pipeline.store import open_store
+    from pipeline.extract.driver import extract
+    from pipeline.store.reader import open_store
     odd = ["word " * 200_000, "nul\x00inside\x01and\x1fcontrols", "שלום עולם مرحبا", "great film 🎬🍿👍"]
     rows = base_rows() + [{"text": t, "label": "ab"[i % 2]} for i, t in enumerate(odd)]
     mirror = tmp_path / "mirror"
@@ -146,7 +147,7 @@ def test_huge_nul_rtl_and_emoji_texts_are_embedded(tmp_path, make_params, prepar
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda raw: raw["extract"].update(poolings=["mean", "cls_magic"]), "unknown pooling 'cls_magic'"),
+    (lambda raw: raw["extract"].update(poolings=["mean", "cls_magic"]), "extract.poolings: must be a non-empty list drawn from ['mean', 'last', 'first', 'max', 'mean_nospecial'], each once, got ['mean', 'cls_magic']"),
     (lambda raw: raw["extract"].update(max_len=0), "extract.max_len: must be an integer >= 1, got 0"),
     (lambda raw: raw["extract"].update(max_len=512, token_budget=100), "extract.token_budget: (100) must be at least"),
     (lambda raw: raw["select"].update(models=["gpt-17"]), "select.models: unknown model 'gpt-17'"),

@@ -11,8 +11,8 @@ import pytest
 
 from conftest import link_prepared
 from pipeline.bench.__main__ import main
-from pipeline.config import load_params
-from pipeline.corpora import build_corpus, write_corpus
+from pipeline.config.params import load_params
+from pipeline.sources.corpora import build_corpus, write_corpus
 
 pytestmark = pytest.mark.slow     # real models timed by the benchmark
 

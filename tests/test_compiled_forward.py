@@ -1,4 +1,4 @@
-"""The compiled forward (pipeline/compiled_forward.py) against the eager one, on tiny random models.
+"""The compiled forward (pipeline/extract/compiled_forward.py) against the eager one, on tiny random models.
 
 Reference: layer_tap.run_with_layers + LayerPooler, the eager path's own pieces (layer 0 = embedding
 output, i = block i's output, last = last_hidden_state). Compilation runs for real (inductor + the C
@@ -13,10 +13,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pipeline import compiled_forward
-from pipeline.compiled_forward import CompiledForward, CompiledForwardError, resolve_forward
-from pipeline.layer_tap import run_with_layers
-from pipeline.pooling import POOLINGS, LayerPooler
+from pipeline.extract import compiled_forward
+from pipeline.extract.compiled_forward import CompiledForward, CompiledForwardError, resolve_forward
+from pipeline.hidden_states.layer_tap import run_with_layers
+from pipeline.hidden_states.pooling import POOLINGS, LayerPooler
 
 needs_compiler = pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None,
                                     reason="inductor needs a C compiler (gcc/cc) on PATH")
@@ -158,8 +158,8 @@ def test_extract_forward_setting_parses_and_refuses_a_typo(tmp_path):
     import yaml
 
     from conftest import registry
-    from pipeline.config import load_params
-    from pipeline.errors import PipelineError
+    from pipeline.config.params import load_params
+    from pipeline.core.errors import PipelineError
     raw = registry()
     raw["paths"] = {"store": str(tmp_path / "store"), "data_mirror": str(tmp_path)}
     raw["extract"]["forward"] = "compiled"
@@ -180,11 +180,11 @@ def test_compiled_extraction_matches_eager_store_and_is_fingerprinted(mr_slice, 
     float16 storage), `forward: compiled` in the fingerprint (an eager store has no such key, as before),
     a store of the other kind refused, and the compiled code cached under the store."""
     from conftest import link_prepared, tiny_llama_entry
-    from pipeline.config import load_params
-    from pipeline.corpora import build_corpus, write_corpus
-    from pipeline.errors import StoreMismatchError
-    from pipeline.extract import extract
-    from pipeline.store import open_store
+    from pipeline.config.params import load_params
+    from pipeline.sources.corpora import build_corpus, write_corpus
+    from pipeline.core.errors import StoreMismatchError
+    from pipeline.extract.driver import extract
+    from pipeline.store.reader import open_store
     monkeypatch.setenv(compiled_forward.CACHE_ENV, "-")    # records the variable's state, so what the code under
     monkeypatch.delenv(compiled_forward.CACHE_ENV)         # test sets is undone after the test, not left to the next
     torch._dynamo.reset()

@@ -9,11 +9,12 @@ import pytest
 import yaml
 
 from conftest import REPO, registry
-from pipeline.config import (FUSE_OPERATORS, HEAD_NAMES, SCORE_METRICS, FuseSettings, ReportSettings, ScoreSettings,
-                             TrainSettings, head_options, load_params)
-from pipeline.errors import ConfigError
+from pipeline.config.sections import (FUSE_OPERATORS, HEAD_NAMES, SCORE_METRICS, ExtractSettings, FuseSettings,
+                                      ParamsFile, ReportSettings, ScoreSettings, TrainSettings, head_options)
+from pipeline.config.params import load_params
+from pipeline.core.errors import ConfigError
 
-STAGE2 = ("score", "fuse", "train", "report")
+SECTIONS = ("paths", "data", "extract", "score", "fuse", "train", "cost", "report")
 
 
 def write(tmp_path, raw: dict, name: str = "params.yaml"):
@@ -141,28 +142,30 @@ def test_good_compressors_pass_unchanged_so_the_store_fingerprint_does_not_move(
 
 
 def test_defaults_are_params_yaml_values_defined_once(tmp_path):
+    """Every section of params.yaml (its keys, extract's included) holds exactly the models' defaults."""
+    written = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section in SECTIONS:
+        model = ParamsFile.model_fields[section].default
+        assert set(written[section]) <= set(type(model).model_fields), section
+        assert type(model).model_validate(written[section]) == model, section
     real = load_params(REPO / "params.yaml")
-    raw = registry()
-    for section in STAGE2:
-        del raw[section]
-    defaults = load_params(write(tmp_path, raw))
-    for section in STAGE2:
-        assert getattr(defaults, section) == getattr(real, section), section
     assert (real.score, real.fuse, real.train, real.report) == (ScoreSettings(), FuseSettings(), TrainSettings(),
                                                                 ReportSettings())
+    assert real.extract.compressor == {"codec": "zstd", "level": 1} == ExtractSettings().compressor
     # the values the issue found disagreeing in code: 40 epochs, lr 1e-3, MLP [1024, 256]
     assert (real.train.max_epochs, real.train.lr, real.train.mlp.widths) == (30, 0.002, (256,))
     assert head_options("mlp") == {"widths": [256], "dropout": 0.5}
     # a partial nested mapping keeps the other defaults
+    raw = registry()
     raw["train"] = {"mlp": {"widths": [32]}}
     assert load_params(write(tmp_path, raw)).train.mlp.dropout == 0.5
 
 
 def test_stage2_consumers_are_built_from_the_typed_sections(tmp_path):
-    from pipeline.fusion import OPERATORS, fuse_settings
-    from pipeline.heads import HEADS
-    from pipeline.probe import METRICS, Protocol, protocol_from_params
-    from pipeline.training import train_settings
+    from pipeline.select.fusion import OPERATORS, fuse_settings
+    from pipeline.heads.networks import HEADS
+    from pipeline.select.probe import METRICS, Protocol, protocol_from_params
+    from pipeline.heads.training import train_settings
     assert (FUSE_OPERATORS, HEAD_NAMES, SCORE_METRICS) == (OPERATORS, HEADS, METRICS)
     assert protocol_from_params(ScoreSettings()) == Protocol(), "the probe's own defaults agree with params.yaml's"
     raw = registry()

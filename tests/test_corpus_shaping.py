@@ -10,10 +10,10 @@ import pytest
 import yaml
 
 from conftest import write_jsonl
-from pipeline.config import load_params
-from pipeline.corpora import build_corpus, read_corpus, stratified_sample, write_corpus
-from pipeline.errors import ConfigError, DataError
-from pipeline.extract import extract
+from pipeline.config.params import load_params
+from pipeline.sources.corpora import build_corpus, read_corpus, stratified_sample, write_corpus
+from pipeline.core.errors import ConfigError, DataError
+from pipeline.extract.driver import extract
 from test_bad_input import base_rows, build, corpus_with
 from test_extract import prepare
 
@@ -100,6 +100,7 @@ def test_a_test_split_emptied_by_label_mismatch_stops_prepare_data(tmp_path, mak
         build(params)
 
 
+@pytest.mark.slow
 def test_texts_with_unicode_line_separators_survive_prepare_and_extract(tmp_path, make_params, prepared_models):
     odd = ["next\u0085line", "line\u2028separator", "paragraph\u2029separator", "file\x1cgroup\x1drecord\x1eunit",
            "vertical\x0btab\x0cform feed"]
@@ -111,16 +112,17 @@ def test_texts_with_unicode_line_separators_survive_prepare_and_extract(tmp_path
     assert corpus.splits["test"].texts == odd * 2
     assert sum(len(v) for v in corpus.splits.values()) == 35
     extract(params, "minilm-l6", "odd", show_progress=False)
-    from pipeline.store import open_store
+    from pipeline.store.reader import open_store
     assert open_store(params.embeddings_root, "minilm-l6", "odd").num_rows("test") == 10
 
 
+@pytest.mark.slow
 def test_per_corpus_max_len_reaches_the_store(tmp_path, make_params, prepared_models):
     params, _ = corpus_with(tmp_path, make_params, base_rows(20), extra={"max_len": 8})
     params = prepare(params.root / "params.yaml", "odd", prepared_models, ["minilm-l6"])
     assert params.extract_for("odd").max_len == 8 and params.extract.max_len == 64
     extract(params, "minilm-l6", "odd", show_progress=False)
-    from pipeline.store import open_store
+    from pipeline.store.reader import open_store
     assert open_store(params.embeddings_root, "minilm-l6", "odd").attrs["fingerprint"]["extract"]["max_len"] == 8
 
 

@@ -1,4 +1,4 @@
-"""Predict cost arithmetic (pipeline/cost.py), each against a computation written out here: the fitted line
+"""Predict cost arithmetic (pipeline/heads/cost.py), each against a computation written out here: the fitted line
 against numpy's least squares, the Pareto front against the brute-force definition, a configuration's cost
 against its per-model sum by hand."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.cost import cheapest_within_one_se, deepest_layers, estimate_seconds, fit_curve, pareto_front
+from pipeline.heads.cost import cheapest_within_one_se, deepest_layers, estimate_seconds, fit_curve, pareto_front
 
 
 def test_the_fitted_line_keeps_the_depth0_timing_and_is_least_squares_through_the_others():

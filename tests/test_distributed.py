@@ -15,10 +15,10 @@ import pytest
 import zarr
 
 from conftest import REPO, tiny_llama_entry
-from pipeline.config import load_params
-from pipeline.distributed import deal
-from pipeline.extract import extract
-from pipeline.store import EmbeddingStore
+from pipeline.config.params import load_params
+from pipeline.extract.distributed import deal
+from pipeline.extract.driver import extract
+from pipeline.store.reader import EmbeddingStore
 from test_extract import _arrays, prepare
 
 SETTINGS = {"block_rows": 16, "token_budget": 256, "device": "cpu"}

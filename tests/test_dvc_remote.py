@@ -40,7 +40,7 @@ def test_push_then_fresh_clone_pull_and_repro_reruns_nothing(tmp_path, mr_slice,
         store = clone / "store" / "embeddings" / "mrslice" / "tiny-llama"
         inspect = run([sys.executable, "-m", "pipeline", "inspect", str(store)], clone)
         assert "complete" in inspect and "incomplete" not in inspect, inspect
-        from pipeline.store import EmbeddingStore
+        from pipeline.store.reader import EmbeddingStore
         opened = EmbeddingStore(store)
         assert len(opened.attrs["runs"]) == 1, "the pulled store holds the origin's run only"
         assert opened.layer("test", "mean", -1).shape == (80, 48)

@@ -14,12 +14,12 @@ import pytest
 import zarr
 
 from conftest import REPO, link_prepared, tiny_llama_entry
-from pipeline.config import load_params
-from pipeline.corpora import build_corpus, write_corpus
-from pipeline.errors import StoreMismatchError
-from pipeline.extract import extract
-from pipeline.inspect_store import summarise
-from pipeline.store import EmbeddingStore, open_store
+from pipeline.config.params import load_params
+from pipeline.sources.corpora import build_corpus, write_corpus
+from pipeline.core.errors import StoreMismatchError
+from pipeline.extract.driver import extract
+from pipeline.store.inspect import summarise
+from pipeline.store.reader import EmbeddingStore, open_store
 
 
 def prepare(params_path: Path, dataset: str, prepared: Path, models: list[str]):
@@ -29,6 +29,7 @@ def prepare(params_path: Path, dataset: str, prepared: Path, models: list[str]):
     return params
 
 
+@pytest.mark.slow
 def test_minilm_on_mr_slice_end_to_end(mr_slice, make_params, prepared_models):
     params = prepare(make_params(mr_slice, ["minilm-l6"], ["mrslice"], extract={"max_len": 16}),
                      "mrslice", prepared_models, ["minilm-l6"])
@@ -51,11 +52,12 @@ def test_minilm_on_mr_slice_end_to_end(mr_slice, make_params, prepared_models):
     assert report["complete"] and report["bytes"] > 0
 
 
+@pytest.mark.slow
 def test_decoder_store_with_tiny_llama_and_float16_overflow(mr_slice, make_params, prepared_models, tmp_path):
     """Hidden states past float16's range are never stored as inf: that array falls back to float32."""
     from conftest import make_tiny_llama
-    from pipeline.config import ModelSpec
-    from pipeline.models import materialise
+    from pipeline.config.sections import ModelSpec
+    from pipeline.sources.models import materialise
     hot = make_tiny_llama(tmp_path / "hot-src", scale=1e7)
     params_path = make_params(mr_slice, ["hot-llama"], ["mrslice"],
                               extra_models={"hot-llama": {"source": "local", "path": str(hot)}})
@@ -122,6 +124,7 @@ def test_sigkill_and_resume_is_bit_identical(mr_slice, make_params, prepared_mod
         np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
 
 
+@pytest.mark.slow
 def test_fingerprint_mismatch_is_refused_and_rebuild_works(mr_slice, make_params, prepared_models, tmp_path):
     params = prepare(make_params(mr_slice, ["minilm-l6"], ["mrslice"], extract={"max_len": 16}),
                      "mrslice", prepared_models, ["minilm-l6"])
@@ -136,6 +139,7 @@ def test_fingerprint_mismatch_is_refused_and_rebuild_works(mr_slice, make_params
     assert open_store(changed.embeddings_root, "minilm-l6", "mrslice").attrs["fingerprint"]["extract"]["max_len"] == 24
 
 
+@pytest.mark.slow
 def test_extract_stage_prints_a_clear_error_for_a_mismatch(mr_slice, make_params, prepared_models):
     params = prepare(make_params(mr_slice, ["minilm-l6"], ["mrslice"], extract={"max_len": 16}),
                      "mrslice", prepared_models, ["minilm-l6"])

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from _stage2_store import make_store, remove_test_split
-from pipeline.config import FuseSettings
-from pipeline.fusion import (BlockScorer, Candidate, build_candidates, fuse_settings,
+from pipeline.config.sections import FuseSettings
+from pipeline.select.fusion import (BlockScorer, Candidate, build_candidates, fuse_settings,
                              search_dataset)
-from pipeline.probe import Protocol, evaluate_features
-from pipeline.records import ChosenFusion, LeaderboardRow
-from pipeline.scoring import load_bank, score_layers
-from pipeline.store import open_store
+from pipeline.select.probe import Protocol, evaluate_features
+from pipeline.core.records import ChosenFusion, LeaderboardRow
+from pipeline.select.scoring import load_bank, score_layers
+from pipeline.store.reader import open_store
 
 
 def test_candidate_space_is_exhaustive_and_without_duplicates():

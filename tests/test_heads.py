@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from _stage2_store import make_store
-from pipeline.config import MlpOptions, TrainSettings
-from pipeline.datamodule import LayerCache
-from pipeline.heads import CooccurrenceHead, Fuse, GatedHead, ScalarMixHead, load_head, load_standardisation
-from pipeline.training import fit_head, plan_runs, spec_from_groups, train_settings
+from pipeline.config.sections import MlpOptions, TrainSettings
+from pipeline.heads.datamodule import LayerCache
+from pipeline.heads.networks import CooccurrenceHead, Fuse, GatedHead, ScalarMixHead, load_head, load_standardisation
+from pipeline.heads.training import fit_head, plan_runs, spec_from_groups, train_settings
 
 
 def test_fuse_operators_and_cooccurrence_logits():
@@ -141,8 +141,8 @@ def test_gated_head_is_planned_beside_what_it_is_compared_with_on_identical_inpu
 
 
 def test_cache_reads_each_layer_once_and_batches_match_a_concatenation(tmp_path):
-    from pipeline.datamodule import LayerCache, LayerDataModule
-    from pipeline.probe import standardise_stats
+    from pipeline.heads.datamodule import LayerCache, LayerDataModule
+    from pipeline.select.probe import standardise_stats
     make_store(tmp_path / "store", "toy-dec", decoder=True)
     cache = LayerCache(tmp_path / "store" / "embeddings", "toy")
     cache.load([("toy-dec", "mean", 1), ("toy-dec", "mean", 4)])
@@ -169,7 +169,7 @@ def test_cache_reads_each_layer_once_and_batches_match_a_concatenation(tmp_path)
 def test_a_small_train_split_gets_enough_steps_per_epoch(tmp_path):
     """240 train rows at batch_size 1024 would be one Adam step per epoch, and early stopping would judge the
     first noisy steps alone (the study's SmolLM2 SST-2 heads stopped near chance that way)."""
-    from pipeline.datamodule import LayerCache, LayerDataModule
+    from pipeline.heads.datamodule import LayerCache, LayerDataModule
     make_store(tmp_path / "store", "toy-dec", decoder=True)
     cache = LayerCache(tmp_path / "store" / "embeddings", "toy")
     small = LayerDataModule(cache, [("toy-dec", "mean", 1)], 1024, 0, min_steps_per_epoch=16)
@@ -212,8 +212,8 @@ def test_lightning_stops_early_keeps_the_best_epoch_and_leaves_no_checkpoint(tmp
 
 
 def test_train_dataset_compares_the_gate_on_identical_inputs_and_writes_typed_results(tmp_path, monkeypatch):
-    from pipeline.records import HeadResults
-    from pipeline.training import train_dataset
+    from pipeline.core.records import HeadResults
+    from pipeline.heads.training import train_dataset
     monkeypatch.chdir(tmp_path)
     make_store(tmp_path / "store", "toy-dec", decoder=True, best_layer=4, num_layers=6)
     make_store(tmp_path / "store", "toy-enc", best_layer=2, num_layers=4, dim=8, poolings=("mean", "first"), seed=1)
@@ -246,7 +246,7 @@ def test_train_dataset_compares_the_gate_on_identical_inputs_and_writes_typed_re
         assert len(entry["sources"]) == len(entry["per_class"][0]) and entry["split"] == "validation"
         assert all(sum(w) == pytest.approx(1.0, abs=1e-4) for w in entry["per_class"])
         assert (tmp_path / "heads" / entry["folder"] / "seed0" / "gate_weights.json").is_file()
-    from pipeline.report import DatasetResults, gated_section
+    from pipeline.report.dataset_report import DatasetResults, gated_section
     data = DatasetResults("toy", {}, None, [], result, {}, gates)
     lines = gated_section(data, tmp_path / "figures")
     assert ("LLMEmbed inputs (co-occurrence): toy-dec mean-pooled layers 1, 2, 3, 4, 5; "
@@ -259,8 +259,8 @@ def test_train_dataset_compares_the_gate_on_identical_inputs_and_writes_typed_re
         "toy_gates_toy-dec-all-layers.png", "toy_gates_toy-enc-all-layers.png"]
     # compare takes each head type's results as trained with the shared keys and its own options only: another
     # head's options may change (its stage alone reruns), a shared key may not without retraining
-    from pipeline.records import ResultFileError
-    from pipeline.comparison import compare_heads
+    from pipeline.core.records import ResultFileError
+    from pipeline.heads.comparison import compare_heads
     others = {**settings, "mlp": {**settings["mlp"], "widths": [7]}}                # mlp is not among these heads
     assert compare_heads(tmp_path / "heads", "toy", others)["results"] == written["results"]
     with pytest.raises(ResultFileError, match=r"heads/linear/results\.json was trained with other train settings"):
@@ -270,7 +270,7 @@ def test_train_dataset_compares_the_gate_on_identical_inputs_and_writes_typed_re
 def test_compare_lists_the_rows_in_the_plans_order_whatever_the_order_of_train_heads(tmp_path):
     """The report's table follows training.plan_runs (per model: last, best layer, fusion, LLMEmbed recipe,
     all layers; then the multi-model fusion), not the order in which the head types' stages are joined."""
-    from pipeline.training import train_dataset
+    from pipeline.heads.training import train_dataset
     make_store(tmp_path / "store", "toy-dec", decoder=True, best_layer=4, num_layers=6)
     make_store(tmp_path / "store", "toy-enc", best_layer=2, num_layers=4, dim=8, poolings=("mean", "first"), seed=1)
     chosen = _chosen_two_models("last", "first", "toy-dec", "toy-enc", dec_layers=6, enc_layers=4)

@@ -116,7 +116,7 @@ def test_a_hub_model_and_dataset_extract_offline_and_inspect_names_the_hub(hf_ho
     shown = run(["pipeline", "inspect"] + params, hf_home)
     assert shown.returncode == 0, shown.stderr[-3000:]
     assert f"model from hub {MODEL_ID}@main; dataset from hub {DATASET_ID}@main" in " ".join(shown.stdout.split())
-    from pipeline.inspect_store import summarise
+    from pipeline.store.inspect import summarise
     summary = summarise(hub_project.parent / "store" / "embeddings" / "rt-hub" / "minilm-hub")
     assert summary["complete"] and summary["num_layers"] == 7 and summary["dim"] == 384
     assert summary["splits"]["test"]["rows"] == COUNTS["test"]

@@ -1,5 +1,5 @@
-"""Imports point one way (issue 12): params -> config -> sources -> extract -> store readers -> probe,
-scoring, fusion -> training, heads -> report. The layer order and the graph live in import_graph.py."""
+"""Imports point one way (issues 12 and 20), between packages: core -> hidden_states -> config -> sources
+-> store -> extract -> select -> heads -> report. The layer order and the graph live in import_graph.py."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from import_graph import ALLOWED_UPWARD, LAYERS, draw, edges, imported_nodes, so
 
 def test_every_module_has_a_layer():
     unplaced = sorted(set(sources()) - set(LAYERS))
-    assert not unplaced, f"place these modules in tests/import_graph.py LAYERS: {unplaced}"
+    assert not unplaced, f"place these packages in tests/import_graph.py LAYERS: {unplaced}"
 
 
 def test_no_import_points_upward():
@@ -24,7 +24,7 @@ def test_no_import_points_upward():
 def test_an_upward_import_is_caught(tmp_path):
     """A store module that imported the report (even lazily, inside a function) would be named."""
     fake = tmp_path / "store.py"
-    fake.write_text("def size():\n    from pipeline.report import write_report\n    import pipeline.bench.common\n")
+    fake.write_text("def size():\n    from pipeline.report.dataset_report import write_report\n    import pipeline.bench.common\n")
     found = imported_nodes(fake)
     assert found == {"report", "bench"}
     assert upward({("store", b) for b in found}) == [("store", "bench"), ("store", "report")]
@@ -36,4 +36,4 @@ def test_the_graph_is_drawn_as_a_png(tmp_path):
     draw(target)
     data = target.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
-    assert ("stages", "config") in edges() and ("store", "location") in edges()
+    assert ("stages", "config") in edges() and ("store", "core") in edges() and ("select", "store") in edges()

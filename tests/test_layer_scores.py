@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from _stage2_store import make_store, remove_test_split
-from pipeline.layer_agreement import agreement, compare, summarise
-from pipeline.layer_geometry import anisotropy, effective_rank, matrix_entropy, sample_rows
-from pipeline.probe import Protocol
-from pipeline.scoring import score_layers
-from pipeline.store import open_store
+from pipeline.select.layer_agreement import agreement, compare, summarise
+from pipeline.select.layer_geometry import anisotropy, effective_rank, gram_spectrum, sample_rows, spectrum_entropy
+from pipeline.select.probe import Protocol
+from pipeline.select.scoring import score_layers
+from pipeline.store.reader import open_store
 
 
 def numpy_scores(Z: np.ndarray, alpha: float = 1.0) -> tuple[float, float]:
@@ -22,6 +22,11 @@ def numpy_scores(Z: np.ndarray, alpha: float = 1.0) -> tuple[float, float]:
     entropy = -np.sum(lam * np.log(lam)) if alpha == 1 else np.log(np.sum(lam ** alpha)) / (1 - alpha)
     p = s[s > 1e-12] / s.sum()
     return float(entropy), float(np.exp(-np.sum(p * np.log(p))))
+
+
+def matrix_entropy(Z: np.ndarray, alpha: float = 1.0) -> float:
+    """The score stage's matrix entropy of Z: its Gram spectrum, then the entropy of that spectrum."""
+    return spectrum_entropy(gram_spectrum(Z), alpha)
 
 
 def test_identity_has_full_entropy_and_rank():
@@ -124,7 +129,7 @@ def test_layer_scores_can_be_turned_off(tmp_path):
 
 
 def test_report_sections_show_the_table_the_plot_and_the_best_predictor(tmp_path):
-    from pipeline.layer_report import layer_scores_section, study_layer_scores
+    from pipeline.report.layer_report import layer_scores_section, study_layer_scores
     make_store(tmp_path, "toy-enc", best_layer=4, num_layers=7)
     result = score_layers(open_store(tmp_path / "embeddings", "toy-enc", "toy"), Protocol(name="validation", rank=8), "toy-enc", geometry_rows=100)
     lines = layer_scores_section({"toy-enc": result}, "toy", tmp_path / "figures")

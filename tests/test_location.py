@@ -1,4 +1,4 @@
-"""One way to tell a URL from a folder (issue 12): pipeline.location.is_url, before any Path() call,
+"""One way to tell a URL from a folder (issue 12): pipeline.core.location.is_url, before any Path() call,
 because Path("s3://bucket/emb") is the local relative path "s3:/bucket/emb"."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import location
+from pipeline.core import location
 from pipeline.cli import _store_paths
-from pipeline.verify import remove_leftovers
+from pipeline.store.verify import remove_leftovers
 
 
 def test_is_url_tells_urls_from_folders():

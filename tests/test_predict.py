@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from conftest import REPO
-from pipeline.corpora import read_corpus
-from pipeline.errors import HeadError, ModelSourceError
-from pipeline.export import export
-from pipeline.extract import extract
-from pipeline.predict import Predictor, uses_from_store
+from pipeline.sources.corpora import read_corpus
+from pipeline.core.errors import HeadError, ModelSourceError
+from pipeline.heads.export import export
+from pipeline.extract.driver import extract
+from pipeline.heads.predict import Predictor, uses_from_store
 from test_extract import prepare
 
 pytestmark = pytest.mark.slow     # real MiniLM store, a trained head, predict in subprocesses
@@ -32,8 +32,8 @@ def trained(tmp_path_factory, mr_slice, prepared_models):
     """A MiniLM store (float32 compute, so batch composition cannot move a bit) and an MLP head on it."""
     from conftest import registry
     import yaml
-    from pipeline.datamodule import LayerCache
-    from pipeline.training import fit_head, train_settings
+    from pipeline.heads.datamodule import LayerCache
+    from pipeline.heads.training import fit_head, train_settings
     folder = tmp_path_factory.mktemp("predict")
     raw = registry()
     raw["paths"] = {"store": str(folder / "store"), "data_mirror": str(mr_slice)}
@@ -44,7 +44,7 @@ def trained(tmp_path_factory, mr_slice, prepared_models):
     (folder / "params.yaml").write_text(yaml.safe_dump(raw))
     params = prepare(folder / "params.yaml", "mrslice", prepared_models, ["minilm-l6"])
     extract(params, "minilm-l6", "mrslice", show_progress=False)
-    from pipeline.config import MlpOptions, TrainSettings
+    from pipeline.config.sections import MlpOptions, TrainSettings
     settings = train_settings(TrainSettings(max_epochs=5, patience=2, mlp=MlpOptions(widths=(64,), dropout=0.1)))
     cache = LayerCache(params.embeddings_root, "mrslice")
     labels = cache.store("minilm-l6").label_names
@@ -56,7 +56,7 @@ def trained(tmp_path_factory, mr_slice, prepared_models):
 
 def _reference(head_dir, cache):
     """What the train stage computed on test: the head on the stored, standardised test vectors."""
-    from pipeline.heads import load_head, load_standardisation
+    from pipeline.heads.networks import load_head, load_standardisation
     net, config = load_head(head_dir)
     mean, std = load_standardisation(head_dir)
     x = torch.cat([torch.from_numpy(cache.store(m).layer("test", p, l)) for m, p, l in config["inputs"]], dim=1)
@@ -179,8 +179,8 @@ def test_bad_lines_get_their_own_result_and_the_file_goes_on(trained, tmp_path):
 @pytest.fixture(scope="module")
 def trained_gated(trained):
     """A gated head on the same store: three sources (MiniLM mean layers 2 and 4, first layer 3)."""
-    from pipeline.config import GatedOptions, TrainSettings
-    from pipeline.training import fit_head, train_settings
+    from pipeline.config.sections import GatedOptions, TrainSettings
+    from pipeline.heads.training import fit_head, train_settings
     params, head_dir, cache = trained
     settings = train_settings(TrainSettings(max_epochs=5, patience=2, gated=GatedOptions(width=32)))
     gated_dir = head_dir.parent.parent / "gated" / "seed0"

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from _stage2_store import make_store, remove_test_split
-from pipeline.probe import Protocol, evaluate_features, make_folds, metrics
-from pipeline.records import ScoreRow, scores_from_json, as_json
-from pipeline.scoring import score_layers
-from pipeline.store import open_store
+from pipeline.select.probe import Protocol, evaluate_features, make_folds, metrics
+from pipeline.core.records import ScoreRow, scores_from_json, as_json
+from pipeline.select.scoring import score_layers
+from pipeline.store.reader import open_store
 
 
 def test_ridge_matches_a_direct_solve():
@@ -61,7 +61,7 @@ def test_scores_find_the_planted_layer_and_never_read_test(tmp_path):
 
 def test_cv_solver_matches_a_direct_solve_per_fold():
     """All folds and alphas from one preconditioned solve equal the textbook per-fold ridge."""
-    from pipeline.probe import ridge_weights
+    from pipeline.select.probe import ridge_weights
     rng = np.random.default_rng(1)
     K, n, w = 4, 400, 24
     X = rng.normal(size=(K, n, w)) @ rng.normal(size=(w, w)) * np.logspace(0, 2, w)   # ill-conditioned

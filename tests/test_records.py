@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipeline.records import (ChosenFusion, HeadResult, HeadResults, LeaderboardRow, ModelChoice, ResultFileError,
+from pipeline.core.records import (ChosenFusion, HeadResult, HeadResults, LeaderboardRow, ModelChoice, ResultFileError,
                               ScoreRow, read_record, read_records, read_scores)
 
 PROBE = {"accuracy": 0.8, "accuracy_std": 0.02, "macro_f1": 0.79, "macro_f1_std": 0.03, "alpha": 10.0,

@@ -12,16 +12,16 @@ from types import SimpleNamespace
 import pytest
 
 from _stage2_store import make_store
-from pipeline.atomic import write_json_atomic
-from pipeline.config import FuseSettings, TrainSettings
-from pipeline.fusion import fuse_settings, search_dataset
-from pipeline.probe import Protocol
-from pipeline.records import ChosenFusion, HeadResults, ResultFileError, as_json, read_record
-from pipeline.report import heads_section, load_dataset, write_report
-from pipeline.resources import resources_of
-from pipeline.scoring import score_layers
-from pipeline.store import open_store
-from pipeline.training import quiet_lightning, train_dataset, train_settings
+from pipeline.core.atomic import write_json_atomic
+from pipeline.config.sections import FuseSettings, TrainSettings
+from pipeline.select.fusion import fuse_settings, search_dataset
+from pipeline.select.probe import Protocol
+from pipeline.core.records import ChosenFusion, HeadResults, ResultFileError, as_json, read_record
+from pipeline.report.dataset_report import heads_section, load_dataset, write_report
+from pipeline.store.resources import resources_of
+from pipeline.select.scoring import score_layers
+from pipeline.store.reader import open_store
+from pipeline.heads.training import quiet_lightning, train_dataset, train_settings
 
 MODELS = ["enc-a", "dec-b"]
 
@@ -130,7 +130,7 @@ def test_results_files_round_trip_and_a_damaged_one_is_named(stage2, tmp_path):
 
 
 def test_the_study_report_reads_the_same_records(stage2, tmp_path):
-    from pipeline.study_report import write_study_report
+    from pipeline.report.study_report import write_study_report
     params = SimpleNamespace(store=str(stage2), selected_datasets=["toy"], selected_models=MODELS,
                              extract_for=lambda dataset: SimpleNamespace(max_len=64),
                              score=SimpleNamespace(protocol="cv", select_rule="best"))
@@ -153,7 +153,7 @@ def test_the_study_report_reads_the_same_records(stage2, tmp_path):
 
 def test_holm_adjustment_and_p_value_text():
     """Holm's step-down worked by hand for four p-values, and a bootstrap p of 0 printed as a bound."""
-    from pipeline.significance import holm, p_text
+    from pipeline.select.significance import holm, p_text
     # sorted: 0.005*4 = 0.02, 0.01*3 = 0.03, 0.03*2 = 0.06, 0.04*1 = 0.04 -> raised to 0.06 (monotone)
     assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
     assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])

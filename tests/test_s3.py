@@ -18,12 +18,12 @@ import yaml
 import zarr
 
 from conftest import REPO, tiny_llama_entry
-from pipeline import location
-from pipeline.config import load_params
-from pipeline.errors import ConfigError
-from pipeline.extract import extract
+from pipeline.core import location
+from pipeline.config.params import load_params
+from pipeline.core.errors import ConfigError
+from pipeline.extract.driver import extract
 from pipeline.bench.s3_server import start_moto_server
-from pipeline.store import EmbeddingStore
+from pipeline.store.reader import EmbeddingStore
 from test_extract import prepare
 
 SETTINGS = {"block_rows": 16, "token_budget": 256, "device": "cpu"}
@@ -78,9 +78,9 @@ def test_credentials_never_come_from_params(mr_slice, make_params, prepared_mode
 def test_s3_store_killed_resumed_read_verified_and_scored(s3_bucket, mr_slice, make_params, prepared_models,
                                                           tmp_path):
     import boto3
-    from pipeline.probe import Protocol
-    from pipeline.scoring import score_layers
-    from pipeline.verify import verify_store
+    from pipeline.select.probe import Protocol
+    from pipeline.select.scoring import score_layers
+    from pipeline.store.verify import verify_store
 
     local = prepare(make_params(mr_slice, ["tiny-llama"], ["mrslice"], extract=SETTINGS,
                                 extra_models=tiny_llama_entry(prepared_models), folder=tmp_path / "local"),
@@ -139,8 +139,8 @@ def test_stage2_reads_the_s3_store_not_a_conflicting_local_one(s3_bucket, mr_sli
     """Issue 22, item 1: with paths.embeddings on S3 and an older local store (other settings) where the
     default would be, score, fuse, train and predict all read S3. Extract refuses to bury the local store."""
     import shutil
-    from pipeline.predict import read_head_config
-    from pipeline.store_record import RECORD
+    from pipeline.heads.predict import read_head_config
+    from pipeline.store.record import RECORD
     old = prepare(make_params(mr_slice, ["tiny-llama"], ["mrslice"], extract={**SETTINGS, "max_len": 12},
                               extra_models=tiny_llama_entry(prepared_models), folder=tmp_path / "old"),
                   "mrslice", prepared_models, ["tiny-llama"])
@@ -176,8 +176,8 @@ def test_stage2_reads_the_s3_store_not_a_conflicting_local_one(s3_bucket, mr_sli
     heads = params.store / "heads" / "mrslice"
     configs = [read_head_config(p.parent) for p in heads.rglob("config.json") if p.parent.name.startswith("seed")]
     assert configs and all(c["store_fingerprints"]["tiny-llama"]["extract"]["max_len"] == 24 for c in configs)
-    from pipeline.probe import protocol_from_params
-    from pipeline.scoring import score_layers
+    from pipeline.select.probe import protocol_from_params
+    from pipeline.select.scoring import score_layers
     scores = json.loads((params.store / "scores" / "mrslice" / "tiny-llama" / "scores.json").read_text())
     on_s3, on_disk = (score_layers(EmbeddingStore(where), protocol_from_params(params.score), "tiny-llama")
                       for where in (url, local))

@@ -11,12 +11,13 @@ import pytest
 import torch
 from sklearn.metrics import f1_score
 
-from pipeline.probe import Protocol, resampled_metric
-from pipeline.records import LeaderboardRow
-from pipeline.scoring import score_layers
-from pipeline.selection import Evidence, choose, stratified_halves
-from pipeline.significance import TestRows, add_test_uncertainty
-from pipeline.store import EmbeddingStore, SplitRows, StoreWriter
+from pipeline.select.probe import Protocol, resampled_metric
+from pipeline.core.records import LeaderboardRow
+from pipeline.select.scoring import score_layers
+from pipeline.select.selection import Evidence, choose, stratified_halves
+from pipeline.select.significance import TestRows, add_test_uncertainty
+from pipeline.store.reader import EmbeddingStore
+from pipeline.store.writer import SplitRows, StoreWriter
 
 Y = np.array([0, 0, 1, 1, 2, 2, 0, 1])
 A = np.array([0, 1, 1, 1, 2, 0, 0, 1])      # 6 of 8 right
@@ -88,7 +89,9 @@ def test_halves_are_stratified_disjoint_and_cover_every_row():
     y = torch.as_tensor(np.repeat([0, 1, 2], [10, 7, 4]))
     a, b = stratified_halves(y, seed=1)
     assert sorted(np.concatenate([a, b]).tolist()) == list(range(21))
-    assert [int((y[a] == c).sum()) for c in range(3)] == [5, 3, 2]
+    counts = [(int((y[a] == c).sum()), int((y[b] == c).sum())) for c in range(3)]
+    assert counts[0] == (5, 5) and counts[2] == (2, 2) and sorted(counts[1]) == [3, 4]   # within one row
+    assert stratified_halves(y, seed=1)[0].tolist() == a.tolist() and stratified_halves(y, seed=2)[0].tolist() != a.tolist()
 
 
 def planted_store(root: Path) -> Path:
@@ -116,9 +119,9 @@ def planted_store(root: Path) -> Path:
 def test_one_se_on_a_store_with_a_planted_near_tie(tmp_path):
     """Layers 1 and 4 nearly tie; fusions of them tie with each other. `best` takes the top of each list;
     `one_se` takes, among the candidates within one paired SE of the top, the simplest."""
-    from pipeline.config import FuseSettings
-    from pipeline.fusion import candidate_key, fuse_settings, search_dataset
-    from pipeline.selection import simplicity
+    from pipeline.config.sections import FuseSettings
+    from pipeline.select.fusion import candidate_key, fuse_settings, search_dataset
+    from pipeline.select.selection import simplicity
     path = planted_store(tmp_path)
     results = {}
     for rule in ("best", "one_se"):
@@ -218,11 +221,11 @@ def test_multi_model_rows_are_tested_against_the_best_single_model():
 
 def test_the_audit_judges_both_protocols_and_rules_on_test(tmp_path):
     from _stage2_store import make_store
-    from pipeline.audit import PROTOCOLS, TestJudge, audit_dataset, summarise_audits
-    from pipeline.config import FuseSettings
-    from pipeline.fusion import fuse_settings
-    from pipeline.probe import evaluate_features, make_folds
-    from pipeline.store import open_store
+    from pipeline.select.audit import PROTOCOLS, TestJudge, audit_dataset, summarise_audits
+    from pipeline.config.sections import FuseSettings
+    from pipeline.select.fusion import fuse_settings
+    from pipeline.select.probe import evaluate_features, make_folds
+    from pipeline.store.reader import open_store
     make_store(tmp_path, "enc-a", num_layers=5, best_layer=4, signal_dims=slice(0, 2), seed=1)
     make_store(tmp_path, "dec-b", num_layers=7, best_layer=3, signal_dims=slice(2, 4), seed=2, decoder=True)
     protocol = Protocol(rank=8, folds=3)
@@ -254,9 +257,9 @@ def test_the_audit_keeps_the_alpha_chosen_on_validation(tmp_path):
     """Where the ridge penalty that scores best on test differs from the one validation chose, the audit's
     test figure is the validation alpha's: the judge refits on train with it and only scores test."""
     from _stage2_store import make_store
-    from pipeline.audit import TestJudge
-    from pipeline.probe import evaluate_features
-    from pipeline.store import open_store
+    from pipeline.select.audit import TestJudge
+    from pipeline.select.probe import evaluate_features
+    from pipeline.store.reader import open_store
     make_store(tmp_path, "enc-a", num_layers=6, best_layer=1, dim=32, signal_dims=slice(0, 3), seed=5)
     protocol = Protocol(name="validation", rank=32, alphas=(1e-3, 1e-1, 10.0, 100.0))
     rows = score_layers(open_store(tmp_path / "embeddings", "enc-a", "toy"), protocol, "enc-a")["rows"]
@@ -278,8 +281,8 @@ def test_the_audit_keeps_the_alpha_chosen_on_validation(tmp_path):
 
 def test_cv_with_more_folds_than_rows_is_refused(tmp_path):
     from _stage2_store import make_store
-    from pipeline.errors import ConfigError
-    from pipeline.store import open_store
+    from pipeline.core.errors import ConfigError
+    from pipeline.store.reader import open_store
     make_store(tmp_path, "enc-a", num_layers=3)
     with pytest.raises(ConfigError, match="score.folds is 500 but train has 240 rows"):
         score_layers(open_store(tmp_path / "embeddings", "enc-a", "toy"), Protocol(name="cv", folds=500, rank=4), "enc-a")
@@ -287,7 +290,7 @@ def test_cv_with_more_folds_than_rows_is_refused(tmp_path):
 
 def test_leave_one_corpus_out_judges_the_others_choice_on_the_left_out_corpus():
     """Three corpora whose audits are written by hand: cv/best wins on a and b, validation/one_se on c."""
-    from pipeline.audit import PROTOCOLS, leave_one_corpus_out
+    from pipeline.select.audit import PROTOCOLS, leave_one_corpus_out
 
     def audit(dataset: str, accuracy: dict[str, float]) -> dict:
         return {"dataset": dataset, "protocols": {p: {"seconds": 1.0, "choices": {

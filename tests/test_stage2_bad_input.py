@@ -15,9 +15,9 @@ import torch
 import yaml
 
 from conftest import REPO, registry
-from pipeline.config import load_params
-from pipeline.extract import extract
-from pipeline.records import HeadResult, HeadResults
+from pipeline.config.params import load_params
+from pipeline.extract.driver import extract
+from pipeline.core.records import HeadResult, HeadResults
 from test_extract import prepare
 
 pytestmark = pytest.mark.slow     # real MiniLM project, trained heads, the CLI in subprocesses
@@ -46,8 +46,8 @@ def write_params(folder: Path, mirror: Path, extract_settings: dict | None = Non
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, mr_slice, prepared_models) -> Path:
     """A MiniLM store (max_len 48) and one MLP head trained on it, with the results.json predict reads."""
-    from pipeline.datamodule import LayerCache
-    from pipeline.training import fit_head
+    from pipeline.heads.datamodule import LayerCache
+    from pipeline.heads.training import fit_head
     folder = tmp_path_factory.mktemp("stage2-bad")
     params = prepare(write_params(folder, mr_slice), DATASET, prepared_models, [MODEL])
     extract(params, MODEL, DATASET, show_progress=False)

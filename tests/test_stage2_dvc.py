@@ -42,8 +42,8 @@ def test_dvc_repro_then_one_head_types_params_rerun_only_that_head_compare_and_r
     assert cost["check"]["measured_seconds_per_1000"] > 0 and cost["check"]["estimated_seconds_per_1000"] > 0
     report = (repo / "reports" / "report.md").read_text()
     opening = report.split("\n## mrslice")[0]
-    from pipeline.recommendation import head_seconds
-    from pipeline.records import CostResult, HeadResults, chosen_on_validation
+    from pipeline.report.recommendation import head_seconds
+    from pipeline.core.records import CostResult, HeadResults, chosen_on_validation
     chosen = chosen_on_validation(HeadResults.from_json(
         json.loads((repo / "store" / "compare" / "mrslice" / "results.json").read_text())).results)
     seconds, how = head_seconds(chosen, CostResult.from_json(cost))

@@ -1,4 +1,4 @@
-"""Stage 2 writes each stage's outputs as one unit (pipeline.atomic.staged_folder): a killed stage leaves
+"""Stage 2 writes each stage's outputs as one unit (pipeline.core.atomic.staged_folder): a killed stage leaves
 the old set of files or the new set, never a mix (issue 11, item 6). SIGKILL at many moments, on a
 writer of versioned files and on the real train stage."""
 
@@ -19,8 +19,8 @@ import yaml
 
 from _stage2_store import make_store
 from conftest import REPO, registry
-from pipeline import atomic
-from pipeline.atomic import clean_leftovers, staged_folder, write_text_atomic
+from pipeline.core import atomic
+from pipeline.core.atomic import clean_leftovers, staged_folder, write_text_atomic
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -88,7 +88,7 @@ def test_keep_others_swaps_only_what_the_block_wrote(tmp_path):
 
 def test_a_staged_output_never_replaces_a_file(tmp_path):
     """`--out params.yaml` once turned params.yaml into a folder of report files (issue 22, item 7)."""
-    from pipeline.errors import OutputError
+    from pipeline.core.errors import OutputError
     out = tmp_path / "params.yaml"
     out.write_text("keep me")
     with pytest.raises(OutputError, match="params.yaml is a file, not a folder"):
@@ -121,7 +121,7 @@ def test_without_exchange_two_renames_still_give_old_or_new(tmp_path, monkeypatc
 WRITER = """
 import itertools, sys
 from pathlib import Path
-from pipeline.atomic import staged_folder, write_text_atomic
+from pipeline.core.atomic import staged_folder, write_text_atomic
 out, rounds = Path(sys.argv[1]), int(sys.argv[2])
 for version in itertools.islice(itertools.count(int(sys.argv[3])), rounds):
     with staged_folder(out) as staged:
@@ -285,7 +285,7 @@ def test_a_train_stage_killed_half_way_leaves_the_old_heads_whole(tmp_path):
 # -- SIGTERM and SIGINT: a stopped stage never exits 0 -------------------------------------------------------
 SWALLOWER = """
 import os, signal, sys, time
-from pipeline.errors import exit_status_on_signals
+from pipeline.core.errors import exit_status_on_signals
 with exit_status_on_signals():
     try:
         open(sys.argv[1], "w").close()          # the test's cue: the handlers are set
@@ -296,6 +296,7 @@ print("finished")
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_exits_128_plus_its_number_even_when_the_code_inside_exits_0(tmp_path, signum):
     ready = tmp_path / "ready"

@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from _stage2_store import make_store
-from pipeline.errors import StoreDamagedError
-from pipeline.store import _VERIFIED, EmbeddingStore, open_store
+from pipeline.core.errors import StoreDamagedError
+from pipeline.store.reader import _VERIFIED, EmbeddingStore, open_store
 
 MODEL, DATASET = "minilm-l6", "toy"        # a registry model name, so params.yaml accepts it
 ZSTD = {"codec": "zstd", "level": 1}       # as params.yaml writes real stores
@@ -121,7 +121,7 @@ def test_a_damaged_shard_stops_every_stage2_reader_naming_verify_repair(damage, 
 
 def test_repair_then_reextraction_is_what_the_message_asks_for(project):
     """The message's command finds exactly the block the reader named."""
-    from pipeline.verify import verify_store
+    from pipeline.store.verify import verify_store
     params, store = project
     _flip(_shard(store, "validation", "last", 0))
     with pytest.raises(StoreDamagedError, match="validation/last block 0") as error:
@@ -154,8 +154,8 @@ def test_reads_are_verified_once_per_block_and_again_when_the_file_changes(tmp_p
 def test_reads_from_held_blocks_equal_plain_zarr_reads(held_bytes, tmp_path, monkeypatch):
     """One-layer reads after verification are sliced from the decoded blocks: bit-equal to zarr's reads,
     for any rows, and when only part of a pooling fits the budget."""
-    import pipeline.store
-    monkeypatch.setattr(pipeline.store, "HELD_BYTES", held_bytes)
+    import pipeline.store.reader
+    monkeypatch.setattr(pipeline.store.reader, "HELD_BYTES", held_bytes)
     path = make_store(tmp_path, MODEL, DATASET, dtype="float16", compressor=ZSTD)
     plain, checked = EmbeddingStore(path, verified=False), EmbeddingStore(path)
     for rows in (slice(None), slice(10, 200, 3), slice(63, 65), slice(230, 240), slice(-20, None), slice(5, 5)):
@@ -183,7 +183,7 @@ def test_damaged_row_metadata_and_digests_are_named(tmp_path):
 def test_a_check_covers_row_metadata_and_a_lost_done_mark_is_named(tmp_path):
     """Issue 22, item 9: predict's check of a head's store (EmbeddingStore.check) reads the row metadata
     against its recorded checksums too; a deleted `_done` chunk names the block that lost its mark."""
-    from pipeline.errors import StoreIncompleteError
+    from pipeline.core.errors import StoreIncompleteError
     path = make_store(tmp_path, MODEL, DATASET, dtype="float16", compressor=ZSTD)
     _flip(path / "validation" / "text_id" / "c" / "0", 0.5)
     EmbeddingStore(path).layer("validation", "mean", 0)              # the vectors alone are intact
@@ -200,7 +200,7 @@ def test_repair_deletes_damaged_dvc_cache_objects_linked_to_the_store(tmp_path):
     original md5 is linked to nothing. DVC trusts it and would link it back after re-extraction; repair
     deletes it, the objects linked to the damaged files, and nothing else."""
     import hashlib
-    from pipeline.verify import repair, verify_store
+    from pipeline.store.verify import repair, verify_store
     path = make_store(tmp_path / "repo" / "store", MODEL, DATASET, dtype="float16", compressor=ZSTD)
     cache = tmp_path / "repo" / ".dvc" / "cache" / "files" / "md5"
 
@@ -281,6 +281,7 @@ def test_dvc_repro_stops_at_the_first_reader_of_a_damaged_store(tmp_path, mr_sli
     assert [r["score"] for r in after["rows"]] == [r["score"] for r in before["rows"]]
 
 
+@pytest.mark.slow
 def test_remote_stores_are_verified_and_cached_by_etag(tmp_path, monkeypatch):
     """The same on S3 (moto's server): a deleted object or a rewritten one with other bytes is named;
     verified blocks are cached by (key, size, ETag)."""
@@ -324,7 +325,7 @@ def test_a_reader_never_returns_values_of_a_build_it_did_not_open(tmp_path, monk
     """The race the hostile run found (a slow score while `extract --rebuild` replaced the store), made
     deterministic: the rebuild lands after the reader verified a block and before it reads it. Every read
     after that fails naming the rebuild; a fresh reader reads the new build whole."""
-    from pipeline.errors import StoreChangedError
+    from pipeline.core.errors import StoreChangedError
     path = make_store(tmp_path, "toy-a", seed=0)
     reader = EmbeddingStore(path)
     old = reader.layer("train", "mean", 2)                              # build A, held for later reads
@@ -355,8 +356,8 @@ def test_a_reader_never_returns_values_of_a_build_it_did_not_open(tmp_path, monk
 def test_a_rebuild_that_has_begun_fails_a_reader_of_the_old_build(tmp_path, monkeypatch):
     """--rebuild deletes the root zarr.json before any chunk: a read that passes the build check read no
     chunk of a half-deleted store (zarr reads a missing chunk as zeros)."""
-    from pipeline import location
-    from pipeline.errors import StoreChangedError
+    from pipeline.core import location
+    from pipeline.core.errors import StoreChangedError
     path = make_store(tmp_path, "toy-a")
     reader = EmbeddingStore(path)
     removed = []
@@ -394,7 +395,7 @@ def test_a_failure_is_not_damage_and_repair_changes_nothing(tmp_path, monkeypatc
     healthy store then marks, drops and deletes nothing."""
     import zarr.storage
     from pipeline.cli import main as cli
-    from pipeline.errors import StoreAccessError
+    from pipeline.core.errors import StoreAccessError
     path = make_store(tmp_path, "toy-a", dtype="float16")       # float16: what verify expects by default
     before = _snapshot(path)
     key, error = FAULTS[fault]

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from pipeline.bench.common import REPO, machine
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 SECTIONS = ("extraction", "attention", "store", "fusion", "heads", "memory", "predict")
 METHODS = ("project", "compiled", "llmembed", "naive", "careful", "last_layer")
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from pipeline.config import load_params
+    from pipeline.config.params import load_params
     params = load_params(args.params)
     what = list(SECTIONS) if "all" in args.what else args.what
     unknown = [w for w in what if w not in SECTIONS]
@@ -141,7 +141,7 @@ def _rss(argv) -> int:
     parser.add_argument("--rows", type=int, default=256)
     args = parser.parse_args(argv)
     from pipeline.bench.stage2 import rss_child
-    from pipeline.config import load_params
+    from pipeline.config.params import load_params
     print(json.dumps(rss_child(args.kind, load_params(args.params), args.model, args.dataset, args.rows)))
     return 0
 
@@ -172,7 +172,7 @@ def render(results: dict) -> str:
         if "skipped" in data:
             lines += [f"Skipped: {data['skipped']}", ""]
             continue
-        lines += globals()[f"_md_{section}"](data) + [""]
+        lines += MARKDOWN[section](data) + [""]
     return "\n".join(lines)
 
 
@@ -230,7 +230,7 @@ def _md_extraction(data) -> list[str]:
 def _md_attention(data) -> list[str]:
     lines = [f"Forward passes only (compute {data['compute_dtype']}, token_budget {data['token_budget']}, the "
              f"project's batches), {data['repeats']} repeats. `auto` = eager attention for CPU batches padded to at "
-             f"most {data['short_width']} tokens, sdpa otherwise (pipeline/attention.py).", "",
+             f"most {data['short_width']} tokens, sdpa otherwise (pipeline/hidden_states/attention.py).", "",
              "| model | corpus | texts | mean tokens | median batch width | sdpa tok/s | eager | auto | auto / sdpa |",
              "|---|---|---|---|---|---|---|---|---|"]
     for model, corpora in data["models"].items():
@@ -302,6 +302,11 @@ def _md_memory(d) -> list[str]:
         notes = ", ".join(f"{k}={_fmt(x)}" for k, x in v.items() if k not in ("peak_rss_mb", "stage"))
         lines.append(f"| {name} | {_fmt(v.get('peak_rss_mb', '-'))} | {notes} |")
     return lines
+
+
+MARKDOWN = {"extraction": _md_extraction, "attention": _md_attention, "predict": _md_predict, "store": _md_store,
+            "fusion": _md_fusion, "heads": _md_heads, "memory": _md_memory}
+"""Each section's table writer."""
 
 
 if __name__ == "__main__":

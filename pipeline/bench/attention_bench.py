@@ -1,6 +1,6 @@
 """Benchmark: the forward pass alone, by attention kernel and by token budget.
 
-The evidence behind `extract.attention: auto` (pipeline/attention.py) and `extract.token_budget`.
+The evidence behind `extract.attention: auto` (pipeline/hidden_states/attention.py) and `extract.token_budget`.
 Attention: one model is loaded three times (sdpa, eager, auto); the same token-budget batches of each
 corpus (the project's batching, texts encoded once) run through each, interleaved repeat by repeat.
 Budgets: the configured attention on the first corpus, batched under each budget. tokens/s is the
@@ -16,12 +16,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.attention import ATTENTIONS
+from pipeline.hidden_states.attention import ATTENTIONS
 from pipeline.bench.common import r, sync
 
 def _batches(tokenizer, texts: list[str], settings, budget: int, device) -> tuple[np.ndarray, list]:
-    from pipeline.batching import token_budget_batches
-    from pipeline.forward import PositionRule, encode
+    from pipeline.hidden_states.batching import token_budget_batches
+    from pipeline.extract.forward import PositionRule, encode
     lengths = np.array([len(ids) for ids in tokenizer(texts, truncation=True, max_length=settings.max_len)["input_ids"]])
     return lengths, [encode(tokenizer, [texts[i] for i in rows], settings.max_len, "right", device,
                                     PositionRule())   # right padding: the model numbers positions itself
@@ -71,9 +71,9 @@ BUDGETS = (512, 1024, 2048, 4096)
 
 def run(params, models: list[str], datasets: list[str], rows: int, repeats: int, device: torch.device,
         budget_rows: int = 512, compute_dtype_name: str | None = None) -> dict[str, Any]:
-    from pipeline.attention import SHORT_WIDTH
+    from pipeline.hidden_states.attention import SHORT_WIDTH
     from pipeline.bench.extraction import corpus_texts, load, prepared_model
-    from pipeline.forward import resolve_compute_dtype
+    from pipeline.extract.forward import resolve_compute_dtype
     compute_dtype = resolve_compute_dtype(compute_dtype_name or params.extract.compute_dtype, device)
     out: dict[str, Any] = {"short_width": SHORT_WIDTH, "compute_dtype": str(compute_dtype).removeprefix("torch."),
                            "token_budget": params.extract.token_budget, "repeats": repeats, "models": {},

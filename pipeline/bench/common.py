@@ -10,8 +10,8 @@ from typing import Any, Callable
 
 import torch
 
-from pipeline.forward import native_bf16
-from pipeline.machine import cpu_isa, cpu_model, median_time
+from pipeline.extract.forward import native_bf16
+from pipeline.core.machine import cpu_isa, cpu_model, median_time
 
 REPO = Path(__file__).resolve().parents[2]
 

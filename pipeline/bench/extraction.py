@@ -3,7 +3,7 @@
 All five run in one process on the same texts (a slice of a corpus's train split, in corpus
 order) and the same model, interleaved repeat by repeat; each figure is the median over repeats.
 
-- project:   pipeline.extract.BlockLoop, the code `dvc repro` runs: all layers, all five
+- project:   pipeline.extract.block_loop.BlockLoop, the code `dvc repro` runs: all layers, all five
              poolings, length-sorted token-budget batches, a real Zarr store written (a fresh one
              per repeat, in a temporary folder), token counting included.
 - llmembed:  LLMEmbed's released loop (llama2_embedding/rep_extract.py) as the issue describes it:
@@ -15,7 +15,7 @@ order) and the same model, interleaved repeat by repeat; each figure is the medi
              masked mean (float32 sums) of all layers.
 - last_layer: sentence-transformers' encode: length-sorted batches of 32, bf16, only the final
              hidden state, masked mean: the floor of what any embedding tool pays.
-- compiled:  the project with `extract.forward: compiled` (pipeline/compiled_forward.py): the same
+- compiled:  the project with `extract.forward: compiled` (pipeline/extract/compiled_forward.py): the same
              block loop and store, the forward pass compiled by inductor with pooling inside. Its
              compilation (or compile-cache load) happens in a warm-up pass before the timed repeats
              and is reported apart (`compile_seconds`).
@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from pipeline.bench.common import matmul_ceiling, median_time, r, sync
-from pipeline.forward import native_bf16
+from pipeline.extract.forward import native_bf16
 
 BATCH = 32
 LLMEMBED_LEN = 128
@@ -60,7 +60,7 @@ LLMEMBED_LAST = 5
 # -- inputs ----------------------------------------------------------------------------------------
 def corpus_texts(params, dataset: str, split: str = "train") -> list[str]:
     """Texts of a prepared corpus (store/data/<dataset>), preparing it first when it is missing."""
-    from pipeline.corpora import build_corpus, read_corpus, write_corpus
+    from pipeline.sources.corpora import build_corpus, read_corpus, write_corpus
     folder = params.data_dir(dataset)
     if not (folder / "meta.json").is_file():
         write_corpus(build_corpus(params.dataset(dataset), params.data_mirror, params.data), folder)
@@ -68,7 +68,7 @@ def corpus_texts(params, dataset: str, split: str = "train") -> list[str]:
 
 
 def prepared_model(params, name: str) -> Path:
-    from pipeline.models import SOURCE_FILE, materialise
+    from pipeline.sources.models import SOURCE_FILE, materialise
     folder = params.model_dir(name)
     if not (folder / SOURCE_FILE).is_file():
         materialise(params.model(name), folder)
@@ -77,7 +77,7 @@ def prepared_model(params, name: str) -> Path:
 
 def load(folder: Path, params, name: str, device: torch.device, dtype: torch.dtype, attention: str | None = None):
     """A model as the hand loops get it (transformers' default attention), or with `attention`."""
-    from pipeline.models import load_model
+    from pipeline.sources.models import load_model
     model, tokenizer = load_model(folder, params.model(name), str(device), dtype, attention)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -86,7 +86,7 @@ def load(folder: Path, params, name: str, device: torch.device, dtype: torch.dty
 
 def model_flops(model, lengths: np.ndarray) -> float:
     """Useful FLOPs of a forward pass over texts of these real lengths (see the module docstring)."""
-    from pipeline.layer_tap import text_config
+    from pipeline.hidden_states.layer_tap import text_config
     config = text_config(model.config)
     embedding = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters())
     non_embedding = sum(p.numel() for p in model.parameters()) - embedding
@@ -156,9 +156,10 @@ def loop_careful(model, tokenizer, texts, device, max_len: int, all_layers: bool
 def run_project(model, tokenizer, texts, settings, device, workdir: Path, num_layers: int, dim: int) -> dict[str, Any]:
     """The real block loop into a fresh store: token counting, batching, pooling, writes, done marks.
     `settings.forward` picks the forward pass (eager or compiled), as in `dvc repro`."""
-    from pipeline.extract import BlockLoop, pending_work
-    from pipeline.forward import count_tokens
-    from pipeline.store import SplitRows, StoreWriter
+    from pipeline.extract.block_loop import BlockLoop
+    from pipeline.extract.driver import pending_work
+    from pipeline.extract.forward import count_tokens
+    from pipeline.store.writer import SplitRows, StoreWriter
     path = workdir / "store"
     writer = StoreWriter(path, {"bench": True}, {}, num_layers=num_layers, dim=dim, poolings=settings.poolings,
                          block_rows=settings.block_rows, dtype=settings.dtype, compressor=settings.compressor,
@@ -217,7 +218,7 @@ def gemm_seconds(model, batch_tokens: list[int], dtype: torch.dtype, device: tor
 
 def padded_batch_tokens(tokenizer, texts, settings) -> list[int]:
     """Padded tokens (rows x width) of each batch the project's block loop runs over these texts."""
-    from pipeline.batching import token_budget_batches
+    from pipeline.hidden_states.batching import token_budget_batches
     lengths = np.array([len(ids) for ids in tokenizer(texts, truncation=True, max_length=settings.max_len)["input_ids"]])
     out = []
     for start in range(0, len(lengths), settings.block_rows):
@@ -231,18 +232,18 @@ def bench_model(params, name: str, dataset: str, rows: int, slow_rows: int, repe
                 methods: list[str], compute_dtype_name: str | None = None, ceiling_size: int = 2048) -> dict[str, Any]:
     from dataclasses import replace
 
-    from pipeline import compiled_forward
-    from pipeline.attention import TRANSFORMERS_DEFAULT, implementation
-    from pipeline.forward import resolve_compute_dtype
-    from pipeline.layer_tap import text_config
-    from pipeline.machine import cpu_isa
+    from pipeline.extract import compiled_forward
+    from pipeline.hidden_states.attention import TRANSFORMERS_DEFAULT, implementation
+    from pipeline.extract.forward import resolve_compute_dtype
+    from pipeline.hidden_states.layer_tap import text_config
+    from pipeline.core.machine import cpu_isa
     if "compiled" in methods:                      # before anything imports inductor and sets its /tmp default
         compiled_forward.use_compile_cache(params.store / "compile_cache")
     folder = prepared_model(params, name)
     texts = corpus_texts(params, dataset)[:rows]
     slow_texts = texts[:slow_rows]
-    settings = replace(params.extract, device=str(device),
-                       compute_dtype=compute_dtype_name or params.extract.compute_dtype)
+    settings = params.extract.model_copy(update={"device": str(device),
+                                                 "compute_dtype": compute_dtype_name or params.extract.compute_dtype})
     compute_dtype = resolve_compute_dtype(settings.compute_dtype, device)
     fast, tokenizer = load(folder, params, name, device, compute_dtype)
     same_kernel = implementation(params.extract.attention, device) == TRANSFORMERS_DEFAULT
@@ -250,8 +251,8 @@ def bench_model(params, name: str, dataset: str, rows: int, slow_rows: int, repe
     config = text_config(fast.config)
     num_layers, dim = config.num_hidden_layers + 1, config.hidden_size
     max_len = settings.max_len
-    eager_settings = replace(settings, forward="eager")
-    compiled_settings = replace(settings, forward="compiled")
+    eager_settings = settings.model_copy(update={"forward": "eager"})
+    compiled_settings = settings.model_copy(update={"forward": "compiled"})
 
     def lengths_of(subset, limit):
         return np.array([len(ids) for ids in tokenizer(subset, truncation=True, max_length=limit)["input_ids"]])

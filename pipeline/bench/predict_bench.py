@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.batching import token_budget_batches
+from pipeline.hidden_states.batching import token_budget_batches
 from pipeline.bench.common import median_time
-from pipeline.corpora import read_corpus
-from pipeline.devices import resolve_device
-from pipeline.forward import count_tokens, pool_batch
-from pipeline.predict import Predictor
+from pipeline.sources.corpora import read_corpus
+from pipeline.core.devices import resolve_device
+from pipeline.extract.forward import count_tokens, pool_batch
+from pipeline.heads.predict import Predictor
 
 
 def _extract_all(predictor: Predictor, texts: list[str], poolings: tuple[str, ...]) -> None:

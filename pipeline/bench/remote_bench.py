@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from pipeline import location
+from pipeline.core import location
 from pipeline.bench.s3_server import start_moto_server
-from pipeline.store import compressors_for
+from pipeline.store.format import compressors_for
 
 
 def write_store(target, rows: int, layers: int, dim: int, block_rows: int, seed: int = 0) -> None:

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args(argv)
 
-    from pipeline.config import load_params
+    from pipeline.config.params import load_params
     params = load_params(args.params, models=[args.model], datasets=[args.dataset])
     source = params.dataset(args.dataset)
     folder = Path(tempfile.mkdtemp(prefix="scale-bench-"))
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run([sys.executable, "-m", "stages.extract", "--params", str(path), "--model", args.model,
                             "--dataset", "bench", "--no-progress"], cwd=REPO, env=env, check=True, capture_output=True)
             wall = time.perf_counter() - started
-            from pipeline.store import open_store
+            from pipeline.store.reader import open_store
             run = open_store(folder / "store" / "embeddings", args.model, "bench").attrs["runs"][-1]
             results.append({"processes": count, "texts": run["texts"], "tokens": run["tokens"],
                             "seconds": run["seconds"], "tokens_per_s": run["tokens_per_s"],

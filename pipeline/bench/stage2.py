@@ -1,12 +1,12 @@
 """Benchmarks 3-5: fusion search vs an sklearn baseline, Lightning head vs a plain torch loop, peak RSS.
 
-Fusion: the project's fast probe (pipeline.fusion.BlockScorer on a pipeline.scoring LayerBank) under
+Fusion: the project's fast probe (pipeline.select.fusion.BlockScorer on a pipeline.select.scoring LayerBank) under
 5-fold CV on a model x dataset store, candidates/s over a seeded sample of the default candidate
 space; baseline: sklearn's LogisticRegression fitted per candidate per fold on the same folds and
 the same standardised full-width features (mean / max / concatenation of layers), in the same run.
 Their ranking agreement over the baseline's candidates is Spearman's rho of the two CV accuracies.
 
-Heads: seconds per epoch of pipeline.heads.HeadModule under a Lightning Trainer (as pipeline/training.py
+Heads: seconds per epoch of pipeline.heads.networks.HeadModule under a Lightning Trainer (as pipeline/heads/training.py
 configures it: no logger, checkpoints or progress bar; a validation pass every epoch) against the same
 net, optimiser, batches and validation pass in a plain torch loop. Stage 2 imports are lazy, so the
 extraction and store benchmarks run before Stage 2 exists.
@@ -31,7 +31,7 @@ from pipeline.bench.common import REPO, r
 
 
 def _store(params, model: str, dataset: str):
-    from pipeline.store import EmbeddingStore
+    from pipeline.store.reader import EmbeddingStore
     return EmbeddingStore(params.embeddings_path(model, dataset))
 
 
@@ -65,9 +65,9 @@ def run_fusion(params, model: str, dataset: str, sample: int, baseline: int, rep
                pooling: str = "mean") -> dict[str, Any]:
     from scipy.stats import spearmanr
 
-    from pipeline.fusion import BlockScorer, Candidate, build_candidates, fuse_settings
-    from pipeline.probe import protocol_from_params
-    from pipeline.scoring import load_bank
+    from pipeline.select.fusion import BlockScorer, Candidate, build_candidates, fuse_settings
+    from pipeline.select.probe import protocol_from_params
+    from pipeline.select.scoring import load_bank
     store = _store(params, model, dataset)
     protocol = replace(protocol_from_params(params.score), name="cv", folds=5)
     start = time.perf_counter()
@@ -133,9 +133,9 @@ def run_heads(rows: int, val_rows: int, dim: int, epochs: int, repeats: int, bat
     import lightning as L
     from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
-    from pipeline.heads import HeadModule, mlp
+    from pipeline.heads.networks import HeadModule, mlp
     try:
-        from pipeline.training import quiet_lightning
+        from pipeline.heads.training import quiet_lightning
         quiet_lightning()
     except ImportError:
         pass
@@ -219,12 +219,12 @@ def rss_child(kind: str, params, model: str | None, dataset: str, rows: int) -> 
     """Runs inside the child process: one stage, then its peak RSS."""
     from pipeline.bench.common import peak_rss_mb
     import zarr  # noqa: F401  (the imports every stage pays)
-    import pipeline.scoring  # noqa: F401
+    import pipeline.select.scoring  # noqa: F401
     import transformers  # noqa: F401
     out: dict[str, Any] = {"stage": kind}
     if kind == "bank":
-        from pipeline.probe import protocol_from_params
-        from pipeline.scoring import load_bank
+        from pipeline.select.probe import protocol_from_params
+        from pipeline.select.scoring import load_bank
         protocol = protocol_from_params(params.score)
         bank = load_bank(_store(params, model, dataset), "mean", protocol, keep_standardised=True, model=model)
         out.update({"bytes_read": int(bank.bytes_read), "protocol": protocol.name, "keep_standardised": True})
@@ -233,8 +233,8 @@ def rss_child(kind: str, params, model: str | None, dataset: str, rows: int) -> 
         from pathlib import Path
 
         from pipeline.bench.extraction import corpus_texts, load, prepared_model, run_project
-        from pipeline.forward import resolve_compute_dtype
-        from pipeline.layer_tap import text_config
+        from pipeline.extract.forward import resolve_compute_dtype
+        from pipeline.hidden_states.layer_tap import text_config
         device = torch.device("cpu")
         model_obj, tokenizer = load(prepared_model(params, model), params, model, device,
                                     resolve_compute_dtype(params.extract.compute_dtype, device), params.extract.attention)

@@ -1,7 +1,7 @@
 """Benchmark 2: the store's write MB/s, one-layer vs all-layer reads, bytes on disk vs raw.
 
 Arrays have the store's shape and layout ([rows, layers, D] float16, one shard per block of rows,
-inner chunks (block_rows, 1, D), as pipeline/store.py writes them); values are real pooled vectors
+inner chunks (block_rows, 1, D), as pipeline/store/writer.py writes them); values are real pooled vectors
 from an existing store when there is one (compression depends on them), else Gaussian noise.
 Layouts: the configured compressor and alternatives (zstd, none), and unsharded (block, L, D) chunks.
 """
@@ -19,11 +19,11 @@ import numpy as np
 import zarr
 
 from pipeline.bench.common import r
-from pipeline.store import compressors_for
+from pipeline.store.format import compressors_for
 
 
 def sample_vectors(params, rows: int, layers: int = 31, dim: int = 576) -> tuple[np.ndarray, str]:
-    from pipeline.store import EmbeddingStore
+    from pipeline.store.reader import EmbeddingStore
     for model in dict.fromkeys(("smollm2-135m", *params.selected_models)):
         try:
             store = EmbeddingStore(params.embeddings_path(model, (params.selected_datasets or ["mr"])[0]))
@@ -95,7 +95,7 @@ def synthetic_store(path: Path, rows: dict[str, int], layers: int, dim: int, poo
                     block_rows: int = 1024) -> Path:
     """A store of the given shape written by the real StoreWriter (float16, zstd 1), values from a seeded
     Gaussian with a label signal, for when no extracted store of that size exists."""
-    from pipeline.store import SplitRows, StoreWriter
+    from pipeline.store.writer import SplitRows, StoreWriter
     writer = StoreWriter(path, {"dataset": {"name": "bench", "label_names": ["a", "b"]}, "model": {"name": "bench"}},
                          {"decoder": True}, num_layers=layers, dim=dim, poolings=poolings, block_rows=block_rows,
                          dtype="float16", compressor={"codec": "zstd", "level": 1})
@@ -117,9 +117,9 @@ def verify_cost(path: Path, repeats: int, protocol=None) -> dict[str, Any]:
     work (`score_layers`) and of a two-layer read of every split (what train and predict read), with and
     without verified reads. Verified runs start with an empty verification cache, as a fresh stage
     process does; runs alternate so machine load hits both alike."""
-    from pipeline.probe import Protocol
-    from pipeline.scoring import score_layers
-    from pipeline.store import _VERIFIED, EmbeddingStore
+    from pipeline.select.probe import Protocol
+    from pipeline.select.scoring import score_layers
+    from pipeline.store.reader import _VERIFIED, EmbeddingStore
     protocol = protocol or Protocol(name="validation")
 
     def score(store) -> None:

@@ -1,0 +1,54 @@
+"""`make study` is DVC (issue 20, item 3): a params profile becomes a DVC pipeline of its own
+(pipeline/config/profile.py). In a real clone, a tiny profile's pipeline runs every stage once, a second
+`dvc repro` runs nothing, and a changed key reruns only the stages that read it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from test_dvc_stage1 import clone_project, run
+
+PROFILE = {
+    "base": "params.yaml",
+    "paths": {"store": "store/tiny"},
+    "score": {"rank": 32, "pca_rows": 200, "bootstrap": 20},
+    "fuse": {"top_k": 2},
+    "train": {"heads": ["linear"], "seeds": [0], "max_epochs": 2, "batch_size": 64},
+    "cost": {"texts": 8, "repeats": 1, "depths": 2},
+    "report": {"out": "reports/tiny"},
+}
+
+
+def ran(output: str) -> set[str]:
+    """The stages dvc ran, without their file's prefix (tiny/dvc.yaml:)."""
+    return {line.split("'")[1].split(":")[-1] for line in output.splitlines() if line.startswith("Running stage")}
+
+
+@pytest.mark.slow
+def test_a_profile_runs_as_its_own_dvc_pipeline_and_reruns_only_what_a_key_touches(tmp_path, mr_slice):
+    repo = clone_project(tmp_path, mr_slice, {"models": ["minilm-l6"], "datasets": ["mrslice"]})
+    (repo / "tiny.yaml").write_text(yaml.safe_dump(PROFILE, sort_keys=False))
+    run(["python", "-m", "pipeline.config.profile", "tiny.yaml", "tiny"], repo)
+    first = run(["dvc", "repro", "tiny/dvc.yaml"], repo)
+    assert ran(first) == {"prepare_model@minilm-l6", "prepare_data@mrslice", "extract@minilm-l6-mrslice",
+                          "score@minilm-l6-mrslice", "fuse@mrslice", "train@mrslice-linear", "compare@mrslice",
+                          "cost@mrslice", "audit@mrslice", "report", "study_report"}, first
+    assert (repo / "store" / "tiny" / "audit" / "mrslice" / "audit.json").is_file()
+    assert not (repo / "store" / "scores").exists(), "the profile writes under its own store"
+    assert (repo / "reports" / "tiny" / "report.md").is_file() and (repo / "reports" / "tiny" / "study.md").is_file()
+    lock = yaml.safe_load((repo / "tiny" / "dvc.lock").read_text())
+    assert lock["stages"]["train@mrslice-linear"]["params"]["tiny/params.yaml"]["train.seeds"] == [0]
+
+    second = run(["dvc", "repro", "tiny/dvc.yaml"], repo)
+    assert not ran(second) and "up to date" in second, second
+
+    PROFILE["train"]["lr"] = 0.01                       # read by training alone: train, compare, reports rerun
+    (repo / "tiny.yaml").write_text(yaml.safe_dump(PROFILE, sort_keys=False))
+    run(["python", "-m", "pipeline.config.profile", "tiny.yaml", "tiny"], repo)
+    third = run(["dvc", "repro", "tiny/dvc.yaml"], repo)
+    assert ran(third) == {"train@mrslice-linear", "compare@mrslice", "report", "study_report"}, third
+    results = json.loads((repo / "store" / "tiny" / "compare" / "mrslice" / "results.json").read_text())
+    assert results["settings"]["lr"] == 0.01
