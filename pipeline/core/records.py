@@ -1,8 +1,10 @@
 """Typed result records: what the score, fuse and train stages write and the report reads.
 
-Each record is a dataclass whose fields are exactly the keys of its JSON object on disk, so `to_json` writes
-the keys the stages always wrote and `from_json` reads them back, refusing a missing or unknown key with a
-ResultFileError that names the file, the place in it and the key.
+Each record is a pydantic model whose fields are exactly the keys of its JSON object on disk, so `to_json`
+writes the keys the stages always wrote and `from_json` reads them back, refusing a missing or unknown key,
+or a value of the wrong scalar type (strictly: no number from a string, no boolean for a number), with a
+ResultFileError that names the file, the place in it and the key. Records made in code are validated
+leniently (numpy scalars become Python numbers).
 Nested records (a leaderboard row inside the chosen fusion) are converted by their field types.
 
 Fields that only some rows carry (the scalar-mix head's layer weights) are `optional`: left out of the
@@ -14,13 +16,13 @@ Readers not typed yet (plots, layer reports) index a record like the dict it rep
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.core.errors import PipelineError
 
@@ -33,19 +35,24 @@ class ResultFileError(PipelineError):
 
 def optional(default: Any = None) -> Any:
     """A field that some rows lack: absent from the JSON when None."""
-    return field(default=default, metadata={"optional": True})
+    return Field(default=default, json_schema_extra={"optional": True})
 
 
-class Record:
-    """to_json / from_json for a dataclass of JSON values and nested records."""
+def _optional(field) -> bool:
+    return bool((field.json_schema_extra or {}).get("optional"))
+
+
+class Record(BaseModel):
+    """to_json / from_json for a model of JSON values and nested records."""
+    model_config = ConfigDict(extra="forbid")
 
     def to_json(self) -> dict[str, Any]:
         out = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if value is None and f.metadata.get("optional"):
+        for name, field in type(self).model_fields.items():
+            value = getattr(self, name)
+            if value is None and _optional(field):
                 continue
-            out[f.name] = _dump(value)
+            out[name] = _dump(value)
         return out
 
     @classmethod
@@ -53,21 +60,27 @@ class Record:
         """The record from its JSON object; `source` (file and place in it) names where a bad key sits."""
         if not isinstance(data, dict):
             raise ResultFileError(f"{source}: expected a {cls.__name__} object, found {type(data).__name__}")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
+        fields = cls.model_fields
         unknown = [key for key in data if key not in fields]
         if unknown:
             raise ResultFileError(f"{source}: unknown key {unknown[0]!r} in a {cls.__name__} "
                                   f"(known: {', '.join(fields)}); the file was written by other code: rerun its stage")
-        missing = [name for name, f in fields.items() if name not in data and not f.metadata.get("optional")]
+        missing = [name for name, f in fields.items() if name not in data and not _optional(f)]
         if missing:
             raise ResultFileError(f"{source}: missing key {missing[0]!r} in a {cls.__name__}; the file is damaged "
                                   f"or was written by other code: rerun its stage")
-        hints = typing.get_type_hints(cls)
-        return cls(**{key: _load(hints[key], value, f"{source}.{key}") for key, value in data.items()})
+        loaded = {key: _load(fields[key].annotation, value, f"{source}.{key}") for key, value in data.items()}
+        try:
+            return cls.model_validate(loaded, strict=True)
+        except ValidationError as error:
+            wrong = error.errors()[0]
+            where = ".".join(str(part) for part in (source, *wrong["loc"]))
+            raise ResultFileError(f"{where}: {wrong['msg'].lower()}, found {wrong['input']!r} in a {cls.__name__}; "
+                                  f"the file is damaged or was written by other code: rerun its stage") from None
 
     def __getitem__(self, key: str) -> Any:
         """Read access by JSON key, for readers that still index dicts."""
-        if key not in {f.name for f in dataclasses.fields(self)}:
+        if key not in type(self).model_fields:
             raise KeyError(key)
         return getattr(self, key)
 
@@ -136,7 +149,6 @@ def read_records(path: Path, cls: type[R]) -> list[R]:
 
 
 # -- probe rows: the score stage's layers and the fuse stage's candidates -----------------------------------
-@dataclass(kw_only=True)
 class ProbeRow(Record):
     """The probe's figures of one candidate (a layer, or a fusion of layers) and its paired comparisons."""
     accuracy: float
@@ -159,7 +171,6 @@ class ProbeRow(Record):
 
 
 # -- score stage: store/scores/<dataset>/<model>/scores.json -----------------------------------------------
-@dataclass(kw_only=True)
 class ScoreRow(ProbeRow):
     """The probe on one pooling x layer of one model (an entry of scores.json's `rows`); its reference is the
     last layer."""
@@ -195,7 +206,6 @@ def read_scores(path: Path) -> dict[str, Any]:
 
 
 # -- fuse stage: store/fusion/<dataset>/{leaderboard,chosen}.json --------------------------------------------
-@dataclass(kw_only=True)
 class LeaderboardRow(ProbeRow):
     """One fusion candidate's probe score. Within one model: `layers` a list of layers, `pooling` one pooling;
     across models (family multi-model): one list of layers and one pooling per model. Its reference is the
@@ -210,7 +220,6 @@ class LeaderboardRow(ProbeRow):
     groups: list[dict[str, Any]]                # head input groups: model, pooling, layers, operator
 
 
-@dataclass
 class ModelChoice(Record):
     """One model's entries in chosen.json: its pooling, baselines and choices (rows of the leaderboard)."""
     pooling: str
@@ -221,10 +230,9 @@ class ModelChoice(Record):
     best_layer: LeaderboardRow
     best_fusion: LeaderboardRow
     llmembed: LeaderboardRow
-    optimism: dict[str, Any] = field(default_factory=dict)     # pipeline.select.selection.optimism per choice
+    optimism: dict[str, Any] = Field(default_factory=dict)     # pipeline.select.selection.optimism per choice
 
 
-@dataclass
 class ChosenFusion(Record):
     """chosen.json: what the fusion search chose on one dataset, per model and overall."""
     dataset: str
@@ -244,7 +252,6 @@ class ChosenFusion(Record):
 
 
 # -- stages train and compare: store/heads/<dataset>/<head>/results.json, store/compare/<dataset>/results.json -----------------------------------------------------
-@dataclass
 class HeadResult(Record):
     """One head trained on one row's inputs: means and stds over seeds, test intervals and paired tests."""
     row: str
@@ -270,10 +277,9 @@ class HeadResult(Record):
     test_accuracy_high: float | None = None
     test_macro_f1_low: float | None = None
     test_macro_f1_high: float | None = None
-    paired_tests: dict[str, dict[str, Any]] = field(default_factory=dict)
+    paired_tests: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 
-@dataclass
 class HeadResults(Record):
     """results.json: every head of one dataset and the settings they were trained with."""
     dataset: str
@@ -282,7 +288,7 @@ class HeadResults(Record):
     seconds: float
     settings: dict[str, Any]
     stage_seconds: float = 0.0                  # set by stages/train.py (one head type) or stages/compare.py
-    head_stage_seconds: dict[str, float] = field(default_factory=dict)   # compare: each head type's train stage
+    head_stage_seconds: dict[str, float] = Field(default_factory=dict)   # compare: each head type's train stage
 
 
 
@@ -293,7 +299,6 @@ def chosen_on_validation(results: list[HeadResult]) -> HeadResult:
 
 
 # -- cost stage: store/cost/<dataset>/cost.json ----------------------------------------------------------------
-@dataclass
 class CostCandidate(Record):
     """One configuration of the fusion leaderboard with its probe score and its predict cost."""
     candidate: str
@@ -306,7 +311,6 @@ class CostCandidate(Record):
     seconds_per_1000: float                     # estimated from the measured per-depth costs
 
 
-@dataclass
 class CostResult(Record):
     """cost.json: per-model cost curves, the fuse stage's choice timed whole (a check of the curves' estimate),
     every candidate's estimated cost, and the cheapest candidate within one paired SE of the top, with probe
