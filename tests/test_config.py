@@ -96,6 +96,12 @@ def test_bad_train_values_are_named(tmp_path):
     assert len(lines) == 9, lines
     lines = problems_of(tmp_path, lambda raw: raw["train"].update(seeds=[0, 0], heads=["linear", "svm"]))
     assert has(lines, "train.seeds: must be a list of distinct integers") and has(lines, "train.heads:")
+    lines = problems_of(tmp_path, lambda raw: (raw["train"].update(heads=["mlp", "mlp"]),
+                                               raw["extract"].update(poolings=["mean", "mean"])))
+    assert lines == ["extract.poolings: must be a non-empty list drawn from ['mean', 'last', 'first', 'max', "
+                     "'mean_nospecial'], each once, got ['mean', 'mean']",
+                     "train.heads: must be a non-empty list drawn from ['linear', 'mlp', 'cooccurrence', 'scalar_mix', "
+                     "'gated'], each once, got ['mlp', 'mlp']"], lines
 
 
 def test_bad_fuse_and_score_values_are_named(tmp_path):

@@ -46,7 +46,12 @@ def Choice(choices: tuple[str, ...]) -> Any:
     return Annotated[Literal[choices], wanted(f"one of {list(choices)}")]
 
 
-def distinct(values: tuple) -> tuple:
+def once_each(values: tuple) -> tuple:
+    """A list whose items are distinct; else the field's own phrase says what it must be."""
+    return values if len(set(values)) == len(values) else invalid()
+
+
+def distinct_integers(values: tuple) -> tuple:
     if len(set(values)) != len(values):
         raise PydanticCustomError("wanted", "a list of distinct integers")
     return values
@@ -54,7 +59,7 @@ def distinct(values: tuple) -> tuple:
 
 def Names(choices: tuple[str, ...]) -> Any:
     """A non-empty list drawn from `choices`, each once: an empty list would run nothing and exit 0."""
-    return Annotated[tuple[Literal[choices], ...], Field(min_length=1), AfterValidator(lambda v: distinct(v) and v),
+    return Annotated[tuple[Literal[choices], ...], Field(min_length=1), AfterValidator(once_each),
                      wanted(f"a non-empty list drawn from {list(choices)}, each once")]
 
 

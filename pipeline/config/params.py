@@ -11,8 +11,9 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from pipeline.config.fields import closest
-from pipeline.config.sections import (NAME_PATTERN, SPLIT_NAMES, CostSettings, DatasetSpec, DataSettings, ExtractSettings,
-                                      FuseSettings, ModelSpec, ParamsFile, ReportSettings, ScoreSettings, TrainSettings)
+from pipeline.config.sections import (NAME_PATTERN, SPLIT_NAMES, CostSettings, DatasetSpec, DataSettings,
+                                      ExtractSettings, FuseSettings, ModelSpec, ParamsFile, ReportSettings,
+                                      ScoreSettings, TrainSettings)
 from pipeline.core import location
 from pipeline.core.errors import ConfigError
 from pipeline.hidden_states.pooling import POOLINGS
@@ -34,7 +35,7 @@ class Params:
     train: TrainSettings = TrainSettings()
     cost: CostSettings = CostSettings()
     report: ReportSettings = ReportSettings()
-    embeddings: str | Path | None = None   # paths.embeddings: a folder or an fsspec URL (s3://...); default store/embeddings
+    embeddings: str | Path | None = None   # paths.embeddings: a folder or a URL (s3://...); default store/embeddings
 
     def model(self, name: str) -> ModelSpec:
         if name not in self.models:
@@ -227,13 +228,15 @@ def load_params(path: str | Path = "params.yaml", models: list[str] | None = Non
         problems = [line for e in error.errors() for line in _lines(e, raw)] + problems
     for key, names, known in (("--model", models or [], raw.get("models") or {}),
                               ("--dataset", datasets or [], raw.get("datasets") or {})):
-        problems += [f"{key}: unknown {key[2:]} {n!r}; known {key[2:]}s are {sorted(known)}" for n in names if n not in known]
+        kind = key.removeprefix("--")
+        problems += [f"{key}: unknown {kind} {n!r}; known {kind}s are {sorted(known)}" for n in names if n not in known]
     if problems:
         problems = list(dict.fromkeys(problems))
         listed = "\n  - ".join(problems)
         raise ConfigError(f"{path} has {len(problems)} problem(s):\n  - {listed}")
     paths = parsed.paths
-    return Params(root=root, store=root / paths.store, data_mirror=root / paths.data_mirror if paths.data_mirror else None,
+    return Params(root=root, store=root / paths.store,
+                  data_mirror=root / paths.data_mirror if paths.data_mirror else None,
                   models=parsed.models, datasets=parsed.datasets,
                   selected_models=list(models if models is not None else parsed.select.models),
                   selected_datasets=list(datasets if datasets is not None else parsed.select.datasets),

@@ -23,7 +23,8 @@ from pipeline.config.stage_deps import code_deps, stage_module
 from pipeline.core.atomic import write_text_atomic
 from pipeline.core.errors import ConfigError
 
-HEADER = "# Written by `python -m pipeline.config.profile {profile} {folder}` from {profile} and dvc.yaml: do not edit.\n"
+HEADER = ("# Written by `python -m pipeline.config.profile {profile} {folder}` from {profile} and dvc.yaml: "
+          "do not edit.\n")
 STUDY_STAGES = {
     "audit": {
         "matrix": {"dataset": "${select.datasets}"},

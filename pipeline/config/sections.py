@@ -7,8 +7,8 @@ from typing import Annotated, Any, Literal, Optional
 
 from pydantic import AfterValidator, BeforeValidator, Field, Strict, model_validator
 
-from pipeline.config.fields import (Choice, Device, Flag, Integer, Names, Number, Section, Text, Widths, closest, distinct,
-                                    fail, invalid, no_bool, wanted)
+from pipeline.config.fields import (Choice, Device, Flag, Integer, Names, Number, Section, Text, Widths, closest,
+                                    distinct_integers, fail, invalid, no_bool, once_each, wanted)
 from pipeline.hidden_states.attention import ATTENTIONS
 from pipeline.hidden_states.pooling import POOLINGS
 
@@ -70,7 +70,8 @@ class Resplit(Section):
         return self if self.train + (self.validation or 0) < 1 else fail("fractions must sum to less than 1")
 
     def as_dict(self) -> dict[str, Any]:
-        return {"from": self.source, "train": self.train, **({"validation": self.validation} if self.validation else {})}
+        validation = {"validation": self.validation} if self.validation else {}
+        return {"from": self.source, "train": self.train, **validation}
 
 
 def _data_file(file: str) -> str:
@@ -149,7 +150,7 @@ class ExtractSettings(Section):
     compute_dtype: Choice(("auto", "bfloat16", "float32")) = "auto"
     device: Device = "auto"
     padding_side: Choice(("right", "left")) = "right"
-    poolings: Annotated[tuple[Literal[tuple(POOLINGS)], ...], Field(min_length=1), AfterValidator(distinct),
+    poolings: Annotated[tuple[Literal[tuple(POOLINGS)], ...], Field(min_length=1), AfterValidator(once_each),
                         wanted(f"a non-empty list drawn from {list(POOLINGS)}, each once")] = tuple(POOLINGS)
     compressor: Annotated[Any, AfterValidator(_compressor)] = {"codec": "zstd", "level": 1}
     attention: Choice(ATTENTIONS) = "auto"             # in the store fingerprint (hidden_states/attention.py)
@@ -235,7 +236,8 @@ class GatedOptions(Section):
 class TrainSettings(Section):
     """`train:` the heads, their seeds and their optimiser."""
     heads: Names(HEAD_NAMES) = HEAD_NAMES
-    seeds: Annotated[tuple[Annotated[int, Strict(), Field(ge=0)], ...], Field(min_length=1), AfterValidator(distinct),
+    seeds: Annotated[tuple[Annotated[int, Strict(), Field(ge=0)], ...], Field(min_length=1),
+                     AfterValidator(distinct_integers),
                      wanted("a non-empty list of integers >= 0")] = (0, 1, 2)
     max_epochs: Integer(1) = 30
     patience: Integer(0) = 3
