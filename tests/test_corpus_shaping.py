@@ -133,7 +133,8 @@ def test_misspelt_dataset_keys_and_bad_caps_are_named_at_once(tmp_path, make_par
     message = str(caught.value)
     assert "datasets.odd.id_colum: unknown option (did you mean 'id_column'?)" in message
     assert "datasets.odd.max_len: must be an integer >= 1" in message
-    assert "data.max_rows.train: must be an integer >= 2" in message and "data.max_rows.tset" in message
+    assert "data.max_rows.train: must be an integer >= 2" in message
+    assert "data.max_rows.tset: unknown name; known names are ['train', 'validation', 'test']" in message
 
 
 def test_a_profile_overrides_its_base(tmp_path, make_params):

@@ -120,7 +120,7 @@ def _lines(error: dict[str, Any], raw: dict[str, Any]) -> list[str]:
         return [f"{key + '.' if key else ''}{loc[-1]}: unknown {what}{closest(loc[-1], known or [])}; "
                 f"known {what}s are {sorted(known or [])}"]
     if "[key]" in loc:
-        return [f"{key}.{loc[loc.index('[key]') - 1]}: unknown name; known names are {list(SPLIT_NAMES)}"]
+        return [f"{key}: unknown name; known names are {list(SPLIT_NAMES)}"]      # the path ends at the key
     got = raw
     for part in path:
         got = got.get(part) if isinstance(got, dict) else None
