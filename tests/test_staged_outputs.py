@@ -311,6 +311,36 @@ def test_a_signal_exits_128_plus_its_number_even_when_the_code_inside_exits_0(tm
     assert "finished" not in output and f"stopped by {signal.Signals(signum).name}" in errors
 
 
+DROPPED = """
+import os, signal, sys, time
+from pipeline.core.errors import exit_status_on_signals
+
+class SignalsItselfWhenCollected:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(100_000):                # the handler runs here, and Python drops what it raises
+            pass
+
+with exit_status_on_signals():
+    SignalsItselfWhenCollected()
+    end = time.time() + 60
+    while time.time() < end:
+        time.sleep(0.01)
+    print("ran to the end")                    # what a run that was never told would say
+"""
+
+
+@pytest.mark.slow
+def test_a_signal_whose_exception_python_drops_in_a_finaliser_still_stops_the_run(tmp_path):
+    """CI once saw a train stage sent SIGTERM go on fitting: the Terminated was raised inside a weakref
+    callback run by the garbage collector, where Python prints "Exception ignored" and drops it. The signal
+    is delivered again until it stops the run: exit 143 within seconds, not the 60 s the code would run."""
+    process = subprocess.run([sys.executable, "-c", DROPPED], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert "Exception ignored" in process.stderr, process.stderr      # the case happened: it was dropped once
+    assert process.returncode == 128 + signal.SIGTERM, process.stderr
+    assert "ran to the end" not in process.stdout and "stopped by SIGTERM" in process.stderr
+
+
 @pytest.mark.slow
 def test_a_train_stage_sent_sigterm_mid_work_exits_143_and_leaves_the_old_heads(tmp_path):
     """Lightning turns SIGTERM into SystemExit(0) (SLURM and Kubernetes preempt with SIGTERM): the stage said

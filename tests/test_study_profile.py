@@ -5,10 +5,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 import yaml
 
+from conftest import REPO
+from pipeline.config.profile import profile_pipeline
 from test_dvc_stage1 import clone_project, run
 
 PROFILE = {
@@ -52,3 +55,17 @@ def test_a_profile_runs_as_its_own_dvc_pipeline_and_reruns_only_what_a_key_touch
     assert ran(third) == {"train@mrslice-linear", "compare@mrslice", "report", "study_report"}, third
     results = json.loads((repo / "store" / "tiny" / "compare" / "mrslice" / "results.json").read_text())
     assert results["settings"]["lr"] == 0.01
+
+
+@pytest.mark.parametrize("profile, folder", [("study.yaml", "study"), ("study_full.yaml", "study_full")])
+def test_the_committed_study_pipelines_are_current_and_dvc_can_read_them(profile, folder):
+    """`make study` runs `dvc repro study/dvc.yaml`, and DVC refuses a dvc.yaml that git ignores (an earlier
+    release ignored the folder: `make study` stopped at "bad DVC file name"). The files are committed, with
+    their dvc.lock, so they must be what the profile derives now."""
+    merged, pipeline = profile_pipeline(REPO / profile, REPO / folder)
+    regenerate = f"run `python -m pipeline.config.profile {profile} {folder}`"
+    assert (REPO / folder / "params.yaml").read_text() == merged, regenerate
+    assert (REPO / folder / "dvc.yaml").read_text() == pipeline, regenerate
+    for name in ("params.yaml", "dvc.yaml", "dvc.lock"):
+        ignored = subprocess.run(["git", "check-ignore", "-q", f"{folder}/{name}"], cwd=REPO)
+        assert ignored.returncode == 1, f"{folder}/{name} is git-ignored: DVC will not run {folder}/dvc.yaml"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import signal
 import sys
@@ -116,28 +117,50 @@ class Terminated(BaseException):
         self.signum = signum
 
 
+SIGNAL_RESEND_SECONDS = 3.0
+
+
 @contextlib.contextmanager
 def exit_status_on_signals() -> Iterator[None]:
     """Run a stage or command so that SIGTERM (what SLURM and Kubernetes send on preemption) and SIGINT end
     it with status 143 / 130, whatever the code inside does with the exception or with SystemExit: a killed
-    stage never reports success to DVC, make, a scheduler or a shell `&&`."""
+    stage never reports success to DVC, make, a scheduler or a shell `&&`.
+
+    Python prints and drops an exception raised inside a weakref callback or a `__del__` ("Exception ignored
+    in ..."), and the garbage collector runs those at any bytecode: a signal that lands there would leave the
+    run going as if never told. So the signal is delivered again every few seconds until a Terminated has
+    reached this frame."""
     if threading.current_thread() is not threading.main_thread():     # handlers can only be set there
         yield
         return
     received: list[int] = []
+    arrived = threading.Event()        # set when a Terminated (or what the code made of it) reaches this frame
+    resender: list[threading.Thread] = []
 
     def stop(signum: int, _frame) -> None:
+        if arrived.is_set():
+            return                     # on the way out already: let the cleanup run
         if not received:
             received.append(signum)
-            raise Terminated(signum)
+            resender.append(threading.Thread(target=resend, args=(signum,), daemon=True, name="signal-resend"))
+            resender[0].start()
+        raise Terminated(received[0])
+
+    def resend(signum: int) -> None:
+        while not arrived.wait(SIGNAL_RESEND_SECONDS):
+            _thread.interrupt_main(signum)     # runs `stop` again in the main thread, as a real signal would
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     except BaseException:
+        arrived.set()
         if not received:
             raise
     finally:
+        arrived.set()
+        for thread in resender:
+            thread.join()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if received:
