@@ -21,10 +21,14 @@ def run(command: list[str], cwd: Path) -> str:
     return result.stdout + result.stderr
 
 
+PROFILE_PIPELINES = ("study", "study_full")   # the project's other pipelines: not the tiny project's
+
+
 def clone_project(tmp_path: Path, mirror: Path, select: dict, stages: list[str] | None = None) -> Path:
     """A fresh git clone of the working tree's tracked files, with a tiny selection in params.yaml."""
     repo = tmp_path / "clone"
     files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    files = [name for name in files if name.split("/")[0] not in PROFILE_PIPELINES]
     for name in files + ["dvc.yaml", "params.yaml"]:
         source = REPO / name
         if source.is_file():

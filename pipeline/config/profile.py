@@ -51,6 +51,14 @@ def _moved(path: Any, store: str) -> Any:
     return store + path[len("store"):] if path == "store" or path.startswith("store/") else path
 
 
+def _uncached(out: Any) -> dict:
+    """An out that DVC tracks but does not copy into its cache: a study runs on one machine, its stores are
+    not pushed, and a full-size study's stores would otherwise sit on disk twice (a plain `dvc pull` of the
+    project then has nothing of the study's to fetch)."""
+    path, options = next(iter(out.items())) if isinstance(out, dict) else (out, {})
+    return {path: {**(options or {}), "cache": False}}
+
+
 def profile_pipeline(profile: Path, folder: Path) -> tuple[str, str]:
     """The texts of the profile's merged params.yaml and of its dvc.yaml, for <folder>."""
     params = load_params(profile)                       # every problem named before anything is derived
@@ -71,6 +79,7 @@ def profile_pipeline(profile: Path, folder: Path) -> tuple[str, str]:
         for key in ("deps", "outs", "plots", "metrics"):
             if key in stage:
                 stage[key] = [_moved(path, store) for path in stage[key]]
+        stage["outs"] = [_uncached(out) for out in stage.get("outs", [])]
     return merged, header + yaml.safe_dump({"vars": ["params.yaml"], "stages": stages}, sort_keys=False)
 
 
