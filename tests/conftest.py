@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,13 @@ def extract_through_stages(folder: Path, mirror: Path, dataset: str, model: str,
     store = open_store(params.embeddings_root, model, dataset)
     corpus = read_corpus(params.data_dir(dataset))
     return store, [text for split in store.splits for text in corpus.splits[split].texts]
+
+
+def wait_until(condition, process, what: str, timeout: float = 300) -> None:
+    """Poll until `condition()` holds, so that a kill test kills at a moment it has observed (the run has
+    got that far) on any machine, fast or slow; fails if `process` exits first or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, f"the process exited before {what}"
+        assert time.monotonic() < deadline, f"waited {timeout} s for {what}"
+        time.sleep(0.005)

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from _stage2_store import make_store
-from conftest import REPO, registry
+from conftest import REPO, registry, wait_until
 from pipeline.core import atomic
 from pipeline.core.atomic import clean_leftovers, staged_folder, write_text_atomic
 
@@ -131,6 +131,13 @@ for version in itertools.islice(itertools.count(int(sys.argv[3])), rounds):
 NAMES = {"results.json", "seed0/config.json", "seed1/config.json", "seed2/config.json", "resources.json"}
 
 
+def _first_line(path: Path) -> str | None:
+    try:
+        return path.read_text().split("\n", 1)[0]
+    except FileNotFoundError:
+        return None
+
+
 def _versions_through(folder_fd: int) -> set[str]:
     """Read the set through an open handle on the folder, as a reader that resolves the path once."""
     versions = set()
@@ -168,7 +175,9 @@ def test_sigkill_at_random_moments_leaves_the_old_set_or_the_new_set(tmp_path):
     try:
         for kill in range(10):
             process = subprocess.Popen([sys.executable, "-c", WRITER, str(out), "1000000", str(kill * 1000)], cwd=REPO)
-            time.sleep(float(rng.uniform(0.3, 2.5)))
+            wait_until(lambda: int(_first_line(out / "results.json") or -1) >= kill * 1000, process,
+                       f"run {kill} wrote its first set")            # then a moment among its later writes
+            time.sleep(float(rng.uniform(0.0, 0.5)))
             process.send_signal(signal.SIGKILL)
             process.wait()
             leftover_kills += out.parent.exists() and len(_siblings(out)) > 1
