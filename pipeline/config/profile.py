@@ -7,8 +7,8 @@ writes <folder>/params.yaml, the profile merged whole (every key DVC tracks, and
 expand; its `base:` is kept only so that relative paths resolve against the project), and <folder>/dvc.yaml:
 the project's dvc.yaml with every stage run in the project root on that file and writing under the
 profile's paths.store, plus the study's own stages (the selection audit per corpus, the study report).
-Both files are derived: edit the profile or dvc.yaml and run it again. They are committed, with the
-pipeline's dvc.lock, since DVC refuses a git-ignored dvc.yaml; a test checks that they are current.
+Both files are derived: edit the profile or dvc.yaml and run it again. They are committed (DVC refuses a
+git-ignored dvc.yaml), and a test checks that they are current.
 """
 
 import argparse
