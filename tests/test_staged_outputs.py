@@ -183,7 +183,7 @@ def test_sigkill_at_random_moments_leaves_the_old_set_or_the_new_set(tmp_path):
             leftover_kills += out.parent.exists() and len(_siblings(out)) > 1
             if out.exists():
                 assert {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} == NAMES
-                versions = {(out / name).read_text().split("\n", 1)[0] for name in NAMES}
+                versions = {_first_line(out / name) for name in NAMES}
                 assert len(versions) == 1, f"kill {kill} left a mix of versions {versions}"
                 seen |= versions
     finally:
@@ -321,7 +321,7 @@ def test_a_signal_exits_128_plus_its_number_even_when_the_code_inside_exits_0(tm
 
 
 DROPPED = """
-import os, signal, sys, time
+import os, signal, time
 from pipeline.core.errors import exit_status_on_signals
 
 class SignalsItselfWhenCollected:

@@ -60,8 +60,8 @@ def test_a_profile_runs_as_its_own_dvc_pipeline_and_reruns_only_what_a_key_touch
 @pytest.mark.parametrize("profile, folder", [("study.yaml", "study"), ("study_full.yaml", "study_full")])
 def test_the_committed_study_pipelines_are_current_and_dvc_can_read_them(profile, folder):
     """`make study` runs `dvc repro study/dvc.yaml`, and DVC refuses a dvc.yaml that git ignores (an earlier
-    release ignored the folder: `make study` stopped at "bad DVC file name"). The files are committed, with
-    their dvc.lock, so they must be what the profile derives now."""
+    release ignored the folder: `make study` stopped at "bad DVC file name"). The files are committed, so
+    they must be what the profile derives now; nor may git ignore the dvc.lock a run writes beside them."""
     merged, pipeline = profile_pipeline(REPO / profile, REPO / folder)
     regenerate = f"run `python -m pipeline.config.profile {profile} {folder}`"
     assert (REPO / folder / "params.yaml").read_text() == merged, regenerate

@@ -135,32 +135,31 @@ def exit_status_on_signals() -> Iterator[None]:
         return
     received: list[int] = []
     arrived = threading.Event()        # set when a Terminated (or what the code made of it) reaches this frame
-    resender: list[threading.Thread] = []
+
+    def resend() -> None:
+        while not arrived.wait(SIGNAL_RESEND_SECONDS):
+            _thread.interrupt_main(received[0])    # runs `stop` again in the main thread, as a real signal would
+
+    resender = threading.Thread(target=resend, daemon=True, name="signal-resend")
 
     def stop(signum: int, _frame) -> None:
         if arrived.is_set():
             return                     # on the way out already: let the cleanup run
         if not received:
             received.append(signum)
-            resender.append(threading.Thread(target=resend, args=(signum,), daemon=True, name="signal-resend"))
-            resender[0].start()
+            resender.start()
         raise Terminated(received[0])
-
-    def resend(signum: int) -> None:
-        while not arrived.wait(SIGNAL_RESEND_SECONDS):
-            _thread.interrupt_main(signum)     # runs `stop` again in the main thread, as a real signal would
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     except BaseException:
-        arrived.set()
         if not received:
             raise
     finally:
         arrived.set()
-        for thread in resender:
-            thread.join()
+        if resender.ident is not None:          # started
+            resender.join()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if received:
