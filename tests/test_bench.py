@@ -29,7 +29,16 @@ def test_quick_benchmark_runs_and_writes_results(mr_slice, make_params, prepared
                  "--attention-datasets", "mrslice", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     extraction = results["extraction"]["result"]["minilm-l6"]
-    assert set(extraction["methods"]) == {"project", "compiled", "llmembed", "naive", "careful", "last_layer"}
+    assert set(extraction["methods"]) == {"project", "compiled", "llmembed", "naive", "careful", "last_layer",
+                                          "forward_only"}
+    # the forward-only loop runs the project's own batches: the same real tokens
+    assert extraction["methods"]["forward_only"]["tokens"] == extraction["methods"]["project"]["tokens"]
+    outside = extraction["outside_forward"]
+    assert len(outside["samples"]) == extraction["repeats"] and outside["fraction"] < 1
+    # the profile names real operators: the forward pass's matmuls are among the project's largest
+    assert any("linear" in o["op"] or "addmm" in o["op"] or "mm" in o["op"]
+               for o in extraction["profile"]["top_project_ops"])
+    assert extraction["targets"]["0.95x_last_layer"]["by"] in ("project", "compiled")
     assert all(m["tokens_per_s"] > 0 for m in extraction["methods"].values())
     dtype = extraction["compute_dtype"]
     assert {m["dtype"] for m in extraction["methods"].values()} == {dtype}     # like with like
@@ -44,6 +53,7 @@ def test_quick_benchmark_runs_and_writes_results(mr_slice, make_params, prepared
     assert results["store"]["result"]["layouts"] and results["heads"]["result"]["ratio"] > 0
     assert "skipped" in results["fusion"]["result"]          # no store of smollm2 in this throwaway project
     text = (out / "results.md").read_text()
+    assert "Outside the model:" in text and "Profile (torch.profiler" in text
     assert "## extraction" in text and "| project |" in text and "| compiled |" in text and "## store" in text and "| minilm-l6 | mrslice |" in text
 
 

@@ -61,9 +61,12 @@ def eager_reference(model, encoded, num_layers: int) -> torch.Tensor:
     out = torch.empty((len(POOLS), encoded.mask.shape[0], num_layers, model.config.hidden_size))
     with torch.inference_mode():
         pooler = LayerPooler(encoded.mask, encoded.content, POOLS)
-        run_with_layers(model, encoded.inputs,
-                        lambda i, h: pooler(h, {p: out[k, :, i] for k, p in enumerate(POOLS)}),
-                        stop_after=None if num_layers == total else num_layers - 1)
+
+        def on_layer(i, h):
+            for k, values in enumerate(pooler(h).values()):
+                out[k, :, i] = values
+
+        run_with_layers(model, encoded.inputs, on_layer, stop_after=None if num_layers == total else num_layers - 1)
     return out
 
 

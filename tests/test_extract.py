@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import zarr
 
 from conftest import REPO, link_prepared, tiny_llama_entry
@@ -150,3 +151,29 @@ def test_extract_stage_prints_a_clear_error_for_a_mismatch(mr_slice, make_params
     assert result.returncode == 2
     assert "extract.poolings" in result.stderr and "--rebuild" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_helper_threads_only_where_the_cpu_is_not_the_one_computing():
+    from pipeline.extract.block_loop import overlaps
+    assert not overlaps(torch.device("cpu"), Path("/data/store"))          # they would take the forward's cycles
+    assert overlaps(torch.device("cpu"), "s3://bucket/prefix/store")       # writes wait on the network
+    assert overlaps(torch.device("cuda"), Path("/data/store"))             # the CPU is free while the GPU computes
+
+
+def test_a_store_written_in_line_equals_one_written_by_helper_threads(mr_slice, make_params, prepared_models, tmp_path,
+                                                                      monkeypatch):
+    """The same blocks, digests, done marks and attention entropy, bit for bit, whichever way the loop runs."""
+    from pipeline.extract import block_loop
+    settings = {"block_rows": 16, "token_budget": 256, "max_len": 32, "compute_dtype": "float32", "device": "cpu",
+                "attention_entropy_rows": 5}
+    stores = {}
+    for overlap in (False, True):
+        monkeypatch.setattr(block_loop, "overlaps", lambda device, path, overlap=overlap: overlap)
+        params = prepare(make_params(mr_slice, ["tiny-llama"], ["mrslice"], extract=settings,
+                                     extra_models=tiny_llama_entry(prepared_models), folder=tmp_path / str(overlap)),
+                         "mrslice", prepared_models, ["tiny-llama"])
+        extract(params, "tiny-llama", "mrslice", show_progress=False)
+        stores[overlap] = _arrays(params.embeddings_path("tiny-llama", "mrslice"))
+    assert stores[False].keys() == stores[True].keys() and len(stores[False]) > 10
+    for name, values in stores[False].items():
+        np.testing.assert_array_equal(values, stores[True][name], err_msg=name)

@@ -30,7 +30,9 @@ def hand_case(padding_side: str):
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 def test_pooling_matches_hand_computation(padding_side):
     hidden, mask, content = hand_case(padding_side)
+    before = hidden.clone()
     out = pool(hidden, mask, content, NAMES)
+    assert torch.equal(hidden, before), "pooling wrote into the model's float32 states"   # they are read in place
     expected = {
         "mean": [[2.0, 20.0 / 3], [6.0, 2.0]],
         "last": [[3.0, 30.0], [7.0, -1.0]],

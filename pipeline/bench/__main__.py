@@ -26,7 +26,7 @@ from pipeline.bench.common import REPO, machine
 from pipeline.core.errors import PipelineError
 
 SECTIONS = ("extraction", "attention", "store", "fusion", "heads", "memory", "predict")
-METHODS = ("project", "compiled", "llmembed", "naive", "careful", "last_layer")
+METHODS = ("project", "compiled", "llmembed", "naive", "careful", "last_layer", "forward_only")
 
 
 def parse(argv):
@@ -201,7 +201,8 @@ def _md_extraction(data) -> list[str]:
         for ours in ("project", "compiled"):
             p = methods.get(ours)
             if p:
-                lines.append(f"{ours}: store writes (background thread, busy time) {p['store_write_fraction']:.1%} of "
+                lines.append(f"{ours}: store writes (busy time: in line where the CPU computes, on a helper thread on a GPU "
+                             f"or to a remote store) {p['store_write_fraction']:.1%} of "
                              f"extraction time; {p['bytes_on_disk'] / 2**20:,.1f} MiB on disk for {res['rows']} texts."
                              + (f" GPU peak memory {p['gpu_peak_mb']:,.0f} MiB." if "gpu_peak_mb" in p else ""))
         if "compile" in res:
@@ -209,6 +210,7 @@ def _md_extraction(data) -> list[str]:
             lines.append(f"compiled: compilation (or compile-cache load) {c['compile_seconds']:.1f} s, paid once per "
                          f"process in a warm-up pass of {c['first_run_seconds']:.1f} s that is not in the table; cache "
                          f"{c['cache_dir']}.")
+        lines += _md_outside_forward(res)
         gemm = res.get("gemm", {})
         if gemm.get("share_of_project"):
             lines.append(f"Bound: the model's linear layers alone (F.linear, {dtype}, the project's batch sizes) take "
@@ -224,6 +226,25 @@ def _md_extraction(data) -> list[str]:
         lines.append("")
     lines += ["FLOPs per text of n real tokens: 2 x non-embedding parameters x n + 2 x 2 x layers x n^2 x d "
               "(QK^T and AV); padding is not counted."]
+    return lines
+
+
+def _md_outside_forward(res) -> list[str]:
+    """The share of the project's time outside the model's forward pass, and the profiler's account of it."""
+    outside = res.get("outside_forward")
+    if not outside:
+        return []
+    lines = [f"Outside the model: {outside['fraction']:.1%} of the project's time is spent outside the model's own "
+             f"forward pass (1 - forward_only / project, per repeat: {outside['samples']}); target <= 5%: "
+             f"{'met' if outside['met'] else 'not met'}."]
+    profile = res.get("profile")
+    if profile:
+        added = ", ".join(f"{o['op']} {o['added_ms']:,.0f} ms ({o['calls']} calls)" for o in profile["top_added_ops"])
+        top = ", ".join(f"{o['op']} {o['self_ms']:,.0f} ms" for o in profile["top_project_ops"])
+        lines += [f"Profile (torch.profiler, one untimed pass each, operators' self time): project "
+                  f"{profile['project_ms']:,.0f} ms, forward only {profile['forward_only_ms']:,.0f} ms. "
+                  f"The project's largest operators: {top}. What the project adds beyond the forward pass: "
+                  f"{added or 'nothing measurable'}."]
     return lines
 
 

@@ -1,18 +1,22 @@
-"""The block loop of Stage 1: for each (split, block), prefetch and tokenise, compute and pool every
-layer, and write behind, so that tokenisation and the store's writes overlap the forward pass. Every
-process (a single one, or each rank of a distributed run) runs its blocks through it.
+"""The block loop of Stage 1: for each (split, block), tokenise, compute and pool every layer, and
+write. Where the forward pass runs on an accelerator, or the store is remote, tokenisation (the next
+batch) and the store's writes (the previous block) run on helper threads that overlap it. Where the
+CPU itself computes, they run in line: a helper thread would take its cycles from torch's own
+threads, and stall their parallel ops (measured: `python -m pipeline.bench extraction`, docs/benchmarks.md).
+Every process (a single one, or each rank of a distributed run) runs its blocks through it.
 """
 
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
 import torch
 
 from pipeline.config.sections import ExtractSettings
+from pipeline.core import location
 from pipeline.extract import compiled_forward
 from pipeline.extract.forward import (Encoded, Forward, PoolingSpec, eager_forward, encode, pool_batch, position_rule,
                                       to_host)
@@ -22,11 +26,29 @@ from pipeline.store.format import SAMPLED, Float16Overflow
 from pipeline.store.writer import StoreWriter
 
 
+class InlineExecutor(Executor):
+    """An executor that runs each task at once, in the caller's thread: the block loop's steps in line."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as error:   # handed back through the future, as a thread pool would
+            future.set_exception(error)
+        return future
+
+
+def overlaps(device: torch.device, store_path) -> bool:
+    """Whether tokenisation and writes get helper threads: when the CPU is not the one computing (a GPU)
+    or the writes wait on a network (a remote store), not when they would compete with the forward pass."""
+    return device.type != "cpu" or location.is_url(store_path)
+
+
 class BlockLoop:
     """Computes, writes and marks done (split, block) pairs: the one block code path of every process.
 
-    Three steps, one method each: prefetch and tokenise (a helper thread encodes the next batch while
-    this one runs), compute and pool (`forward`, the pluggable seam), write behind (a helper thread
+    Three steps, one method each: tokenise (`overlap`: a helper thread encodes the next batch while this
+    one runs), compute and pool (`forward`, the pluggable seam), write (`overlap`: a helper thread
     compresses, writes, digests and marks done the previous block while the next one is computed).
     At most one write is in flight and its outcome is collected before the next block is handed over,
     so blocks are still marked done in order, only after their data, and a crash never marks an
@@ -36,12 +58,14 @@ class BlockLoop:
     """
 
     def __init__(self, writer: StoreWriter, texts: Callable[[str], list[str]], tokenizer, model,
-                 settings: ExtractSettings, device: torch.device, forward: Forward | None = None):
+                 settings: ExtractSettings, device: torch.device, forward: Forward | None = None,
+                 overlap: bool | None = None):
         if forward is None:          # as extract.forward says (pipeline/extract/compiled_forward.py)
             wanted = compiled_forward.resolve_forward(settings.forward, device, model)
             forward = compiled_forward.shared() if wanted == "compiled" else eager_forward
         self.writer, self.texts, self.tokenizer, self.model = writer, texts, tokenizer, model
         self.settings, self.device, self.forward = settings, device, forward
+        self.overlap = overlaps(device, writer.path) if overlap is None else overlap
         self.positions = position_rule(model)
         self.texts_done, self.tokens, self.write_seconds, self.entropy_seconds = 0, 0, 0.0, 0.0
         self.overflows: list[Float16Overflow] = []
@@ -52,8 +76,10 @@ class BlockLoop:
     def run(self, work: list[tuple[str, int]], bar=None) -> list[Float16Overflow]:
         """Do `work` in order; returns the float16 overflows met (each names a split to redo)."""
         self.overflows = []
-        self._tokenise = ThreadPoolExecutor(1, thread_name_prefix="layerfuse-tokenise")
-        self._store = ThreadPoolExecutor(1, thread_name_prefix="layerfuse-write")
+        helper = (lambda name: ThreadPoolExecutor(1, thread_name_prefix=name)) if self.overlap else \
+            (lambda name: InlineExecutor())
+        self._tokenise: Executor = helper("layerfuse-tokenise")
+        self._store: Executor = helper("layerfuse-write")
         started = time.perf_counter()
         try:
             for split, block in work:

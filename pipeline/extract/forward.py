@@ -8,6 +8,7 @@ besides the model and the device is a `PoolingSpec`. The compute-and-pool step i
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -19,6 +20,9 @@ from pipeline.hidden_states.layer_tap import run_with_layers, text_config
 from pipeline.hidden_states.pooling import LayerPooler
 
 COUNT_CHUNK = 4096
+# float32 states of the layers pooled together (eager_forward): on a CPU a group that stays in cache (a
+# larger one is copied and read from memory: slower, measured), on a GPU most of a model's layers
+POOL_GROUP_BYTES = {"cpu": 8 * 2**20, "cuda": 512 * 2**20}
 
 
 def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -111,16 +115,17 @@ def encode(tokenizer, texts: list[str], max_len: int, padding_side: str, device:
     encoded = tokenizer(texts, truncation=True, max_length=max_len, return_special_tokens_mask=True,
                         return_attention_mask=False)
     ids, specials = encoded["input_ids"], encoded["special_tokens_mask"]
-    width = max(len(row) for row in ids)
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    width, total = int(lengths.max()), int(lengths.sum())
+    columns = np.arange(width)
+    # real tokens are contiguous in each row, so the row-major order of `real` is the tokens' own order
+    real = columns < lengths[:, None] if padding_side == "right" else columns >= width - lengths[:, None]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.bool)
-    special = torch.zeros((len(ids), width), dtype=torch.bool)
-    for row, (tokens, flags) in enumerate(zip(ids, specials)):
-        span = slice(0, len(tokens)) if padding_side == "right" else slice(width - len(tokens), width)
-        input_ids[row, span] = torch.tensor(tokens)
-        mask[row, span] = True
-        special[row, span] = torch.tensor(flags, dtype=torch.bool)
+    input_ids = np.full((len(ids), width), pad_id, dtype=np.int64)
+    input_ids[real] = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=total)
+    special = np.zeros((len(ids), width), dtype=bool)
+    special[real] = np.fromiter(itertools.chain.from_iterable(specials), dtype=bool, count=total)
+    input_ids, mask, special = torch.from_numpy(input_ids), torch.from_numpy(real), torch.from_numpy(special)
     inputs = {"input_ids": input_ids, "attention_mask": mask.long()}
     if padding_side == "left":       # pads get the padding row (RoBERTa-style) or 0; attention never reads them
         counted = positions.first + mask.long().cumsum(dim=1) - 1
@@ -159,8 +164,10 @@ class Forward(Protocol):
 
 
 def eager_forward(model, batch: Encoded, poolings: Sequence[str], num_layers: int) -> torch.Tensor:
-    """Hooks hand each layer's states to LayerPooler as the forward pass produces them (one float32
-    copy per layer, no host syncs); blocks past the deepest wanted layer are skipped."""
+    """Hooks hand each layer's states over as the forward pass produces them; LayerPooler pools them a
+    group at a time (as many layers as POOL_GROUP_BYTES of float32 holds), so the ops per batch grow
+    with depth only by group. No host syncs; blocks past the deepest wanted layer are
+    skipped."""
     poolings = list(poolings)
     total = text_config(model.config).num_hidden_layers + 1
     if not 1 <= num_layers <= total:
@@ -170,9 +177,15 @@ def eager_forward(model, batch: Encoded, poolings: Sequence[str], num_layers: in
                       device=batch.mask.device)
     with torch.inference_mode():
         pooler = LayerPooler(batch.mask, batch.content, poolings)
+        budget = POOL_GROUP_BYTES.get(batch.mask.device.type, POOL_GROUP_BYTES["cpu"])
+        group = max(1, budget // (batch.mask.numel() * dim * 4))
+        pending: list[torch.Tensor] = []
 
         def on_layer(index: int, hidden: torch.Tensor) -> None:
-            pooler(hidden, {name: out[i, :, index] for i, name in enumerate(poolings)})
+            pending.append(hidden)
+            if len(pending) == group or index == num_layers - 1:
+                out[:, :, index + 1 - len(pending):index + 1] = pooler.pool_layers(pending)
+                pending.clear()
 
         run_with_layers(model, batch.inputs, on_layer, stop_after=None if num_layers == total else num_layers - 1)
     return out

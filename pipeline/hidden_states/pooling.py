@@ -59,13 +59,15 @@ POOLINGS = {
 
 
 class LayerPooler:
-    """All requested poolings of every layer of one batch, fused: the same numbers as POOLINGS above.
+    """All requested poolings of the layers of one batch, fused: the same numbers as POOLINGS above.
 
     What depends only on the batch (mean weights and counts, first/last token indices, the padding
-    mask) is computed once per batch, not once per layer. Per layer there is one float32 copy of the
-    states; `mean` and `mean_nospecial` are one batched matrix product over it (float32 sums), `max`
-    masks that copy in place and reduces it, `first`/`last` gather two rows. Results land in `out`
-    without host syncs, so on a GPU the whole batch is copied to the host once.
+    mask) is computed once per batch, not once per layer. `pool_layers` pools a group of layers with one
+    op per pooling kind, not one per layer: the group is stacked into one float32 tensor (the copy `max`
+    masks in place), `mean` and `mean_nospecial` are one batched matrix product over it (float32 sums),
+    `max` one masked reduction, `first`/`last` one gather each. Nothing syncs with the host, so on a GPU
+    the whole batch is copied to the host once. `__call__` pools one layer the same way and never
+    writes the model's own tensors.
     """
 
     def __init__(self, mask: torch.Tensor, content: torch.Tensor, names):
@@ -89,27 +91,33 @@ class LayerPooler:
         if "max" in self.names:
             self.padding = ~mask.unsqueeze(-1)
 
-    def __call__(self, hidden: torch.Tensor, out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """Pool one layer [B, T, D]; write into out[name] ([B, D] views) when given, else return new tensors."""
+    def _pool(self, states: torch.Tensor, floor: float, owned: bool) -> dict[str, torch.Tensor]:
+        """Poolings of float32 states [G, B, T, D] -> [G, B, D] each; `owned`: `max` may overwrite them."""
         result = {}
-        if self.means or "max" in self.names:
-            states = hidden.to(torch.float32, copy=True)      # our own copy: `max` may overwrite it
-            if self.means:
-                sums = torch.bmm(self.weights, states)          # [B, k, D], summed in float32
-                for i, name in enumerate(self.means):
-                    result[name] = sums[:, i] / self.counts[:, i]
-            if "max" in self.names:
-                floor = torch.finfo(hidden.dtype).min           # what `max` fills with: same numbers
-                result["max"] = states.masked_fill_(self.padding, floor).amax(dim=1)
+        if self.means:
+            sums = torch.matmul(self.weights, states)             # [G, B, k, D], summed in float32
+            for i, name in enumerate(self.means):
+                result[name] = sums[:, :, i] / self.counts[:, i]
         if "last" in self.names:
-            result["last"] = hidden[self.rows, self.last_index].float()
+            result["last"] = states[:, self.rows, self.last_index]
         if "first" in self.names:
-            result["first"] = hidden[self.rows, self.first_index].float()
-        if out is None:
-            return {name: result[name] for name in self.names}
-        for name in self.names:
-            out[name].copy_(result[name])
-        return out
+            result["first"] = states[:, self.rows, self.first_index]
+        if "max" in self.names:                                   # fills padding with the states' dtype's floor
+            filled = states.masked_fill_(self.padding, floor) if owned else states.masked_fill(self.padding, floor)
+            result["max"] = filled.amax(dim=2)
+        return result
+
+    def pool_layers(self, layers: list[torch.Tensor]) -> torch.Tensor:
+        """A group of layers' states ([B, T, D] each, any float dtype) -> [len(names), B, len(layers), D] float32."""
+        states = torch.stack(layers).to(torch.float32)            # one copy of the group, ours to overwrite
+        result = self._pool(states, torch.finfo(layers[0].dtype).min, owned=True)
+        return torch.stack([result[name] for name in self.names]).transpose(1, 2)
+
+    def __call__(self, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One layer [B, T, D] -> {name: [B, D] float32}; float32 states are read where they are."""
+        states = hidden.unsqueeze(0).to(torch.float32)
+        result = self._pool(states, torch.finfo(hidden.dtype).min, owned=hidden.dtype != torch.float32)
+        return {name: result[name][0] for name in self.names}
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, content: torch.Tensor, names) -> dict[str, torch.Tensor]:
