@@ -30,7 +30,8 @@ def test_quick_benchmark_runs_and_writes_results(mr_slice, make_params, prepared
     results = json.loads((out / "results.json").read_text())
     extraction = results["extraction"]["result"]["minilm-l6"]
     assert set(extraction["methods"]) == {"project", "compiled", "llmembed", "naive", "careful", "last_layer",
-                                          "forward_only"}
+                                          "forward_only", "project_threads"}
+    assert extraction["methods"]["project_threads"]["tokens"] == extraction["methods"]["project"]["tokens"]
     # the forward-only loop runs the project's own batches: the same real tokens
     assert extraction["methods"]["forward_only"]["tokens"] == extraction["methods"]["project"]["tokens"]
     outside = extraction["outside_forward"]

@@ -26,7 +26,7 @@ from pipeline.bench.common import REPO, machine
 from pipeline.core.errors import PipelineError
 
 SECTIONS = ("extraction", "attention", "store", "fusion", "heads", "memory", "predict")
-METHODS = ("project", "compiled", "llmembed", "naive", "careful", "last_layer", "forward_only")
+METHODS = ("project", "compiled", "llmembed", "naive", "careful", "last_layer", "forward_only", "project_threads")
 
 
 def parse(argv):

@@ -16,6 +16,8 @@ order) and the same model, interleaved repeat by repeat; each figure is the medi
 - last_layer: sentence-transformers' encode: length-sorted batches of 32, only the final hidden
              state, masked mean: the floor of what any embedding tool pays. The target: the project
              (every layer, every pooling, the store written) at >= 0.95x of it.
+- project_threads: the project with tokenisation and writes on helper threads, as on a GPU or to a
+             remote store (on a CPU the block loop runs them in line: pipeline/extract/block_loop.overlaps).
 - forward_only: the model's own forward pass alone over the project's own batches, tokenised
              beforehand: no hooks, no pooling, no store. 1 - forward_only / project time is the share of
              the project's time spent outside the model (target <= 5%); `profile` names where it goes.
@@ -165,9 +167,11 @@ def loop_forward_only(model, batches: list) -> int:
 
 
 # -- the project ---------------------------------------------------------------------------------
-def run_project(model, tokenizer, texts, settings, device, workdir: Path, num_layers: int, dim: int) -> dict[str, Any]:
+def run_project(model, tokenizer, texts, settings, device, workdir: Path, num_layers: int, dim: int,
+                overlap: bool | None = None) -> dict[str, Any]:
     """The real block loop into a fresh store: token counting, batching, pooling, writes, done marks.
-    `settings.forward` picks the forward pass (eager or compiled), as in `dvc repro`."""
+    `settings.forward` picks the forward pass (eager or compiled), as in `dvc repro`; `overlap` forces
+    helper threads on or off (None: the block loop's own rule)."""
     from pipeline.extract.block_loop import BlockLoop
     from pipeline.extract.driver import pending_work
     from pipeline.extract.forward import count_tokens
@@ -180,7 +184,7 @@ def run_project(model, tokenizer, texts, settings, device, workdir: Path, num_la
     n = len(texts)
     writer.init_split("train", SplitRows(np.zeros(n, np.int32), np.array([str(i) for i in range(n)], dtype=object),
                                          np.arange(n, dtype=np.int64), counts, truncated), [])
-    loop = BlockLoop(writer, lambda split: texts, tokenizer, model, settings, device)
+    loop = BlockLoop(writer, lambda split: texts, tokenizer, model, settings, device, overlap=overlap)
     overflows = loop.run(pending_work(writer, ["train"]))
     if overflows:
         raise RuntimeError(f"float16 overflow in the benchmark store: {overflows[0]}")
@@ -321,6 +325,8 @@ def bench_model(params, name: str, dataset: str, rows: int, slow_rows: int, repe
     with tempfile.TemporaryDirectory(prefix="layerfuse-bench-") as tmp:
         loops = {
             "project": lambda: run_project(ours, tokenizer, texts, eager_settings, device, Path(tmp), num_layers, dim),
+            "project_threads": lambda: run_project(ours, tokenizer, texts, eager_settings, device, Path(tmp), num_layers,
+                                                   dim, overlap=True),
             "compiled": lambda: run_project(ours, tokenizer, texts, compiled_settings, device, Path(tmp), num_layers,
                                             dim),
             "llmembed": lambda: {"tokens": loop_llmembed(fast, tokenizer, slow_texts, device)},
@@ -332,7 +338,7 @@ def bench_model(params, name: str, dataset: str, rows: int, slow_rows: int, repe
         for method in methods:                      # warm-up: one small batch each (first-call costs)
             if method == "forward_only":
                 loop_forward_only(ours, encoded[:1])
-            elif method not in ("project", "compiled"):
+            elif method not in ("project", "compiled", "project_threads"):
                 {"llmembed": loop_llmembed, "naive": lambda *a: loop_naive(*a, max_len),
                  "careful": lambda *a: loop_careful(*a, max_len),
                  "last_layer": lambda *a: loop_careful(*a, max_len, all_layers=False)}[method](
@@ -354,7 +360,7 @@ def bench_model(params, name: str, dataset: str, rows: int, slow_rows: int, repe
                 sync(device)
                 seconds = time.perf_counter() - start
                 run = {"seconds": seconds, "tokens": out["tokens"], "tokens_per_s": out["tokens"] / seconds}
-                if method in ("project", "compiled"):
+                if method in ("project", "compiled", "project_threads"):
                     run["store_write_seconds"] = out.get("store_write_seconds", 0.0)
                     run["bytes_on_disk"] = out.get("bytes_on_disk", 0)
                 if device.type == "cuda":
@@ -382,7 +388,7 @@ def bench_model(params, name: str, dataset: str, rows: int, slow_rows: int, repe
         entry = {"tokens_per_s": r(tps, 4), "tokens": samples[0]["tokens"], "seconds_median": r(seconds, 4),
                  "tokens_per_s_samples": [r(s["tokens_per_s"], 4) for s in samples], "dtype": dtype_name,
                  "flops_per_s": r(work / seconds), "of_ceiling": r(work / seconds / ceiling[dtype_name])}
-        if method in ("project", "compiled"):
+        if method in ("project", "compiled", "project_threads"):
             fractions = [s["store_write_seconds"] / s["seconds"] for s in samples]
             entry["store_write_fraction"] = r(statistics.median(fractions))
             entry["bytes_on_disk"] = samples[0]["bytes_on_disk"]
