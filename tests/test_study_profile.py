@@ -69,3 +69,15 @@ def test_the_committed_study_pipelines_are_current_and_dvc_can_read_them(profile
     for name in ("params.yaml", "dvc.yaml", "dvc.lock"):
         ignored = subprocess.run(["git", "check-ignore", "-q", f"{folder}/{name}"], cwd=REPO)
         assert ignored.returncode == 1, f"{folder}/{name} is git-ignored: DVC will not run {folder}/dvc.yaml"
+
+
+@pytest.mark.parametrize(("profile", "folder"), [("study.yaml", "study"), ("study_full.yaml", "study_full")])
+def test_no_output_of_a_study_pipeline_goes_into_dvcs_cache(profile, folder):
+    """A study's outputs stay on its machine (docs/study.md): outs, plots and metrics alike. A plot's data file
+    left cached made a copy of the study without that cache rerun every score stage ("not in cache")."""
+    stages = yaml.safe_load(profile_pipeline(REPO / profile, REPO / folder)[1])["stages"]
+    outputs = [(name, out) for name, stage in stages.items() for key in ("outs", "plots", "metrics")
+               for out in stage.get(key, [])]
+    assert any(isinstance(out, dict) and "layers.csv" in next(iter(out)) for _, out in outputs)   # the plots are seen
+    cached = [(name, out) for name, out in outputs if not isinstance(out, dict) or next(iter(out.values())).get("cache") is not False]
+    assert cached == [], f"cached outputs in {folder}/dvc.yaml: {cached}"

@@ -79,7 +79,9 @@ def profile_pipeline(profile: Path, folder: Path) -> tuple[str, str]:
         for key in ("deps", "outs", "plots", "metrics"):
             if key in stage:
                 stage[key] = [_moved(path, store) for path in stage[key]]
-        stage["outs"] = [_uncached(out) for out in stage.get("outs", [])]
+        for key in ("outs", "plots", "metrics"):    # every output kind: a plot's data file is an output too
+            if key in stage:
+                stage[key] = [_uncached(out) for out in stage[key]]
     return merged, header + yaml.safe_dump({"vars": ["params.yaml"], "stages": stages}, sort_keys=False)
 
 
