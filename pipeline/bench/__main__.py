@@ -241,7 +241,9 @@ def _md_outside_forward(res) -> list[str]:
     if profile:
         added = ", ".join(f"{o['op']} {o['added_ms']:,.0f} ms ({o['calls']} calls)" for o in profile["top_added_ops"])
         top = ", ".join(f"{o['op']} {o['self_ms']:,.0f} ms" for o in profile["top_project_ops"])
-        lines += [f"Profile (torch.profiler, one untimed pass each, operators' self time): project "
+        kind = "GPU kernel" if profile.get("time") == "device_ms" else "CPU self"
+        lines += [f"Profile (torch.profiler, one untimed pass each, operators' {kind} time; work outside torch's "
+                  f"operators such as tokenisation and compression is not in it): project "
                   f"{profile['project_ms']:,.0f} ms, forward only {profile['forward_only_ms']:,.0f} ms. "
                   f"The project's largest operators: {top}. What the project adds beyond the forward pass: "
                   f"{added or 'nothing measurable'}."]

@@ -46,6 +46,7 @@ project seconds / gemm_seconds.
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -176,7 +177,7 @@ def run_project(model, tokenizer, texts, settings, device, workdir: Path, num_la
     from pipeline.extract.driver import pending_work
     from pipeline.extract.forward import count_tokens
     from pipeline.store.writer import SplitRows, StoreWriter
-    path = workdir / "store"
+    path = Path(tempfile.mkdtemp(dir=workdir)) / "store"     # a fresh folder: no old store to delete in the timing
     writer = StoreWriter(path, {"bench": True}, {}, num_layers=num_layers, dim=dim, poolings=settings.poolings,
                          block_rows=settings.block_rows, dtype=settings.dtype, compressor=settings.compressor,
                          rebuild=True)
@@ -188,8 +189,11 @@ def run_project(model, tokenizer, texts, settings, device, workdir: Path, num_la
     overflows = loop.run(pending_work(writer, ["train"]))
     if overflows:
         raise RuntimeError(f"float16 overflow in the benchmark store: {overflows[0]}")
-    return {"texts": loop.texts_done, "tokens": loop.tokens, "store_write_seconds": loop.write_seconds,
-            "bytes_on_disk": sum(f.stat().st_size for f in path.rglob("*") if f.is_file())}
+    return {"texts": loop.texts_done, "tokens": loop.tokens, "store_write_seconds": loop.write_seconds, "store": path}
+
+
+def bytes_on_disk(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 # -- ceilings and bounds ---------------------------------------------------------------------------
@@ -269,16 +273,19 @@ def op_profile(run, device: torch.device) -> dict[str, dict[str, float]]:
                     "device_ms": getattr(e, "self_device_time_total", 0.0) / 1e3} for e in prof.key_averages()}
 
 
-def profile_summary(project: dict, forward_only: dict, top: int = 8) -> dict[str, Any]:
+def profile_summary(project: dict, forward_only: dict, top: int = 8, key: str = "self_ms") -> dict[str, Any]:
     """Where the project's time goes beyond the model's forward pass: each operator's self time in one
     project pass minus its self time in one forward-only pass over the same batches (the model's own
-    matmuls and norms cancel; pooling, copies and conversions remain), the `top` largest, and the totals."""
-    total = lambda ops: sum(v["self_ms"] for v in ops.values())
-    extra = {op: v["self_ms"] - forward_only.get(op, {}).get("self_ms", 0.0) for op, v in project.items()}
+    matmuls and norms cancel; pooling, copies and conversions remain), the `top` largest, and the totals.
+    `key`: self_ms (CPU time) or device_ms (a GPU's kernel time). Work outside torch's operators
+    (tokenisation, compression, Python) is not in it: the outside share above counts that too."""
+    total = lambda ops: sum(v[key] for v in ops.values())
+    extra = {op: v[key] - forward_only.get(op, {}).get(key, 0.0) for op, v in project.items()}
     ranked = sorted(extra.items(), key=lambda kv: kv[1], reverse=True)[:top]
     return {"project_ms": r(total(project), 4), "forward_only_ms": r(total(forward_only), 4),
-            "top_project_ops": [{"op": op, "self_ms": r(v["self_ms"], 4), "calls": v["calls"]} for op, v in
-                                sorted(project.items(), key=lambda kv: kv[1]["self_ms"], reverse=True)[:top]],
+            "top_project_ops": [{"op": op, "self_ms": r(v[key], 4), "calls": v["calls"]} for op, v in
+                                sorted(project.items(), key=lambda kv: kv[1][key], reverse=True)[:top]],
+            "time": key,
             "top_added_ops": [{"op": op, "added_ms": r(ms, 4), "calls": project[op]["calls"]} for op, ms in ranked
                               if ms > 0]}
 
@@ -362,13 +369,14 @@ def bench_model(params, name: str, dataset: str, rows: int, slow_rows: int, repe
                 run = {"seconds": seconds, "tokens": out["tokens"], "tokens_per_s": out["tokens"] / seconds}
                 if method in ("project", "compiled", "project_threads"):
                     run["store_write_seconds"] = out.get("store_write_seconds", 0.0)
-                    run["bytes_on_disk"] = out.get("bytes_on_disk", 0)
+                    run["bytes_on_disk"] = bytes_on_disk(out["store"])    # after the timing
+                    shutil.rmtree(out["store"].parent)
                 if device.type == "cuda":
                     run["gpu_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
                 runs[method].append(run)
         if {"project", "forward_only"} <= set(methods):   # one more pass of each, under the profiler (not timed)
-            profiled = profile_summary(op_profile(loops["project"], device),
-                                       op_profile(loops["forward_only"], device))
+            profiled = profile_summary(op_profile(loops["project"], device), op_profile(loops["forward_only"], device),
+                                       key="device_ms" if device.type == "cuda" else "self_ms")
     ceilings[dtype_name].append(matmul_ceiling(device, compute_dtype, ceiling_size))
     ceiling = {k: statistics.median(v) for k, v in ceilings.items()}
     gemm = gemm_seconds(ours, padded_batch_tokens(tokenizer, texts, settings), compute_dtype, device)

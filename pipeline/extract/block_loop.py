@@ -33,8 +33,8 @@ class InlineExecutor(Executor):
         future: Future = Future()
         try:
             future.set_result(fn(*args, **kwargs))
-        except BaseException as error:   # handed back through the future, as a thread pool would
-            future.set_exception(error)
+        except Exception as error:       # handed back through the future, as a thread pool would; a signal's
+            future.set_exception(error)  # Terminated (a BaseException) stops the loop at once
         return future
 
 

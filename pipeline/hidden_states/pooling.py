@@ -109,7 +109,9 @@ class LayerPooler:
 
     def pool_layers(self, layers: list[torch.Tensor]) -> torch.Tensor:
         """A group of layers' states ([B, T, D] each, any float dtype) -> [len(names), B, len(layers), D] float32."""
-        states = torch.stack(layers).to(torch.float32)            # one copy of the group, ours to overwrite
+        states = torch.empty((len(layers), *layers[0].shape), dtype=torch.float32, device=layers[0].device)
+        for i, hidden in enumerate(layers):                       # one float32 copy of the group, whatever the
+            states[i].copy_(hidden)                               # dtype: ours to overwrite
         result = self._pool(states, torch.finfo(layers[0].dtype).min, owned=True)
         return torch.stack([result[name] for name in self.names]).transpose(1, 2)
 
