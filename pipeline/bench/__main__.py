@@ -240,7 +240,7 @@ def _md_outside_forward(res) -> list[str]:
     profile = res.get("profile")
     if profile:
         added = ", ".join(f"{o['op']} {o['added_ms']:,.0f} ms ({o['calls']} calls)" for o in profile["top_added_ops"])
-        top = ", ".join(f"{o['op']} {o['self_ms']:,.0f} ms" for o in profile["top_project_ops"])
+        top = ", ".join(f"{o['op']} {o['ms']:,.0f} ms" for o in profile["top_project_ops"])
         kind = "GPU kernel" if profile.get("time") == "device_ms" else "CPU self"
         lines += [f"Profile (torch.profiler, one untimed pass each, operators' {kind} time; work outside torch's "
                   f"operators such as tokenisation and compression is not in it): project "

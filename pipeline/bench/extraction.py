@@ -60,6 +60,7 @@ from pipeline.bench.common import matmul_ceiling, median_time, r, sync
 from pipeline.extract.forward import native_bf16
 
 BATCH = 32
+STORE_LOOPS = ("project", "compiled", "project_threads")   # the loops that write a store through the block loop
 LLMEMBED_LEN = 128
 LLMEMBED_LAST = 5
 
@@ -283,7 +284,7 @@ def profile_summary(project: dict, forward_only: dict, top: int = 8, key: str = 
     extra = {op: v[key] - forward_only.get(op, {}).get(key, 0.0) for op, v in project.items()}
     ranked = sorted(extra.items(), key=lambda kv: kv[1], reverse=True)[:top]
     return {"project_ms": r(total(project), 4), "forward_only_ms": r(total(forward_only), 4),
-            "top_project_ops": [{"op": op, "self_ms": r(v[key], 4), "calls": v["calls"]} for op, v in
+            "top_project_ops": [{"op": op, "ms": r(v[key], 4), "calls": v["calls"]} for op, v in
                                 sorted(project.items(), key=lambda kv: kv[1][key], reverse=True)[:top]],
             "time": key,
             "top_added_ops": [{"op": op, "added_ms": r(ms, 4), "calls": project[op]["calls"]} for op, ms in ranked
@@ -345,7 +346,7 @@ def bench_model(params, name: str, dataset: str, rows: int, slow_rows: int, repe
         for method in methods:                      # warm-up: one small batch each (first-call costs)
             if method == "forward_only":
                 loop_forward_only(ours, encoded[:1])
-            elif method not in ("project", "compiled", "project_threads"):
+            elif method not in STORE_LOOPS:
                 {"llmembed": loop_llmembed, "naive": lambda *a: loop_naive(*a, max_len),
                  "careful": lambda *a: loop_careful(*a, max_len),
                  "last_layer": lambda *a: loop_careful(*a, max_len, all_layers=False)}[method](
@@ -367,7 +368,7 @@ def bench_model(params, name: str, dataset: str, rows: int, slow_rows: int, repe
                 sync(device)
                 seconds = time.perf_counter() - start
                 run = {"seconds": seconds, "tokens": out["tokens"], "tokens_per_s": out["tokens"] / seconds}
-                if method in ("project", "compiled", "project_threads"):
+                if method in STORE_LOOPS:
                     run["store_write_seconds"] = out.get("store_write_seconds", 0.0)
                     run["bytes_on_disk"] = bytes_on_disk(out["store"])    # after the timing
                     shutil.rmtree(out["store"].parent)
@@ -396,7 +397,7 @@ def bench_model(params, name: str, dataset: str, rows: int, slow_rows: int, repe
         entry = {"tokens_per_s": r(tps, 4), "tokens": samples[0]["tokens"], "seconds_median": r(seconds, 4),
                  "tokens_per_s_samples": [r(s["tokens_per_s"], 4) for s in samples], "dtype": dtype_name,
                  "flops_per_s": r(work / seconds), "of_ceiling": r(work / seconds / ceiling[dtype_name])}
-        if method in ("project", "compiled", "project_threads"):
+        if method in STORE_LOOPS:
             fractions = [s["store_write_seconds"] / s["seconds"] for s in samples]
             entry["store_write_fraction"] = r(statistics.median(fractions))
             entry["bytes_on_disk"] = samples[0]["bytes_on_disk"]

@@ -76,10 +76,7 @@ class BlockLoop:
     def run(self, work: list[tuple[str, int]], bar=None) -> list[Float16Overflow]:
         """Do `work` in order; returns the float16 overflows met (each names a split to redo)."""
         self.overflows = []
-        helper = (lambda name: ThreadPoolExecutor(1, thread_name_prefix=name)) if self.overlap else \
-            (lambda name: InlineExecutor())
-        self._tokenise: Executor = helper("layerfuse-tokenise")
-        self._store: Executor = helper("layerfuse-write")
+        self._tokenise, self._store = self._helper("layerfuse-tokenise"), self._helper("layerfuse-write")
         started = time.perf_counter()
         try:
             for split, block in work:
@@ -96,6 +93,9 @@ class BlockLoop:
         finally:
             self._tokenise.shutdown(wait=True, cancel_futures=True)
             self._store.shutdown(wait=True)   # an error above still lets a started write finish whole
+
+    def _helper(self, name: str) -> Executor:
+        return ThreadPoolExecutor(1, thread_name_prefix=name) if self.overlap else InlineExecutor()
 
     def _overflowed(self, split: str) -> bool:
         return any(o.split == split for o in self.overflows)
