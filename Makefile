@@ -1,15 +1,16 @@
 # `make run`: set up .venv and run the whole pipeline (dvc repro) on the selection in params.yaml.
 # `make test`: set up .venv (every shipped model: the peer checks read them all) and run the test suite.
 # `make test-fast`: the tests not marked slow.
-# `make study`: also install MPNet and Gemma, then run the cross-corpus study (study.yaml) as a DVC pipeline of
-#   its own (study/dvc.yaml, derived from study.yaml and dvc.yaml): a second run reruns nothing.
-# `make study-full`: the study's corpora at full size (study_full.yaml, pipeline study_full/dvc.yaml); then
-#   `make study` compares the capped results with them.
+# `make study`: also install MPNet and Gemma, then run the cross-corpus study at full corpus size (study.yaml) as
+#   a DVC pipeline of its own (study/dvc.yaml, derived from study.yaml and dvc.yaml): hours on 2 cores; a second
+#   run reruns nothing.
+# `make study-capped`: the same study on capped corpora (study_capped.yaml, pipeline study_capped/dvc.yaml), about
+#   90 minutes on 2 cores; the full study's report compares the two where both have run.
 VENV := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test test-fast setup inspect study study-full stress-distributed
+.PHONY: run test test-fast setup inspect study study-capped stress-distributed
 
 $(VENV)/.installed: pyproject.toml setup.sh
 	bash setup.sh
@@ -38,9 +39,9 @@ study: $(VENV)/.all_models
 	python -m pipeline.config.profile study.yaml study
 	dvc repro study/dvc.yaml
 
-study-full: $(VENV)/.all_models
-	python -m pipeline.config.profile study_full.yaml study_full
-	dvc repro study_full/dvc.yaml
+study-capped: $(VENV)/.all_models
+	python -m pipeline.config.profile study_capped.yaml study_capped
+	dvc repro study_capped/dvc.yaml
 
 # The multi-process extraction tests RUNS times in a row beside a busy-looping CPU hog (issue 11 item 10:
 # a slow rank used to deal blocks to nobody). Not part of `make test`: about 4 minutes a run on 2 cores.

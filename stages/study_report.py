@@ -12,18 +12,18 @@ from stages.report import report_folder
 
 def main() -> None:
     parser = stage_parser(__doc__)
-    parser.add_argument("--uncapped-store", nargs="+", default=["store", "store/study_full"],
-                        help="stores of full-size runs (the default run's; an uncapped profile's such as "
-                             "study_full.yaml), relative to the params file's project, whose results the capped "
-                             "ones are compared with, where they exist")
+    parser.add_argument("--compare-store", nargs="+", default=["store", "store/study", "store/study_capped"],
+                        help="stores of other runs of the same corpora (the default run's, the full-size study's, the "
+                             "capped study's), relative to the params file's project: where one is capped and this "
+                             "study is not, or the other way round, the report compares the two")
     args = parser.parse_args()
     start = time.perf_counter()
     params = load_params(args.params)
     out = report_folder(params.root, Path(params.store), params.report.out)
     own = Path(params.store).resolve()
-    uncapped = [params.root / s for s in args.uncapped_store if (params.root / s).resolve() != own]
+    others = [params.root / s for s in args.compare_store if (params.root / s).resolve() != own]
     with staged_folder(out, keep_others=True) as staged:
-        name = write_study_report(params, staged, uncapped).name
+        name = write_study_report(params, staged, others).name
     print(f"study report: {out / name} in {time.perf_counter() - start:.1f}s")
 
 

@@ -186,6 +186,10 @@ def test_stage2_consumers_are_built_from_the_typed_sections(tmp_path):
     assert fuse_settings(params.fuse)["operators"] == ["mean", "max", "concat"]
 
 
-def test_the_study_profile_still_loads():
-    params = load_params(REPO / "study.yaml")
-    assert params.report.out == "reports/study" and params.train == load_params(REPO / "params.yaml").train
+def test_the_study_profiles_still_load():
+    """The study runs at full size (issue 19); its capped version is a profile on top of it."""
+    study, capped = load_params(REPO / "study.yaml"), load_params(REPO / "study_capped.yaml")
+    assert study.report.out == "reports/study" and study.train == load_params(REPO / "params.yaml").train
+    assert study.data.max_rows == {} and capped.data.max_rows == {"train": 1000, "validation": 500, "test": 1000}
+    assert capped.report.out == "reports/study_capped" and capped.store.name == "study_capped"
+    assert (capped.selected_models, capped.datasets) == (study.selected_models, study.datasets)

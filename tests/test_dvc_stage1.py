@@ -21,7 +21,7 @@ def run(command: list[str], cwd: Path) -> str:
     return result.stdout + result.stderr
 
 
-PROFILE_PIPELINES = ("study", "study_full")   # the project's other pipelines: not the tiny project's
+PROFILE_PIPELINES = ("study", "study_capped")   # the project's other pipelines: not the tiny project's
 
 
 def clone_project(tmp_path: Path, mirror: Path, select: dict, stages: list[str] | None = None) -> Path:

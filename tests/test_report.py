@@ -130,11 +130,22 @@ def test_results_files_round_trip_and_a_damaged_one_is_named(stage2, tmp_path):
 
 
 def test_the_study_report_reads_the_same_records(stage2, tmp_path):
+    """The cross-corpus table from the stage records; the caps table puts a capped run of the same corpus (a copy of
+    the store marked capped, its last-layer accuracy changed so that the sides can be told apart) on the capped side."""
     from pipeline.report.study_report import write_study_report
     params = SimpleNamespace(store=str(stage2), selected_datasets=["toy"], selected_models=MODELS,
                              extract_for=lambda dataset: SimpleNamespace(max_len=64),
                              score=SimpleNamespace(protocol="cv", select_rule="best"))
-    text = write_study_report(params, tmp_path / "study", uncapped_stores=[tmp_path / "none", stage2]).read_text()
+    capped = tmp_path / "capped"
+    shutil.copytree(stage2, capped)
+    write_json_atomic(capped / "data" / "toy" / "meta.json", {"rows": {"train": 40},
+                                                              "caps": {"train": {"cap": 40, "rows_before": 120}}})
+    results = json.loads((capped / "compare" / "toy" / "results.json").read_text())
+    for row in results["results"]:
+        if row["head"] == "linear" and row["row"].endswith(": last layer"):
+            row["test_accuracy"] = 0.111
+    write_json_atomic(capped / "compare" / "toy" / "results.json", results)
+    text = write_study_report(params, tmp_path / "study", other_stores=[tmp_path / "none", stage2, capped]).read_text()
     data = load_dataset(stage2, "toy", MODELS)
     linear = {r.row: r for r in data.heads.results if r.head == "linear"}
     for i, model in enumerate(MODELS):
@@ -144,8 +155,8 @@ def test_the_study_report_reads_the_same_records(stage2, tmp_path):
             assert f"{linear[f'{model}: {kind}'].test_accuracy:.3f} [" in line
         best = data.scores[model]["best"]
         last, chosen = (f"{linear[f'{model}: {kind}'].test_accuracy:.3f}" for kind in ("last layer", "best single layer"))
-        assert (f"| toy | {model} | – / – | {best.layer} ({best.score:.4f}) | {best.layer} ({best.score:.4f}) | "
-                f"{last} | {last} | {chosen} | {chosen} |") in text
+        assert (f"| toy | {model} | 40 / – | {best.layer} ({best.score:.4f}) | {best.layer} ({best.score:.4f}) | "
+                f"0.111 | {last} | {chosen} | {chosen} |") in text
     study = json.loads((tmp_path / "study" / "study.json").read_text())
     assert study["best_layers"]["toy"] == {m: data.chosen.models[m].best_layer.layers for m in MODELS}
     assert "- **toy**: " + data.chosen.best_multi.candidate in text

@@ -57,7 +57,7 @@ def test_a_profile_runs_as_its_own_dvc_pipeline_and_reruns_only_what_a_key_touch
     assert results["settings"]["lr"] == 0.01
 
 
-@pytest.mark.parametrize("profile, folder", [("study.yaml", "study"), ("study_full.yaml", "study_full")])
+@pytest.mark.parametrize("profile, folder", [("study.yaml", "study"), ("study_capped.yaml", "study_capped")])
 def test_the_committed_study_pipelines_are_current_and_dvc_can_read_them(profile, folder):
     """`make study` runs `dvc repro study/dvc.yaml`, and DVC refuses a dvc.yaml that git ignores (an earlier
     release ignored the folder: `make study` stopped at "bad DVC file name"). The files are committed, so
@@ -71,7 +71,7 @@ def test_the_committed_study_pipelines_are_current_and_dvc_can_read_them(profile
         assert ignored.returncode == 1, f"{folder}/{name} is git-ignored: DVC will not run {folder}/dvc.yaml"
 
 
-@pytest.mark.parametrize(("profile", "folder"), [("study.yaml", "study"), ("study_full.yaml", "study_full")])
+@pytest.mark.parametrize(("profile", "folder"), [("study.yaml", "study"), ("study_capped.yaml", "study_capped")])
 def test_no_output_of_a_study_pipeline_goes_into_dvcs_cache(profile, folder):
     """A study's outputs stay on its machine (docs/study.md): outs, plots and metrics alike. A plot's data file
     left cached made a copy of the study without that cache rerun every score stage ("not in cache")."""
