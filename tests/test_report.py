@@ -129,6 +129,19 @@ def test_results_files_round_trip_and_a_damaged_one_is_named(stage2, tmp_path):
     assert not (tmp_path / "reports" / "report.md").exists()
 
 
+def test_a_report_covers_the_corpora_that_have_run_and_names_the_rest(stage2, tmp_path):
+    """A study runs corpus by corpus: its report covers the corpora with results and names the others; with none
+    run there is nothing to report, and the missing file is named."""
+    params = SimpleNamespace(store=str(stage2), selected_datasets=["later", "toy"], selected_models=MODELS)
+    text = write_report(params, tmp_path / "partial").read_text()
+    assert "Not run yet: later (no `compare` results in the store" in text
+    assert "## toy" in text and "## later" not in text
+    assert list(json.loads((tmp_path / "partial" / "metrics.json").read_text())) == ["toy"]
+    params.selected_datasets = ["later"]
+    with pytest.raises(ResultFileError, match=r"later"):
+        write_report(params, tmp_path / "none")
+
+
 def test_the_study_report_reads_the_same_records(stage2, tmp_path):
     """The cross-corpus table from the stage records; the caps table puts a capped run of the same corpus (a copy of
     the store marked capped, its last-layer accuracy changed so that the sides can be told apart) on the capped side."""

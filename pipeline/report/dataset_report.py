@@ -287,7 +287,14 @@ def write_report(params, out: Path) -> Path:
     """reports/report.md, reports/figures/*.png and reports/metrics.json for every selected dataset."""
     figures = out / "figures"
     lines, metrics, times = list(TITLE), {}, []
-    loaded = [load_dataset(Path(params.store), dataset, params.selected_models) for dataset in params.selected_datasets]
+    store = Path(params.store)
+    ran = [d for d in params.selected_datasets if (store / "compare" / d / "results.json").is_file()]
+    # a study runs corpus by corpus: the report covers those that have run and names the rest (none run: the first
+    # missing file is named, as for any damaged result)
+    loaded = [load_dataset(store, dataset, params.selected_models) for dataset in ran or params.selected_datasets]
+    pending = [d for d in params.selected_datasets if d not in ran]
+    if pending:
+        lines += [f"Not run yet: {', '.join(pending)} (no `compare` results in the store; `dvc repro` runs them).", ""]
     lines += ["## Recommendation", "", "What to deploy per dataset: the head chosen on validation, its test figures, "
               "what it beats, what it runs and what it costs; then the cheapest configuration the probe cannot tell "
               "from the best.", ""]

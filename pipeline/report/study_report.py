@@ -234,6 +234,9 @@ def write_study_report(params, out: Path, other_stores: list[Path] | None = None
              f"({cpu_isa()}). The study's score, fuse and train stages selected with `score.protocol: {used[0]}` "
              f"and `score.select_rule: {used[1]}` (the defaults when it ran); test was read once per trained head, "
              f"and by the audit to judge the method.", ""]
+    pending = [d for d, parts in study.items() if parts["heads"] is None]
+    if pending:    # a study runs corpus by corpus
+        lines += [f"Not run yet: {', '.join(pending)} (no `compare` results in the store; `dvc repro` runs them).", ""]
     lines += shape_section(study, {d: params.extract_for(d).max_len for d in datasets}) + cross_corpus_table(study, models) + heatmaps(study, models, figures)
     complementary, answers = complementary_models(study)
     audit_lines, summary = selection_audit(study, *used, (params.score.protocol, params.score.select_rule))
