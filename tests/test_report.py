@@ -146,7 +146,7 @@ def test_the_study_report_reads_the_same_records(stage2, tmp_path):
     """The cross-corpus table from the stage records; the caps table puts a capped run of the same corpus (a copy of
     the store marked capped, its last-layer accuracy changed so that the sides can be told apart) on the capped side."""
     from pipeline.report.study_report import write_study_report
-    params = SimpleNamespace(store=str(stage2), selected_datasets=["toy"], selected_models=MODELS,
+    params = SimpleNamespace(store=str(stage2), selected_datasets=["toy", "later"], selected_models=MODELS,
                              extract_for=lambda dataset: SimpleNamespace(max_len=64),
                              score=SimpleNamespace(protocol="cv", select_rule="best"))
     capped = tmp_path / "capped"
@@ -159,6 +159,7 @@ def test_the_study_report_reads_the_same_records(stage2, tmp_path):
             row["test_accuracy"] = 0.111
     write_json_atomic(capped / "compare" / "toy" / "results.json", results)
     text = write_study_report(params, tmp_path / "study", other_stores=[tmp_path / "none", stage2, capped]).read_text()
+    assert "Not run yet: later (no `compare` results" in text and "| later |" not in text   # a corpus still to run
     data = load_dataset(stage2, "toy", MODELS)
     linear = {r.row: r for r in data.heads.results if r.head == "linear"}
     for i, model in enumerate(MODELS):

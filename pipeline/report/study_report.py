@@ -211,7 +211,9 @@ def shape_section(study: dict[str, Any], max_len: dict[str, int]) -> list[str]:
     lines = ["## Corpora", "", "| corpus | rows (train / validation / test) | caps (rows before) | split | max_len |",
              "|---|---|---|---|---|"]
     for dataset, parts in study.items():
-        meta = parts["meta"] or {}
+        if parts["meta"] is None or parts["heads"] is None:      # named under "Not run yet"
+            continue
+        meta = parts["meta"]
         rows = meta.get("rows", {})
         caps = ", ".join(f"{s} {c['cap']} ({c['rows_before']})" for s, c in (meta.get("caps") or {}).items()) or "none"
         split = ("resplit from test: " + ", ".join(f"{k} {v}" for k, v in meta["resplit"].items() if k in ("train", "validation"))
