@@ -178,13 +178,15 @@ def test_the_study_report_reads_the_same_records(stage2, tmp_path):
 
 def test_holm_adjustment_and_p_value_text():
     """Holm's step-down worked by hand for four p-values, and a bootstrap p of 0 printed as a bound."""
-    from pipeline.select.significance import holm, p_text
+    from pipeline.select.significance import holm, p_clause, p_text
     # sorted: 0.005*4 = 0.02, 0.01*3 = 0.03, 0.03*2 = 0.06, 0.04*1 = 0.04 -> raised to 0.06 (monotone)
     assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
     assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
     assert p_text({"p_value": 0.0, "resamples": 2000}) == "< 0.0005"
     assert p_text({"p_value": 0.0123, "resamples": 2000}) == "0.012"
     assert p_text({"p_value": 0.0}) == "0.000"                    # a record from before resamples were kept
+    assert p_clause({"p_value": 0.0, "resamples": 2000}) == "p < 0.0005"
+    assert p_clause({"p_value": 0.0123, "p_holm": 0.5, "resamples": 2000}, "p_holm", "Holm") == "Holm = 0.50"
 
 
 def test_every_paired_test_has_its_holm_p_in_the_report(stage2):

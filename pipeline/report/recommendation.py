@@ -12,7 +12,7 @@ from typing import Any
 from pipeline.heads.cost import deepest_layers, estimate_seconds, pareto_front
 from pipeline.report.plots import plot_cost_front
 from pipeline.core.records import CostResult, HeadResult, chosen_on_validation
-from pipeline.select.significance import p_text
+from pipeline.select.significance import p_clause
 
 
 def inputs_in_words(groups: list[dict[str, Any]]) -> str:
@@ -41,7 +41,7 @@ def versus_last_layer(result: HeadResult) -> str:
     if test is None:
         return "it is a last layer itself"
     return (f"{100 * test['diff']:+.1f} points [{100 * test['low']:+.1f}, {100 * test['high']:+.1f}] "
-            f"vs {test['against']} (p = {p_text(test)})")
+            f"vs {test['against']} ({p_clause(test)})")
 
 
 def head_seconds(result: HeadResult, cost: CostResult | None) -> tuple[float | None, str]:

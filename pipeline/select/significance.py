@@ -63,6 +63,12 @@ def p_text(test: dict[str, Any], key: str = "p_value") -> str:
     return f"{p:.3f}" if p < 0.1 else f"{p:.2f}"
 
 
+def p_clause(test: dict[str, Any], key: str = "p_value", label: str = "p") -> str:
+    """`p = 0.012`, or `p < 0.0005` where no resample was as far out (never `p = < 0.0005`)."""
+    text = p_text(test, key)
+    return f"{label} {text}" if text.startswith("<") else f"{label} = {text}"
+
+
 def holm(p_values: list[float]) -> list[float]:
     """Holm's step-down adjustment (Holm 1979): the i-th smallest of m p-values becomes
     max over j <= i of min(1, (m - j + 1) * p_(j)); controls the family-wise error rate."""
@@ -87,10 +93,10 @@ def verdict(test: dict[str, Any], against: str) -> str:
     points = 100 * test["diff"]
     interval = f"{100 * test['low']:+.1f} to {100 * test['high']:+.1f}"
     if not test["significant"]:
-        return f"{points:+.1f} points vs {against} (95% CI {interval}, p = {p_text(test)}): not significant"
+        return f"{points:+.1f} points vs {against} (95% CI {interval}, {p_clause(test)}): not significant"
     direction = "better" if points > 0 else "worse"
-    holm_note = f", Holm-adjusted {p_text(test, 'p_holm')}" if "p_holm" in test else ""
-    return (f"{points:+.1f} points vs {against} (95% CI {interval}, p = {p_text(test)}{holm_note}): "
+    holm_note = f", {p_clause(test, 'p_holm', 'Holm-adjusted p')}" if "p_holm" in test else ""
+    return (f"{points:+.1f} points vs {against} (95% CI {interval}, {p_clause(test)}{holm_note}): "
             f"significantly {direction}")
 
 
