@@ -12,9 +12,9 @@ from stages.report import report_folder
 
 def main() -> None:
     parser = stage_parser(__doc__)
-    parser.add_argument("--compare-store", nargs="+", default=["store", "store/study", "store/study_capped"],
-                        help="stores of other runs of the same corpora (the default run's, the full-size study's, the "
-                             "capped study's), relative to the params file's project: where one is capped and this "
+    parser.add_argument("--compare-store", nargs="+", default=["store/study", "store/study_capped", "store"],
+                        help="stores of other runs of the same corpora (the full-size study's, the capped study's, the "
+                             "default run's; the first with results on the other side of the caps serves), relative to the params file's project: where one is capped and this "
                              "study is not, or the other way round, the report compares the two")
     args = parser.parse_args()
     start = time.perf_counter()

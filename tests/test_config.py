@@ -192,4 +192,6 @@ def test_the_study_profiles_still_load():
     assert study.report.out == "reports/study" and study.train == load_params(REPO / "params.yaml").train
     assert study.data.max_rows == {} and capped.data.max_rows == {"train": 1000, "validation": 500, "test": 1000}
     assert capped.report.out == "reports/study_capped" and capped.store.name == "study_capped"
-    assert (capped.selected_models, capped.datasets) == (study.selected_models, study.datasets)
+    assert study.store.name == "study" and len(study.selected_datasets) == 5
+    assert (capped.selected_models, capped.selected_datasets, capped.datasets) == (
+        study.selected_models, study.selected_datasets, study.datasets)

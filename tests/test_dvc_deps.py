@@ -39,3 +39,14 @@ def test_the_check_catches_a_removed_line(tmp_path):
     stage["deps"].remove(removed)
     missing = needed(stage) - stage_code_deps(stage)
     assert missing == {Path(removed)}
+
+
+def test_a_corpus_added_to_the_selection_reruns_only_its_own_stages():
+    """A per-corpus stage never reads the whole selection: a study adds corpora one by one, and a stage keyed on
+    `select` (cost once was) reruns for every corpus already done, each time one is added."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    per_corpus = {name: stage for name, stage in stages.items() if "dataset" in (stage.get("matrix") or {})}
+    assert {"prepare_data", "extract", "score", "fuse", "train", "compare", "cost"} <= set(per_corpus)
+    reads_selection = {name: stage["params"] for name, stage in per_corpus.items()
+                       if {"select", "select.datasets"} & set(stage.get("params", []))}
+    assert reads_selection == {}

@@ -142,25 +142,39 @@ def test_a_report_covers_the_corpora_that_have_run_and_names_the_rest(stage2, tm
         write_report(params, tmp_path / "none")
 
 
-def test_the_study_report_reads_the_same_records(stage2, tmp_path):
-    """The cross-corpus table from the stage records; the caps table puts a capped run of the same corpus (a copy of
-    the store marked capped, its last-layer accuracy changed so that the sides can be told apart) on the capped side."""
+def _study_copy(stage2: Path, folder: Path, train_rows: int, capped: bool) -> Path:
+    """A copy of the stage-2 store as one run of a study: its corpus meta (caps or none), and a corpus `later`
+    with scores but no compared heads (a corpus still running)."""
+    shutil.copytree(stage2, folder)
+    caps = {"caps": {"train": {"cap": train_rows, "rows_before": 120}}} if capped else {}
+    write_json_atomic(folder / "data" / "toy" / "meta.json", {"rows": {"train": train_rows}, **caps})
+    shutil.copytree(folder / "scores" / "toy", folder / "scores" / "later")
+    if capped:       # the capped run's last-layer accuracy changed, so that the sides can be told apart
+        results = json.loads((folder / "compare" / "toy" / "results.json").read_text())
+        for row in results["results"]:
+            if row["head"] == "linear" and row["row"].endswith(": last layer"):
+                row["test_accuracy"] = 0.111
+        write_json_atomic(folder / "compare" / "toy" / "results.json", results)
+    return folder
+
+
+@pytest.mark.parametrize("this_study", ["full", "capped"])
+def test_the_study_report_reads_the_same_records(stage2, tmp_path, this_study):
+    """The cross-corpus table from the stage records; the caps table puts the capped run of the same corpus on the
+    capped side whichever side this study is on, and never compares a run with one on its own side; a corpus
+    whose heads are not compared yet is named, not shown."""
     from pipeline.report.study_report import write_study_report
-    params = SimpleNamespace(store=str(stage2), selected_datasets=["toy", "later"], selected_models=MODELS,
+    full = _study_copy(stage2, tmp_path / "full", 120, capped=False)
+    capped = _study_copy(stage2, tmp_path / "capped", 40, capped=True)
+    own, other = (full, capped) if this_study == "full" else (capped, full)
+    params = SimpleNamespace(store=str(own), selected_datasets=["toy", "later"], selected_models=MODELS,
                              extract_for=lambda dataset: SimpleNamespace(max_len=64),
-                             score=SimpleNamespace(protocol="cv", select_rule="best"))
-    capped = tmp_path / "capped"
-    shutil.copytree(stage2, capped)
-    write_json_atomic(capped / "data" / "toy" / "meta.json", {"rows": {"train": 40},
-                                                              "caps": {"train": {"cap": 40, "rows_before": 120}}})
-    results = json.loads((capped / "compare" / "toy" / "results.json").read_text())
-    for row in results["results"]:
-        if row["head"] == "linear" and row["row"].endswith(": last layer"):
-            row["test_accuracy"] = 0.111
-    write_json_atomic(capped / "compare" / "toy" / "results.json", results)
-    text = write_study_report(params, tmp_path / "study", other_stores=[tmp_path / "none", stage2, capped]).read_text()
-    assert "Not run yet: later (no `compare` results" in text and "| later |" not in text   # a corpus still to run
-    data = load_dataset(stage2, "toy", MODELS)
+                             score=SimpleNamespace(protocol="cv", select_rule="best"),
+                             data=SimpleNamespace(max_rows={"train": 40} if this_study == "capped" else {}))
+    text = write_study_report(params, tmp_path / "study", other_stores=[tmp_path / "none", stage2, other]).read_text()
+    assert ("`make study-capped`" in text) == (this_study == "capped")
+    assert "Not run yet: later (no `compare` results" in text and "| later |" not in text
+    data = load_dataset(own, "toy", MODELS)
     linear = {r.row: r for r in data.heads.results if r.head == "linear"}
     for i, model in enumerate(MODELS):
         layer = data.chosen.models[model].best_layer.layers[0]
@@ -168,11 +182,14 @@ def test_the_study_report_reads_the_same_records(stage2, tmp_path):
         for kind in ("last layer", "best single layer", "best within-model fusion"):
             assert f"{linear[f'{model}: {kind}'].test_accuracy:.3f} [" in line
         best = data.scores[model]["best"]
-        last, chosen = (f"{linear[f'{model}: {kind}'].test_accuracy:.3f}" for kind in ("last layer", "best single layer"))
-        assert (f"| toy | {model} | 40 / – | {best.layer} ({best.score:.4f}) | {best.layer} ({best.score:.4f}) | "
-                f"0.111 | {last} | {chosen} | {chosen} |") in text
+        chosen = f"{linear[f'{model}: best single layer'].test_accuracy:.3f}"
+        last = next(f"{r.test_accuracy:.3f}" for r in load_dataset(full, "toy", MODELS).heads.results
+                    if r.head == "linear" and r.row == f"{model}: last layer")
+        caps_rows = [l for l in text.splitlines() if l.startswith(f"| toy | {model} | 40 / 120 |")]
+        assert caps_rows == [f"| toy | {model} | 40 / 120 | {best.layer} ({best.score:.4f}) | {best.layer} "
+                             f"({best.score:.4f}) | 0.111 | {last} | {chosen} | {chosen} |"]
     study = json.loads((tmp_path / "study" / "study.json").read_text())
-    assert study["best_layers"]["toy"] == {m: data.chosen.models[m].best_layer.layers for m in MODELS}
+    assert study["best_layers"] == {"toy": {m: data.chosen.models[m].best_layer.layers for m in MODELS}}
     assert "- **toy**: " + data.chosen.best_multi.candidate in text
 
 

@@ -34,7 +34,7 @@ STUDY_STAGES = {
         "params": ["score", "fuse", "select.models"],
         "outs": ["store/audit/${item.dataset}"],
     },
-    "study_report": {          # the full-size stores it compares with are read where they exist, not tracked
+    "study_report": {          # other runs' stores it compares with are read where they exist, not tracked
         "cmd": "python -m stages.study_report",
         "deps": ["store/scores", "store/fusion", "store/compare", "store/audit"],
         "params": ["select", "report"],

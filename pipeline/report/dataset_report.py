@@ -294,7 +294,7 @@ def write_report(params, out: Path) -> Path:
     loaded = [load_dataset(store, dataset, params.selected_models) for dataset in ran or params.selected_datasets]
     pending = [d for d in params.selected_datasets if d not in ran]
     if pending:
-        lines += [f"Not run yet: {', '.join(pending)} (no `compare` results in the store; `dvc repro` runs them).", ""]
+        lines += [f"Not run yet: {', '.join(pending)} (no `compare` results in the store yet).", ""]
     lines += ["## Recommendation", "", "What to deploy per dataset: the head chosen on validation, its test figures, "
               "what it beats, what it runs and what it costs; then the cheapest configuration the probe cannot tell "
               "from the best.", ""]
