@@ -283,6 +283,11 @@ def dataset_metrics(data: DatasetResults) -> dict[str, Any]:
             "candidates_per_s": {m: t["candidates_per_s"] for m, t in chosen.timing.items()}}
 
 
+def not_run_yet(pending: list[str]) -> list[str]:
+    """The line naming the corpora a report leaves out because their heads are not compared yet."""
+    return [f"Not run yet: {', '.join(pending)} (no `compare` results in the store yet).", ""] if pending else []
+
+
 def write_report(params, out: Path) -> Path:
     """reports/report.md, reports/figures/*.png and reports/metrics.json for every selected dataset."""
     figures = out / "figures"
@@ -294,7 +299,7 @@ def write_report(params, out: Path) -> Path:
     loaded = [load_dataset(store, dataset, params.selected_models) for dataset in ran or params.selected_datasets]
     pending = [d for d in params.selected_datasets if d not in ran]
     if pending:
-        lines += [f"Not run yet: {', '.join(pending)} (no `compare` results in the store yet).", ""]
+        lines += not_run_yet(pending)
     lines += ["## Recommendation", "", "What to deploy per dataset: the head chosen on validation, its test figures, "
               "what it beats, what it runs and what it costs; then the cheapest configuration the probe cannot tell "
               "from the best.", ""]

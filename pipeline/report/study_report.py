@@ -16,6 +16,7 @@ from typing import Any, Callable, TypeVar
 import numpy as np
 
 from pipeline.select.audit import leave_one_corpus_out, summarise_audits
+from pipeline.report.dataset_report import not_run_yet
 from pipeline.report.layer_report import study_layer_scores
 from pipeline.core.machine import cpu_isa, cpu_model
 from pipeline.report.plots import _save, plt
@@ -237,8 +238,7 @@ def write_study_report(params, out: Path, other_stores: list[Path] | None = None
              f"({cpu_isa()}). The study's score, fuse and train stages selected with `score.protocol: {used[0]}` "
              f"and `score.select_rule: {used[1]}` (the defaults when it ran); test was read once per trained head, "
              f"and by the audit to judge the method.", ""]
-    if pending:
-        lines += [f"Not run yet: {', '.join(pending)} (no `compare` results in the store yet).", ""]
+    lines += not_run_yet(pending)
     lines += shape_section(study, {d: params.extract_for(d).max_len for d in datasets}) + cross_corpus_table(study, models) + heatmaps(study, models, figures)
     complementary, answers = complementary_models(study)
     audit_lines, summary = selection_audit(study, *used, (params.score.protocol, params.score.select_rule))
@@ -292,9 +292,7 @@ def cap_effect(study: dict[str, Any], models: list[str], other_stores: list[Path
     found = False
     for dataset, parts in study.items():
         for model in models:
-            if not parts["scores"].get(model):
-                continue
-            if parts["meta"] is None:             # caps unknown: nothing to compare with
+            if not parts["scores"].get(model) or parts["meta"] is None:    # meta None: caps unknown
                 continue
             other = next((o for o in (_side(s, dataset, model) for s in other_stores)
                           if o["scores"][model] and o["meta"] is not None
@@ -303,7 +301,7 @@ def cap_effect(study: dict[str, Any], models: list[str], other_stores: list[Path
                 continue
             found = True
             capped, full = (parts, other) if _capped(parts["meta"]) else (other, parts)
-            rows = [(side["meta"] or {}).get("rows", {}).get("train", "–") for side in (capped, full)]
+            rows = [side["meta"].get("rows", {}).get("train", "–") for side in (capped, full)]
             cells = [_accuracy(_row(side["heads"], f"{model}: {kind}")) for kind in ("last layer", "best single layer")
                      for side in (capped, full)]
             tops = [side["scores"][model]["best"] for side in (capped, full)]
