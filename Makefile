@@ -2,9 +2,9 @@
 # `make test`: set up .venv (every shipped model: the peer checks read them all) and run the test suite.
 # `make test-fast`: the tests not marked slow.
 # `make study`: also install MPNet and Gemma, then run the cross-corpus study at full corpus size (study.yaml) as
-#   a DVC pipeline of its own (study/dvc.yaml, derived from study.yaml and dvc.yaml): hours on 2 cores; a second
+#   a DVC project of its own (study/: dvc.yaml derived from study.yaml and dvc.yaml): hours on 2 cores; a second
 #   run reruns nothing.
-# `make study-capped`: the same study on capped corpora (study_capped.yaml, pipeline study_capped/dvc.yaml), about
+# `make study-capped`: the same study on capped corpora (study_capped.yaml, DVC project study_capped/), about
 #   90 minutes on 2 cores; the full study's report compares the two where both have run.
 VENV := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
@@ -37,11 +37,11 @@ $(VENV)/.all_models: $(VENV)/.installed
 
 study: $(VENV)/.all_models
 	python -m pipeline.config.profile study.yaml study
-	dvc repro study/dvc.yaml
+	dvc --cd study repro
 
 study-capped: $(VENV)/.all_models
 	python -m pipeline.config.profile study_capped.yaml study_capped
-	dvc repro study_capped/dvc.yaml
+	dvc --cd study_capped repro
 
 # The multi-process extraction tests RUNS times in a row beside a busy-looping CPU hog (issue 11 item 10:
 # a slow rank used to deal blocks to nobody). Not part of `make test`: about 4 minutes a run on 2 cores.

@@ -1,6 +1,7 @@
-"""`make study` is DVC (issue 20, item 3): a params profile becomes a DVC pipeline of its own
-(pipeline/config/profile.py). In a real clone, a tiny profile's pipeline runs every stage once, a second
-`dvc repro` runs nothing, and a changed key reruns only the stages that read it."""
+"""`make study` is DVC (issue 20, item 3): a params profile becomes a DVC pipeline of its own, in a DVC
+project of its own (pipeline/config/profile.py). In a real clone, a tiny profile's pipeline runs every stage
+once, a second `dvc repro` runs nothing, a changed key reruns only the stages that read it, and the
+project's own DVC never sees the profile's stages."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def test_a_profile_runs_as_its_own_dvc_pipeline_and_reruns_only_what_a_key_touch
     repo = clone_project(tmp_path, mr_slice, {"models": ["minilm-l6"], "datasets": ["mrslice"]})
     (repo / "tiny.yaml").write_text(yaml.safe_dump(PROFILE, sort_keys=False))
     run(["python", "-m", "pipeline.config.profile", "tiny.yaml", "tiny"], repo)
-    first = run(["dvc", "repro", "tiny/dvc.yaml"], repo)
+    first = run(["dvc", "--cd", "tiny", "repro"], repo)          # what `make study` runs
     assert ran(first) == {"prepare_model@minilm-l6", "prepare_data@mrslice", "extract@minilm-l6-mrslice",
                           "score@minilm-l6-mrslice", "fuse@mrslice", "train@mrslice-linear", "compare@mrslice",
                           "cost@mrslice", "audit@mrslice", "report", "study_report"}, first
@@ -45,13 +46,16 @@ def test_a_profile_runs_as_its_own_dvc_pipeline_and_reruns_only_what_a_key_touch
     lock = yaml.safe_load((repo / "tiny" / "dvc.lock").read_text())
     assert lock["stages"]["train@mrslice-linear"]["params"]["tiny/params.yaml"]["train.seeds"] == [0]
 
-    second = run(["dvc", "repro", "tiny/dvc.yaml"], repo)
+    second = run(["dvc", "--cd", "tiny", "repro"], repo)
     assert not ran(second) and "up to date" in second, second
+    # the project's DVC does not see the profile's pipeline (every default command would parse it)
+    project = run(["dvc", "stage", "list", "--all", "--name-only"], repo).split()
+    assert "prepare_model@minilm-l6" in project and not [s for s in project if "tiny" in s or "audit" in s], project
 
     PROFILE["train"]["lr"] = 0.01                       # read by training alone: train, compare, reports rerun
     (repo / "tiny.yaml").write_text(yaml.safe_dump(PROFILE, sort_keys=False))
     run(["python", "-m", "pipeline.config.profile", "tiny.yaml", "tiny"], repo)
-    third = run(["dvc", "repro", "tiny/dvc.yaml"], repo)
+    third = run(["dvc", "--cd", "tiny", "repro"], repo)
     assert ran(third) == {"train@mrslice-linear", "compare@mrslice", "report", "study_report"}, third
     results = json.loads((repo / "store" / "tiny" / "compare" / "mrslice" / "results.json").read_text())
     assert results["settings"]["lr"] == 0.01
@@ -59,14 +63,16 @@ def test_a_profile_runs_as_its_own_dvc_pipeline_and_reruns_only_what_a_key_touch
 
 @pytest.mark.parametrize("profile, folder", [("study.yaml", "study"), ("study_capped.yaml", "study_capped")])
 def test_the_committed_study_pipelines_are_current_and_dvc_can_read_them(profile, folder):
-    """`make study` runs `dvc repro study/dvc.yaml`, and DVC refuses a dvc.yaml that git ignores (an earlier
+    """`make study` runs `dvc --cd study repro`, and DVC refuses a dvc.yaml that git ignores (an earlier
     release ignored the folder: `make study` stopped at "bad DVC file name"). The files are committed, so
-    they must be what the profile derives now; nor may git ignore the dvc.lock a run writes beside them."""
+    they must be what the profile derives now; nor may git ignore the dvc.lock a run writes beside them, or
+    the DVC project's config that keeps the study out of the default pipeline's DVC."""
     merged, pipeline = profile_pipeline(REPO / profile, REPO / folder)
     regenerate = f"run `python -m pipeline.config.profile {profile} {folder}`"
     assert (REPO / folder / "params.yaml").read_text() == merged, regenerate
     assert (REPO / folder / "dvc.yaml").read_text() == pipeline, regenerate
-    for name in ("params.yaml", "dvc.yaml", "dvc.lock"):
+    assert (REPO / folder / ".dvc" / "config").is_file(), regenerate
+    for name in ("params.yaml", "dvc.yaml", "dvc.lock", ".dvc/config"):
         ignored = subprocess.run(["git", "check-ignore", "-q", f"{folder}/{name}"], cwd=REPO)
         assert ignored.returncode == 1, f"{folder}/{name} is git-ignored: DVC will not run {folder}/dvc.yaml"
 

@@ -1,7 +1,7 @@
 """A params profile (study.yaml: `base: params.yaml` plus overrides) as a DVC pipeline of its own, so that
 DVC, not a second orchestrator, runs it, skips what is done and reruns what a changed key touches.
 
-    python -m pipeline.config.profile study.yaml study     # then: dvc repro study/dvc.yaml   (make study)
+    python -m pipeline.config.profile study.yaml study     # then: dvc --cd study repro   (make study)
 
 writes <folder>/params.yaml, the profile merged whole (every key DVC tracks, and the selection its matrices
 expand; its `base:` is kept only so that relative paths resolve against the project), and <folder>/dvc.yaml:
@@ -9,6 +9,10 @@ the project's dvc.yaml with every stage run in the project root on that file and
 profile's paths.store, plus the study's own stages (the selection audit per corpus, the study report).
 Both files are derived: edit the profile or dvc.yaml and run it again. They are committed (DVC refuses a
 git-ignored dvc.yaml), and a test checks that they are current.
+
+<folder> is a DVC project of its own (a subrepo: <folder>/.dvc), so the project's own DVC never reads the
+study's pipeline or its lock: every DVC command parses every pipeline and lock its project holds, and with
+the study's in view each command of the default pipeline paid seconds for it (docs/benchmarks.md).
 """
 
 import argparse
@@ -85,6 +89,20 @@ def profile_pipeline(profile: Path, folder: Path) -> tuple[str, str]:
     return merged, header + yaml.safe_dump({"vars": ["params.yaml"], "stages": stages}, sort_keys=False)
 
 
+SUBPROJECT = {                 # what `dvc init --subdir` writes, with the project's core settings
+    ".dvc/config": "[core]\n    autostage = true\n    analytics = false\n",
+    ".dvc/.gitignore": "/config.local\n/tmp\n/cache\n",
+}
+
+
+def make_subproject(folder: Path) -> None:
+    """Make <folder> a DVC project inside the project's git repository; a file already there is kept."""
+    for name, text in SUBPROJECT.items():
+        if not (folder / name).exists():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(folder / name, text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("profile", type=Path, help="a params profile, e.g. study.yaml")
@@ -98,7 +116,8 @@ def main() -> None:
     write_text_atomic(args.folder / "params.yaml", merged)
     target = args.folder / "dvc.yaml"
     write_text_atomic(target, pipeline)
-    print(f"wrote {args.folder / 'params.yaml'} and {target}; run `dvc repro {target}`")
+    make_subproject(args.folder)
+    print(f"wrote {args.folder / 'params.yaml'} and {target}; run `dvc --cd {args.folder} repro`")
 
 
 if __name__ == "__main__":
